@@ -1,0 +1,73 @@
+# cpvt-pipeline: every target does its own set-up on a fresh machine, idempotently.
+#   make demo   - set-up + the whole pipeline end to end on a small built-in dataset (CPU, minutes)
+#   make test   - set-up + the full test suite
+#   make bench  - set-up + all benchmarks (prints ratios, writes JSON under benchmarks/results/)
+#   make ui     - MLflow UI on 127.0.0.1 over the demo's tracking store
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cpvt-installed
+PIP := $(BIN)/pip --disable-pip-version-check -q
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEEPSPEED_PIN := deepspeed==0.19.8
+FFCV_PIN := ffcv==1.0.2
+SYSTEM_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
+TEST_SYSTEM_PKGS := slurm-wlm munge
+RUN_DIR ?= runs/demo
+
+# Compiled DeepSpeed ops (shm comm) are cached here so they build once per checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# On machines without a GPU DeepSpeed must use its CPU accelerator (gloo backend).
+ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
+export DS_ACCELERATOR ?= cpu
+endif
+
+.PHONY: setup setup-test system-deps system-test-deps demo test bench ui clean
+
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "apt-get install:$$missing"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "warning: missing system packages:$$missing (not root: install them yourself)"; fi; \
+	fi
+endef
+
+system-deps:
+	$(call apt_install,$(SYSTEM_PKGS))
+
+system-test-deps:
+	$(call apt_install,$(TEST_SYSTEM_PKGS))
+
+$(STAMP): pyproject.toml requirements.lock | system-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true
+	$(PIP) install $(TORCH_PINS) 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, torchvision"
+	$(PIP) install -r requirements.lock 2>&1 | grep -v "is ignored" || true
+	$(PIP) install --no-build-isolation $(DEEPSPEED_PIN) $(FFCV_PIN) 2>&1 | grep -v "is ignored" || true
+	$(PIP) install --no-build-isolation --no-deps -e . 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, deepspeed, ffcv, webdataset, timm, mlflow, submitit, pipeline, launchers, data_prep" 2>&1 | grep -v -i warn || true
+	$(BIN)/python -c "import deepspeed, ffcv, pipeline"
+	touch $@
+
+setup: $(STAMP)
+
+setup-test: setup system-test-deps
+
+demo: setup
+	$(BIN)/python -m pipeline.demo --run-dir $(RUN_DIR)
+
+test: setup-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+ui: setup
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/$(RUN_DIR)/mlflow.db}
+
+clean:
+	rm -rf $(VENV) .cache runs build *.egg-info
