@@ -1,0 +1,17 @@
+"""Suite-wide settings. Area-specific fixtures live in tests/helpers_<area>.py or the test files themselves."""
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# DeepSpeed on machines without a GPU: CPU accelerator + gloo. Compiled ops are cached per checkout.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+except ImportError:  # pragma: no cover - the Makefile always installs torch
+    pass
+# Never let a test talk to a tracking server configured in the caller's shell.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
