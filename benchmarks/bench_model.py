@@ -1,0 +1,146 @@
+"""Model throughput: CPVT vs timm's DeiT of the same size, measured side by side in one run.
+
+For each case (size, mode, dtype, resolution) both models are built with random init and timed interleaved
+(:func:`benchmarks.common.measure_interleaved`); the table reports images/s, the ratio CPVT/DeiT and the PEG
+overhead ``1 - ratio`` against the target of <= 3% (the paper: CPVT-Ti 2500.7 vs DeiT-tiny 2536.5 img/s on a
+V100, -1.4%). Modes: ``train`` (forward + backward + AdamW step) and ``infer`` (forward under inference_mode).
+
+    python -m benchmarks.bench_model                 # default cases for this device
+    python -m benchmarks.bench_model --sizes ti --modes infer --dtypes fp32 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import pipeline.models  # noqa: F401  (registers cpvt_* in timm)
+from benchmarks.common import add_common_args, format_table, measure_interleaved, ratio, write_result
+
+PEG_OVERHEAD_TARGET = 0.03
+PAPER = {"ti": {"deit": 2536.5, "cpvt": 2500.7}, "s": {"deit": 940.4, "cpvt": 930.5}}
+PAIRS = {"ti": ("vit_tiny_patch16_224", "cpvt_ti"), "s": ("vit_small_patch16_224", "cpvt_s")}
+# The paper's Table 5 throughput compares DeiT against CPVT with PEGs after blocks 0-4.
+CPVT_KWARGS: dict[str, Any] = {"peg_positions": (0, 1, 2, 3, 4), "peg_kernel": 3}
+
+
+@dataclass(frozen=True)
+class Case:
+    size: str  # "ti" | "s"
+    mode: str  # "train" | "infer"
+    dtype: str  # "fp32" | "bf16"
+    res: int
+    batch: int
+
+
+def default_cases(sizes: Sequence[str], modes: Sequence[str], dtypes: Sequence[str], on_gpu: bool,
+                  quick: bool) -> list[Case]:
+    """Batch sizes scaled to the device: a 2-core CPU does ~1 CPVT-Ti train image/s, a GPU thousands."""
+    cases = []
+    for size in sizes:
+        for mode in modes:
+            for dtype in dtypes:
+                for res in ((64,) if quick else (224, 384) if mode == "infer" else (224,)):
+                    if quick:
+                        batch = 2
+                    elif on_gpu:
+                        batch = {"train": 128, "infer": 256}[mode] // (4 if size == "s" and res > 224 else 1)
+                    else:
+                        batch = 4 if (mode == "infer" and res == 224) else 2
+                    cases.append(Case(size, mode, dtype, res, batch))
+    return cases
+
+
+def build(name: str, res: int, device: torch.device) -> torch.nn.Module:
+    kwargs = dict(CPVT_KWARGS) if name.startswith("cpvt") else {}
+    return timm.create_model(name, pretrained=False, num_classes=1000, img_size=res, **kwargs).to(device)
+
+
+def make_step(model: torch.nn.Module, case: Case, device: torch.device) -> Callable[[], None]:
+    """A closure running one timed unit of work (one batch) for ``model``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(case.batch, 3, case.res, case.res, generator=g).to(device)
+    y = torch.randint(0, 1000, (case.batch,), generator=g).to(device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.dtype == "bf16")  # noqa: E731
+    if case.mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast():
+                model(x)
+
+        return infer
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def train() -> None:
+        with autocast():
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return train
+
+
+def run_case(case: Case, device: torch.device, warmup: int, rounds: int) -> dict[str, Any]:
+    deit_name, cpvt_name = PAIRS[case.size]
+    torch.manual_seed(0)
+    steps = {"deit": make_step(build(deit_name, case.res, device), case, device),
+             "cpvt": make_step(build(cpvt_name, case.res, device), case, device)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    t = measure_interleaved(steps, warmup=warmup, rounds=rounds, sync=sync)
+    deit_ips, cpvt_ips = case.batch / t["deit"].median, case.batch / t["cpvt"].median
+    r = ratio(cpvt_ips, deit_ips)
+    return {"size": case.size, "mode": case.mode, "dtype": case.dtype, "res": case.res, "batch": case.batch,
+            "deit_model": deit_name, "cpvt_model": cpvt_name, "deit_img_s": deit_ips, "cpvt_img_s": cpvt_ips,
+            "cpvt_over_deit": r, "peg_overhead": 1.0 - r,
+            "within_target": bool(1.0 - r <= PEG_OVERHEAD_TARGET),
+            "spread_deit": t["deit"].spread, "spread_cpvt": t["cpvt"].spread,
+            "samples_s": {k: v.samples for k, v in t.items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", default=None, choices=sorted(PAIRS))
+    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds per case")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    sizes = args.sizes or (["ti"] if args.quick else ["ti", "s"])
+    rounds = args.rounds or (2 if args.quick else 10 if on_gpu else 3)
+    cases = default_cases(sizes, args.modes, args.dtypes, on_gpu, args.quick)
+    if not on_gpu and not args.quick and args.sizes is None:
+        # CPU budget (make bench < 15 min): CPVT-S train/bf16 at 384 is minutes per round on 2 cores.
+        cases = [c for c in cases if not (c.size == "s" and c.dtype == "bf16" and (c.mode == "train" or c.res > 224))]
+    rows = []
+    for case in cases:
+        row = run_case(case, device, args.warmup, rounds)
+        rows.append(row)
+        print(f"[bench_model] {case}: cpvt/deit = {row['cpvt_over_deit']:.3f}", file=sys.stderr, flush=True)
+    cols = ["size", "mode", "dtype", "res", "batch", "deit_img_s", "cpvt_img_s", "cpvt_over_deit", "peg_overhead",
+            "within_target", "spread_deit", "spread_cpvt"]
+    print(format_table(rows, cols))
+    print(f"PEG overhead target <= {PEG_OVERHEAD_TARGET:.0%}; paper (V100, Ti): "
+          f"{PAPER['ti']['cpvt']} vs {PAPER['ti']['deit']} img/s = {PAPER['ti']['cpvt'] / PAPER['ti']['deit']:.3f}")
+    summary = {f"cpvt/deit {r['size']} {r['mode']} {r['dtype']} {r['res']}": round(r["cpvt_over_deit"], 3)
+               for r in rows}
+    payload = {"device": str(device), "rounds": rounds, "warmup": args.warmup, "cpvt_kwargs": CPVT_KWARGS,
+               "target_peg_overhead": PEG_OVERHEAD_TARGET, "paper": PAPER, "rows": rows, "summary": summary}
+    path = write_result("bench_model" + ("_quick" if args.quick else ""), payload, args.results_dir)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

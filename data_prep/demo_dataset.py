@@ -1,0 +1,243 @@
+"""A small synthetic dataset in ImageNet layout, learnable by a small CPVT on CPU in minutes.
+
+Classes differ by a shape or texture (disc, square, triangle, stripes in 3 orientations, checkerboard, ring,
+cross, dots, ...) drawn in a class colour (jittered) at a random place and scale over a noisy gradient
+background; images have varied sizes and aspect ratios (a few are larger than the default ``--max-side`` so the
+downscale path is exercised). Above 10 classes the patterns repeat with a shifted colour palette.
+
+Layout (like ILSVRC2012 / Kaggle)::
+
+    OUT/train/<wnid>/<wnid>_<n>.JPEG
+    OUT/val/ILSVRC2012_val_<n:08d>.JPEG          (flat) + OUT/LOC_val_solution.csv      val_layout="loc_csv"
+                                                 (flat) + OUT/ILSVRC2012_devkit_t12/data/
+                                                   ILSVRC2012_validation_ground_truth.txt + meta.mat
+                                                                                     val_layout="devkit"
+    OUT/val/<wnid>/ILSVRC2012_val_<n:08d>.JPEG                                       val_layout="folders"
+    OUT/LOC_synset_mapping.txt, OUT/demo_dataset.json (what was generated, incl. the bad files)
+
+With ``bad_files=True`` each split also gets one file of every bad kind real ImageNet (or a broken copy)
+has: a CMYK JPEG, a PNG named ``.JPEG``, a grayscale JPEG (these three are converted and keep their label), a
+truncated JPEG, a zero-byte file and a non-image file (these three are skipped).
+"""
+from __future__ import annotations
+
+import colorsys
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PATTERNS = ("disc", "square", "triangle", "hstripes", "vstripes", "checker", "ring", "cross", "dstripes",
+            "dots")
+BAD_KINDS = ("cmyk", "png_named_jpeg", "grayscale", "truncated", "zero_byte", "not_an_image")
+SKIPPED_KINDS = ("truncated", "zero_byte", "not_an_image")
+
+
+def wnid(c: int) -> str:
+    """Synthetic WordNet-style ids whose sorted order is the class order."""
+    return f"n{90000000 + c:08d}"
+
+
+def class_name(c: int) -> str:
+    return f"{PATTERNS[c % len(PATTERNS)]}-{c // len(PATTERNS)}"
+
+
+def _class_colour(c: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    base_hue = ((c % len(PATTERNS)) * 0.1 + (c // len(PATTERNS)) * 0.37) % 1.0
+    h = (base_hue + rng.normal(0, 0.02)) % 1.0
+    s = float(np.clip(rng.normal(0.8, 0.1), 0.4, 1.0))
+    v = float(np.clip(rng.normal(0.85, 0.1), 0.5, 1.0))
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _background(w: int, h: int, rng: np.random.Generator) -> np.ndarray:
+    c0, c1 = rng.uniform(30, 200, 3), rng.uniform(30, 200, 3)
+    t = np.linspace(0, 1, w)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
+    img = c0 * (1 - t) + c1 * t + rng.normal(0, 18, (h, w, 3))
+    return np.broadcast_to(img, (h, w, 3))
+
+
+def render(c: int, w: int, h: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB image of class ``c`` (pattern ``c % 10``) of size ``w`` x ``h``."""
+    pattern = PATTERNS[c % len(PATTERNS)]
+    col = np.array(_class_colour(c, rng), dtype=np.float64)
+    img = _background(w, h, rng).copy()
+    m = min(w, h)
+    size = int(m * rng.uniform(0.45, 0.8))
+    x0 = int(rng.integers(0, max(1, w - size + 1)))
+    y0 = int(rng.integers(0, max(1, h - size + 1)))
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = (xx >= x0) & (xx < x0 + size) & (yy >= y0) & (yy < y0 + size)
+    period = max(4, int(size * rng.uniform(0.12, 0.22)))
+    if pattern in ("hstripes", "vstripes", "dstripes", "checker", "dots"):
+        u, v = xx - x0, yy - y0
+        if pattern == "hstripes":
+            mask = (v // period) % 2 == 0
+        elif pattern == "vstripes":
+            mask = (u // period) % 2 == 0
+        elif pattern == "dstripes":
+            mask = ((u + v) // period) % 2 == 0
+        elif pattern == "checker":
+            mask = ((u // period) + (v // period)) % 2 == 0
+        else:
+            cu, cv = (u % period) - period / 2, (v % period) - period / 2
+            mask = cu * cu + cv * cv < (period * 0.3) ** 2
+        mask &= inside
+    else:
+        layer = Image.new("L", (w, h), 0)
+        d = ImageDraw.Draw(layer)
+        box = (x0, y0, x0 + size - 1, y0 + size - 1)
+        if pattern == "disc":
+            d.ellipse(box, fill=255)
+        elif pattern == "square":
+            d.rectangle((x0 + size // 8, y0 + size // 8, x0 + size * 7 // 8, y0 + size * 7 // 8), fill=255)
+        elif pattern == "triangle":
+            d.polygon([(x0 + size // 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)], fill=255)
+        elif pattern == "ring":
+            d.ellipse(box, fill=255)
+            k = size // 4
+            d.ellipse((x0 + k, y0 + k, x0 + size - 1 - k, y0 + size - 1 - k), fill=0)
+        elif pattern == "cross":
+            k = max(2, size // 6)
+            mid = size // 2
+            d.rectangle((x0 + mid - k, y0, x0 + mid + k, y0 + size - 1), fill=255)
+            d.rectangle((x0, y0 + mid - k, x0 + size - 1, y0 + mid + k), fill=255)
+        mask = np.asarray(layer) > 127
+    img[mask] = col + rng.normal(0, 12, (int(mask.sum()), 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def _jpeg(img: Image.Image, rng: np.random.Generator, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(rng.integers(80, 96)), **kw)
+    return buf.getvalue()
+
+
+def _bad_file(kind: str, c: int, rng: np.random.Generator, w: int, h: int) -> bytes:
+    img = render(c, w, h, rng)
+    if kind == "cmyk":
+        return _jpeg(img.convert("CMYK"), rng)
+    if kind == "png_named_jpeg":
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+    if kind == "grayscale":
+        return _jpeg(img.convert("L"), rng)
+    if kind == "truncated":
+        data = _jpeg(img, rng)
+        return data[: len(data) * 2 // 3]
+    if kind == "zero_byte":
+        return b""
+    if kind == "not_an_image":
+        return b"<html><body>404 Not Found: this is not a JPEG</body></html>\n"
+    raise ValueError(f"unknown bad kind {kind!r}")
+
+
+def _write_meta_mat(path: Path, classes: list[str], ids: dict[str, int]) -> None:
+    """A tiny devkit ``meta.mat``: leaf synsets (num_children 0) + one internal node, IDs not in wnid order."""
+    import scipy.io
+
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O"),
+             ("children", "O"), ("wordnet_height", "O"), ("num_train_images", "O")]
+    rows = [(ids[w], w, class_name(i), f"synthetic class {i}", 0, np.zeros((0,), np.uint16), 0, 0)
+            for i, w in enumerate(classes)]
+    rows.append((len(classes) + 1, "n99999999", "entity", "root of the synthetic hierarchy", len(classes),
+                 np.array(sorted(ids.values()), np.uint16), 1, 0))
+    arr = np.array(rows, dtype=dtype).reshape(-1, 1)
+    scipy.io.savemat(str(path), {"synsets": arr})
+
+
+def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class: int = 100,
+                      val_per_class: int = 20, min_side: int = 48, max_side: int = 160, large_images: int = 2,
+                      large_side: int = 720, bad_files: bool = True,
+                      val_layout: Literal["loc_csv", "devkit", "folders"] = "loc_csv", seed: int = 0) -> dict:
+    """Write the demo dataset under ``out`` and return its description (also saved as demo_dataset.json)."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes: {num_classes} must be >= 2")
+    if val_layout not in ("loc_csv", "devkit", "folders"):
+        raise ValueError(f"val_layout: {val_layout!r} is not one of ['loc_csv', 'devkit', 'folders']")
+    if not 8 <= min_side <= max_side:
+        raise ValueError(f"min_side/max_side: need 8 <= min_side <= max_side, got {min_side}, {max_side}")
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    classes = [wnid(c) for c in range(num_classes)]
+    desc: dict = {"classes": classes, "class_names": [class_name(c) for c in range(num_classes)],
+                  "val_layout": val_layout, "seed": seed, "splits": {}}
+
+    def size() -> tuple[int, int]:
+        return int(rng.integers(min_side, max_side + 1)), int(rng.integers(min_side, max_side + 1))
+
+    # ---- train: train/<wnid>/<wnid>_<n>.JPEG
+    train_files: list[tuple[str, int]] = []
+    bad: dict[str, list[str]] = {}
+    for c, w in enumerate(classes):
+        d = out / "train" / w
+        d.mkdir(parents=True, exist_ok=True)
+        for n in range(train_per_class):
+            big = n < large_images and c == 0
+            sz = (large_side, large_side * 3 // 4) if big else size()
+            p = d / f"{w}_{n}.JPEG"
+            p.write_bytes(_jpeg(render(c, *sz, rng), rng))
+            train_files.append((str(p), c))
+    if bad_files:
+        for i, kind in enumerate(BAD_KINDS):
+            c = i % num_classes
+            p = out / "train" / classes[c] / f"{classes[c]}_bad_{kind}.JPEG"
+            p.write_bytes(_bad_file(kind, c, rng, *size()))
+            bad[kind] = [str(p)]
+            train_files.append((str(p), c))
+    desc["splits"]["train"] = {"found": len(train_files), "bad": bad,
+                               "expected_written": len(train_files) - (len(SKIPPED_KINDS) if bad_files else 0)}
+
+    # ---- val: flat ILSVRC2012_val_<n>.JPEG (+ ground truth) or val/<wnid>/...
+    labels = [c for c in range(num_classes) for _ in range(val_per_class)]
+    kinds: list[str | None] = [None] * len(labels)
+    if bad_files:
+        for i, kind in enumerate(BAD_KINDS):
+            labels.append((i + 3) % num_classes)
+            kinds.append(kind)
+    order = rng.permutation(len(labels))
+    labels = [labels[i] for i in order]
+    kinds = [kinds[i] for i in order]
+    val_dir = out / "val"
+    val_dir.mkdir(parents=True, exist_ok=True)
+    vbad: dict[str, list[str]] = {}
+    rows = []
+    n_large = 0
+    for n, (c, kind) in enumerate(zip(labels, kinds), start=1):
+        name = f"ILSVRC2012_val_{n:08d}.JPEG"
+        d = val_dir / classes[c] if val_layout == "folders" else val_dir
+        d.mkdir(exist_ok=True)
+        if kind is not None:
+            data = _bad_file(kind, c, rng, *size())
+            vbad.setdefault(kind, []).append(str(d / name))
+        else:
+            big = n_large < max(0, large_images // 2)
+            n_large += big
+            sz = (large_side * 3 // 4, large_side) if big else size()
+            data = _jpeg(render(c, *sz, rng), rng)
+        (d / name).write_bytes(data)
+        rows.append((name[:-5], classes[c]))
+    if val_layout == "loc_csv":
+        with open(out / "LOC_val_solution.csv", "w", newline="") as f:
+            wr = csv.writer(f)
+            wr.writerow(["ImageId", "PredictionString"])
+            for image_id, w in rows:
+                wr.writerow([image_id, f"{w} 0 0 10 10 "])
+    elif val_layout == "devkit":
+        data_dir = out / "ILSVRC2012_devkit_t12" / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        ids = {w: num_classes - i for i, w in enumerate(classes)}   # deliberately not sorted-wnid order
+        (data_dir / "ILSVRC2012_validation_ground_truth.txt").write_text(
+            "".join(f"{ids[w]}\n" for _, w in rows))
+        _write_meta_mat(data_dir / "meta.mat", classes, ids)
+    desc["splits"]["val"] = {"found": len(rows), "bad": vbad,
+                             "expected_written": len(rows) - (len(SKIPPED_KINDS) if bad_files else 0)}
+    (out / "LOC_synset_mapping.txt").write_text("".join(f"{w} {class_name(i)}\n" for i, w in enumerate(classes)))
+    (out / "demo_dataset.json").write_text(json.dumps(desc, indent=2) + "\n")
+    return desc

@@ -1,0 +1,207 @@
+"""ImageNet-layout folders -> WebDataset tar shards + timm-style ``_info.json`` + manifest.
+
+Output (``OUT/wds``): ``{split}-{i:06d}.tar`` with samples ``__key__`` / ``jpg`` / ``cls``; ``_info.json``;
+``{split}_manifest.json``; ``_parts/{split}-{i:06d}.tar.json`` (one record per finished shard, used to resume).
+
+Each shard is one independent, idempotent task (:func:`write_shard`):
+
+1. if the shard and its record exist, the record's ``plan_id`` matches the task and the file's sha256 matches
+   the record, the shard is reused;
+2. otherwise it is written to ``{name}.tmp.<pid>.<rand>``, fsynced and renamed, then the record is written
+   (atomically). Tar headers are fixed (mtime 0, fixed owner/mode) and the sample order is the plan's, so a
+   rewritten shard is byte-identical to a clean run's.
+
+The split's ``_info.json`` entry and manifest are written last, after every task has finished, so a reader
+never sees an index that points to missing or partial shards.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from webdataset import TarWriter
+
+from .atomic import read_json, remove_stale_tmp, sha256_file, tmp_path, write_json_atomic
+from .images import prepare_image
+from .layout import class_list, discover_split
+from .manifest import build_manifest, is_resize_only, write_classes, write_manifest
+from .sharding import ShardTask, make_tasks, shard_name
+from .tasks import run_tasks
+
+TAR_MTIME = 0          # fixed header fields -> byte-identical shards across runs and machines
+TAR_USER = TAR_GROUP = "bigdata"
+TAR_MODE = 0o444
+PARTS = "_parts"
+
+
+def record_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / PARTS / f"{name}.json"
+
+
+def _reusable(task: ShardTask, final: Path, rec: dict | None) -> bool:
+    if not rec or rec.get("plan_id") != task.plan_id or not final.is_file():
+        return False
+    if final.stat().st_size != rec.get("bytes"):
+        return False
+    return sha256_file(final) == rec.get("sha256")
+
+
+def write_shard(task: ShardTask) -> dict[str, Any]:
+    """Write (or reuse) one shard; returns its record (counts, bytes, sha256, skipped/converted lists)."""
+    final = Path(task.out_dir) / task.name
+    rec_file = record_path(task.out_dir, task.name)
+    rec = read_json(rec_file)
+    if _reusable(task, final, rec):
+        rec["reused"] = True
+        return rec
+    t0 = time.perf_counter()
+    keys: list[str] = []
+    skipped: list[dict] = []
+    converted: list[dict] = []
+    resized = 0
+    src_bytes = 0
+    tmp = tmp_path(final)
+    try:
+        with open(tmp, "wb") as f:
+            with TarWriter(f, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, encoder=False,
+                           mtime=TAR_MTIME) as tw:
+                for s in task.samples:
+                    if s.label is None:
+                        skipped.append({"path": s.path, "reason": s.reason or "no label"})
+                        continue
+                    p = prepare_image(s.path, task.max_side, task.quality)
+                    if p.status == "skipped":
+                        skipped.append({"path": s.path, "reason": p.reason})
+                        continue
+                    if p.status == "converted":
+                        if is_resize_only(p.reason):
+                            resized += 1
+                        else:
+                            converted.append({"path": s.path, "reason": p.reason})
+                            resized += "resized " in p.reason
+                    src_bytes += os.path.getsize(s.path)
+                    tw.write({"__key__": s.key, "jpg": p.data, "cls": str(s.label).encode("ascii")})
+                    keys.append(s.key)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    rec = {
+        "name": task.name,
+        "split": task.split,
+        "index": task.index,
+        "plan_id": task.plan_id,
+        "num_samples": len(keys),
+        "found": len(task.samples),
+        "bytes": final.stat().st_size,
+        "sha256": sha256_file(final),
+        "source_bytes": src_bytes,
+        "keys": keys,
+        "skipped": skipped,
+        "converted": converted,
+        "resized": resized,
+        "seconds": round(time.perf_counter() - t0, 4),
+        "reused": False,
+    }
+    rec_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(rec_file, rec)
+    return rec
+
+
+def _remove_stale_shards(out_dir: Path, split: str, n_shards: int) -> list[str]:
+    """Shards of an earlier plan with more shards than this one (and their records) must not linger."""
+    removed = remove_stale_tmp(out_dir, f"{split}-")
+    for p in sorted(out_dir.glob(f"{split}-*.tar")):
+        stem = p.name[len(split) + 1:-len(".tar")]
+        if stem.isdigit() and int(stem) >= n_shards:
+            p.unlink()
+            record_path(out_dir, p.name).unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def update_info(out_dir: Path, name: str, num_classes: int, split: str, recs: list[dict]) -> dict:
+    """Merge this split's entry into ``_info.json`` (timm conventions + per-shard bytes and sha256)."""
+    info_path = out_dir / "_info.json"
+    info = read_json(info_path) or {}
+    info.setdefault("name", name)
+    info["num_classes"] = num_classes
+    splits = info.setdefault("splits", {})
+    splits[split] = {
+        "name": split,
+        "num_samples": sum(r["num_samples"] for r in recs),
+        "filenames": [r["name"] for r in recs],
+        "shard_lengths": [r["num_samples"] for r in recs],
+        "shard_bytes": [r["bytes"] for r in recs],
+        "shard_sha256": [r["sha256"] for r in recs],
+    }
+    info["splits"] = dict(sorted(splits.items()))
+    write_json_atomic(info_path, info)
+    return info
+
+
+def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] = ("train", "val"),
+                     max_side: int = 512, quality: int = 90, shard_max_count: int = 1000,
+                     shard_max_bytes: int | None = 256 << 20, shuffle_seed: int | None = 0,
+                     val_labels: str | Path | None = None, meta: str | Path | None = None,
+                     cluster: str = "pool", workers: int | None = None, folder: str | Path | None = None,
+                     array_size: int | None = None, progress: bool = True, name: str | None = None,
+                     executor_params: dict | None = None) -> dict[str, dict]:
+    """Write WebDataset shards for ``splits`` of ``src`` under ``out/wds``; returns {split: manifest}.
+
+    ``shuffle_seed`` fixes a reproducible shuffled sample order for the train split (None keeps sorted order,
+    val is always sorted). ``cluster``/``workers``/``folder``/``array_size`` select where shard tasks run (see
+    :mod:`data_prep.tasks`).
+    """
+    src, out = Path(src), Path(out)
+    out_dir = out / "wds"
+    (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    classes = class_list(src, splits[0], val_labels=val_labels, meta=meta)
+    write_classes(out, classes)
+    manifests = {}
+    for split in splits:
+        t0 = time.perf_counter()
+        source = discover_split(src, split, classes=classes, val_labels=val_labels, meta=meta,
+                                shuffle_seed=shuffle_seed if split == "train" else None)
+        tasks = make_tasks(split, source.samples, str(out_dir), max_count=shard_max_count,
+                           max_bytes=shard_max_bytes, max_side=max_side, quality=quality)
+        removed = _remove_stale_shards(out_dir, split, len(tasks))
+        t1 = time.perf_counter()
+        recs = run_tasks(write_shard, tasks, cluster=cluster, workers=workers,
+                         folder=folder or (out / "logs" / f"wds_{split}"), array_size=array_size,
+                         desc=f"wds {split}", progress=progress, **(executor_params or {}))
+        t2 = time.perf_counter()
+        if [r["name"] for r in recs] != [t.name for t in tasks]:
+            raise RuntimeError(f"wds/{split}: task results do not match the shard plan")
+        for t, r in zip(tasks, recs):
+            if r["plan_id"] != t.plan_id or not (out_dir / t.name).is_file():
+                raise RuntimeError(f"wds/{split}: shard {t.name} missing after its task finished")
+        info = update_info(out_dir, name or src.name, len(classes), split, recs)
+        written = info["splits"][split]["num_samples"]
+        fresh = [r for r in recs if not r["reused"]]
+        manifest = build_manifest(
+            fmt="wds", split=split, source=str(src), layout=source.layout, ground_truth=source.ground_truth,
+            classes=classes, found=len(source.samples), written=written,
+            skipped=[s for r in recs for s in r["skipped"]], converted=[c for r in recs for c in r["converted"]],
+            resized=sum(r["resized"] for r in recs),
+            params={"max_side": max_side, "quality": quality, "shard_max_count": shard_max_count,
+                    "shard_max_bytes": shard_max_bytes, "shuffle_seed": shuffle_seed if split == "train" else None,
+                    "cluster": cluster, "workers": workers, "array_size": array_size},
+            timings={"discover_s": round(t1 - t0, 3), "write_s": round(t2 - t1, 3),
+                     "total_s": round(time.perf_counter() - t0, 3),
+                     "shards_written": len(fresh), "shards_reused": len(recs) - len(fresh),
+                     "shard_task_s_sum": round(sum(r["seconds"] for r in fresh), 3)},
+            outputs={"dir": str(out_dir), "shards": [t.name for t in tasks], "num_shards": len(tasks),
+                     "bytes": sum(r["bytes"] for r in recs), "source_bytes": sum(r["source_bytes"] for r in recs),
+                     "removed_stale": removed},
+        )
+        write_manifest(out_dir / f"{split}_manifest.json", manifest)
+        manifests[split] = manifest
+    return manifests
+
+
+__all__ = ["write_webdataset", "write_shard", "update_info", "record_path", "shard_name"]

@@ -1,0 +1,169 @@
+"""The function every task of a submitted training job runs: rendezvous env, ``pipeline.train.main``, requeue.
+
+:class:`TrainJob` is a :class:`submitit.helpers.Checkpointable`: its :meth:`TrainJob.checkpoint` returns a
+``DelayedSubmission`` of itself that resumes (``--resume auto``), so a requeued job continues from the newest
+complete checkpoint and keeps the same MLflow run (the trainer stores the run id in the checkpoint).
+
+Signals (SLURM sends them to every task of the job):
+
+* ``USR2`` (``#SBATCH --signal=USR2@<signal_delay_s>``, before the time limit, or a preemption notice) and
+  ``USR1``: the trainer saves a checkpoint at the next step boundary (all ranks agree) and returns
+  ``exit_code == EXIT_PREEMPTED``; rank 0 then rewrites the job's submission with :meth:`checkpoint` and
+  requeues it with ``scontrol requeue`` -- at most ``max_requeues`` times per run (the count lives in
+  ``<run_dir>/launcher_state.json``), after that the job fails with a message saying how to resume.
+* ``TERM`` (``scancel``, ``scontrol requeue`` by an admin, preemption with ``PreemptMode=REQUEUE``): the same
+  checkpoint, but the job does not requeue itself -- SLURM already decided (it restarts the job if it was
+  requeued; the restart counts towards ``max_requeues`` too).
+
+A task that stops for a requeue exits with ``SystemExit`` so submitit writes no result: the submitter keeps
+waiting for the requeued run (see :func:`launchers.executor.wait_for`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core import utils as submitit_utils
+
+from launchers.dist_env import setup_torch_dist_env
+
+STATE_FILE = "launcher_state.json"
+REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
+
+
+class RequeueLimitError(RuntimeError):
+    pass
+
+
+def read_state(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        return {"requeues": 0, "events": []}
+    return json.loads(path.read_text())
+
+
+def _write_state(run_dir: str | Path, state: dict[str, Any]) -> None:
+    path = Path(run_dir) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
+
+
+def _record(run_dir: str | Path, event: str, **info: Any) -> dict[str, Any]:
+    state = read_state(run_dir)
+    state["events"].append({"event": event, "time": time.time(), **info})
+    _write_state(run_dir, state)
+    return state
+
+
+def with_resume_auto(argv: list[str]) -> list[str]:
+    """``argv`` with any ``--resume X`` / ``checkpoint.resume=X`` replaced by ``--resume auto``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a.startswith("--resume=") or a.startswith("checkpoint.resume="):
+            continue
+        out.append(a)
+    return out + ["--resume", "auto"]
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """``TrainJob(argv, run_dir, max_requeues)()`` runs ``pipeline.train.main(argv)`` in one task of a job."""
+
+    def __init__(self, argv: list[str], run_dir: str, max_requeues: int = 3):
+        self.argv = list(argv)
+        self.run_dir = str(run_dir)
+        self.max_requeues = int(max_requeues)
+
+    # submitit calls this (through our own handler below) to get what the requeued job should run
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(TrainJob(with_resume_auto(self.argv), self.run_dir,
+                                                           self.max_requeues))
+
+    def __call__(self) -> dict[str, Any]:
+        from pipeline import train
+
+        dist = setup_torch_dist_env()
+        rank = int(dist["RANK"])
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if rank == 0:
+            state = _record(self.run_dir, "start", job_id=_job_id(), restarts=restarts, world=dist["WORLD_SIZE"],
+                            master=f"{dist['MASTER_ADDR']}:{dist['MASTER_PORT']}")
+            if restarts > state["requeues"]:  # requeued by SLURM itself (admin/preemption): count it
+                state["requeues"] = restarts
+                _write_state(self.run_dir, state)
+            if state["requeues"] > self.max_requeues:
+                raise RequeueLimitError(f"run {self.run_dir} was requeued {state['requeues']} times "
+                                        f"(max_requeues={self.max_requeues}); resume it with a new submission")
+        # submitit routed USR2 to its own checkpoint-and-requeue handler on rank 0 only; instead every rank
+        # asks the trainer to checkpoint at the next step (a collective), then rank 0 requeues
+        for name in REQUEUE_SIGNALS:
+            signal.signal(getattr(signal, name), train.request_stop)
+        summary = train.main(with_resume_auto(self.argv))
+        if summary.get("exit_code") != train.EXIT_PREEMPTED:
+            return summary
+        self._after_preemption(rank, summary)
+        raise AssertionError("unreachable")  # _after_preemption always exits or raises
+
+    def _after_preemption(self, rank: int, summary: dict[str, Any]) -> None:
+        signum = train_stop_signal()
+        by_scheduler = signum == signal.SIGTERM  # cancel or an external requeue: SLURM decides what follows
+        if rank == 0:
+            _record(self.run_dir, "stopped", job_id=_job_id(), signal=_sig_name(signum),
+                    global_step=summary.get("global_step"), checkpoint=summary.get("checkpoint"))
+        if rank == 0 and not by_scheduler:
+            self._requeue()
+        sys.stdout.flush()
+        sys.exit(summary["exit_code"])  # SystemExit: submitit writes no result, the requeued run will
+
+    def _requeue(self) -> None:
+        state = read_state(self.run_dir)
+        if state["requeues"] >= self.max_requeues:
+            raise RequeueLimitError(f"preempted/timed out at {state['events'][-1].get('checkpoint')} after "
+                                    f"{state['requeues']} requeues (max_requeues={self.max_requeues}); the "
+                                    f"checkpoint is saved: resubmit with --resume auto")
+        env = submitit.JobEnvironment()
+        if env.cluster != "slurm":
+            raise RequeueLimitError(f"stopped by a signal on cluster {env.cluster!r}, which cannot requeue; "
+                                    f"checkpoint saved, rerun with --resume auto")
+        current = submitit.helpers.DelayedSubmission.load(env.paths.submitted_pickle)
+        ckpt = self.checkpoint()
+        ckpt.set_timeout(current._timeout_min, current._timeout_countdown)
+        with submitit_utils.temporary_save_path(env.paths.submitted_pickle) as tmp:
+            ckpt.dump(tmp)
+        state["requeues"] += 1
+        _write_state(self.run_dir, state)
+        _record(self.run_dir, "requeue", job_id=env.job_id, requeues=state["requeues"])
+        subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
+
+
+def train_stop_signal() -> int | None:
+    """The signal that made the trainer stop (None if it was asked without one)."""
+    from pipeline import train
+
+    getter = getattr(train, "stop_signal", None)
+    return getter() if callable(getter) else getattr(train, "_STOP", {}).get("signal")
+
+
+def _sig_name(signum: int | None) -> str | None:
+    return None if signum is None else signal.Signals(signum).name
+
+
+def _job_id() -> str | None:
+    try:
+        return submitit.JobEnvironment().job_id
+    except Exception:  # noqa: BLE001 - not inside a submitit job (direct call)
+        return os.environ.get("SLURM_JOB_ID")

@@ -1,0 +1,160 @@
+"""The loader contract shared by the WebDataset and FFCV back ends.
+
+:class:`TrainLoader`
+    ``set_epoch(epoch, resolution, batch_size=None, skip_batches=0)`` then iterate. ``len(loader)`` is the
+    number of batches of the whole epoch on this rank, ``num_samples // (batch_size * world_size)``, identical
+    on every rank; iteration yields the batches ``skip_batches .. len-1`` of the epoch as
+    ``(images, targets)``: images normalised float32/bfloat16 ``(B, 3, res, res)`` (NCHW, or channels-last
+    memory format), targets ``(B,)`` int64 or ``(B, num_classes)`` float soft targets when Mixup/CutMix is on.
+    The order and the batch-level augmentation are a function of (seed, epoch, rank, batch index).
+
+:class:`EvalLoader`
+    Every sample of the split exactly once across ranks, the same number of full-size batches on every rank
+    (collectives inside a sharded forward must match); padding samples carry label ``-1``.
+
+Back ends implement ``_configure()`` (apply the epoch's settings) and ``_iter_raw()`` (uint8 batches).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.data.config import AugConfig, DataConfig, check_data_aug
+from pipeline.data.mixup import BatchAugment, make_seed
+from pipeline.data.transforms import BatchNormalizer
+
+PAD_LABEL = -1
+
+
+class TrainLoader:
+    format: str = ""
+
+    def __init__(self, data: DataConfig, aug: AugConfig, *, num_classes: int, rank: int, world_size: int,
+                 seed: int, num_samples: int, device: torch.device | str | None = None):
+        if not (0 <= rank < world_size):
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.data, self.aug = data, aug
+        self.num_classes = num_classes
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_samples = num_samples
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.normalizer = BatchNormalizer(aug.mean, aug.std, data.dtype, data.channels_last, self.device)
+        self.batch_augment = BatchAugment(aug, num_classes, self.device)
+        self.epoch = 0
+        self.resolution: int | None = None
+        self.batch_size = data.batch_size
+        self.skip_batches = 0
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def soft_targets(self) -> bool:
+        return self.batch_augment.soft_targets
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch_size
+
+    def set_epoch(self, epoch: int, resolution: int, batch_size: int | None = None, skip_batches: int = 0) -> None:
+        bs = self.data.batch_size if batch_size is None else int(batch_size)
+        check_data_aug(self.data, self.aug, batch_size=bs)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if int(resolution) <= 0:
+            raise ConfigError(f"resolution: {resolution!r} must be > 0")
+        n = self.num_samples // (bs * self.world_size)
+        if n == 0:
+            raise ConfigError(f"data.batch_size: global batch {bs} x {self.world_size} ranks exceeds the "
+                              f"{self.num_samples} training samples")
+        if not (0 <= skip_batches <= n):
+            raise ValueError(f"skip_batches must be in [0, {n}], got {skip_batches}")
+        self.epoch, self.resolution, self.batch_size, self.skip_batches = epoch, int(resolution), bs, skip_batches
+        self._configure()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.resolution is None:
+            raise RuntimeError("call set_epoch(epoch, resolution) before iterating a TrainLoader")
+        for index, (images, labels) in enumerate(self._iter_raw(), start=self.skip_batches):
+            yield self._finish(images, labels, index)
+
+    # ------------------------------------------------------------------ helpers for back ends
+    def _finish(self, images_u8: torch.Tensor, labels: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.normalizer(images_u8)
+        y = labels.to(self.device, dtype=torch.int64, non_blocking=True)
+        x, y = self.batch_augment(x, y, make_seed(self.seed, self.epoch, self.rank, index, 0xBA7C))
+        return self.normalizer.finish(x), y
+
+    def _configure(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _iter_raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class EvalLoader:
+    format: str = ""
+
+    def __init__(self, data: DataConfig, aug: AugConfig, *, resolution: int, crop_pct: float, rank: int,
+                 world_size: int, num_samples: int, device: torch.device | str | None = None):
+        if not (0 <= rank < world_size):
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        if int(resolution) <= 0:
+            raise ConfigError(f"resolution: {resolution!r} must be > 0")
+        if not (0 < crop_pct <= 1):
+            raise ConfigError(f"crop_pct: {crop_pct!r} must be in (0, 1]")
+        self.data, self.aug = data, aug
+        self.resolution, self.crop_pct = int(resolution), float(crop_pct)
+        self.rank, self.world_size = rank, world_size
+        self.num_samples = num_samples
+        self.batch_size = data.eval_batch_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.normalizer = BatchNormalizer(aug.mean, aug.std, data.dtype, data.channels_last, self.device)
+        self.start, self.stop = self.rank_range(rank)
+
+    def rank_range(self, rank: int) -> tuple[int, int]:
+        """The contiguous global sample indices ``[start, stop)`` evaluated by ``rank`` (sizes differ by <= 1)."""
+        n, w = self.num_samples, self.world_size
+        return rank * n // w, (rank + 1) * n // w
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(self.num_samples / self.world_size) / self.batch_size)
+
+    @property
+    def num_rank_samples(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self.iter_with_keys():
+            yield images, labels
+
+    def iter_with_keys(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """Like iteration, plus each sample's key ("" for padding): WebDataset ``__key__``, FFCV index."""
+        for images, labels, keys in self._iter_raw():
+            x = self.normalizer.finish(self.normalizer(images))
+            yield x, labels.to(self.device, dtype=torch.int64, non_blocking=True), list(keys)
+
+    def _pad(self, images: torch.Tensor, labels: torch.Tensor, keys: Sequence[str]):
+        """Pad a partial uint8 batch to ``batch_size`` with zero images, label -1 and key ""."""
+        k = self.batch_size - images.shape[0]
+        if k <= 0:
+            return images, labels, list(keys)
+        pad_img = torch.zeros((k, *images.shape[1:]), dtype=images.dtype)
+        images = torch.cat([images, pad_img])
+        labels = torch.cat([labels.to(torch.int64), torch.full((k,), PAD_LABEL, dtype=torch.int64)])
+        return images, labels, list(keys) + [""] * k
+
+    def _padding_batch(self):
+        r = self.resolution
+        return (torch.zeros((self.batch_size, 3, r, r), dtype=torch.uint8),
+                torch.full((self.batch_size,), PAD_LABEL, dtype=torch.int64), [""] * self.batch_size)
+
+    def _iter_raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+__all__ = ["EvalLoader", "PAD_LABEL", "TrainLoader"]

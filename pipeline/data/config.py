@@ -1,0 +1,144 @@
+"""Config sections for the input pipeline: :class:`DataConfig` (where the data is and how it is loaded) and
+:class:`AugConfig` (the DeiT augmentation recipe through timm).
+
+Both are plain dataclasses parsed and validated by :mod:`pipeline.config` (``Literal`` choices, ``validate()``
+hooks, one-line :class:`~pipeline.config.ConfigError` naming the field). Rules that need both sections (Mixup
+needs an even per-rank batch) live in :func:`check_data_aug`, which the loader factory calls before touching
+any data and which the trainer may call up front.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from pipeline.config import ConfigError, check_positive, check_range
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    format: Literal["wds", "ffcv"] = "wds"
+    root: str = ""                      # data_prep output root (holds classes.json, wds/, ffcv/)
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 128               # per rank; a resolution schedule may override it per epoch
+    eval_batch_size: int = 256          # per rank
+    num_workers: int = 4                # WebDataset: DataLoader workers; FFCV: decoding threads
+    prefetch_factor: int = 2            # WebDataset: batches prefetched per worker
+    pin_memory: bool = False
+    shuffle_buffer: int = 2000          # WebDataset: samples in each worker's shuffle buffer
+    shuffle_initial: int = 500          # WebDataset: samples buffered before the first one is yielded
+    jpeg_draft: bool = True             # WebDataset: decode big JPEGs at a reduced DCT scale (PIL draft)
+    os_cache: bool = True               # FFCV: rely on the page cache (False: FFCV's process cache)
+    ffcv_order: Literal["random", "quasi_random"] = "random"  # quasi_random: single process, os_cache=False
+    ffcv_batches_ahead: int = 3
+    channels_last: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self) -> None:
+        check_positive("batch_size", self.batch_size)
+        check_positive("eval_batch_size", self.eval_batch_size)
+        check_positive("num_workers", self.num_workers, allow_zero=True)
+        check_positive("prefetch_factor", self.prefetch_factor)
+        check_positive("shuffle_buffer", self.shuffle_buffer)
+        check_range("shuffle_initial", self.shuffle_initial, 0, self.shuffle_buffer)
+        check_positive("ffcv_batches_ahead", self.ffcv_batches_ahead)
+        for name in ("train_split", "val_split"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: must be a non-empty split name (e.g. 'train', 'val')")
+        if self.format == "ffcv" and self.ffcv_order == "quasi_random" and self.os_cache:
+            raise ConfigError("ffcv_order: 'quasi_random' needs os_cache=false (FFCV's process cache); "
+                              "allowed with os_cache=true: ['random']")
+
+
+@dataclass
+class AugConfig:
+    # RandomResizedCrop + flip (per sample)
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip: float = 0.5
+    train_interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm spec; null/"" disables
+    color_jitter: float = 0.3                              # only used when auto_augment is off (timm rule)
+    # on the batch, after normalisation
+    reprob: float = 0.25
+    remode: Literal["const", "rand", "pixel"] = "pixel"
+    recount: int = 1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    cutmix_minmax: Optional[tuple[float, float]] = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    smoothing: float = 0.1              # folded into soft targets when mixup/cutmix is on, else the loss's job
+    # eval
+    crop_pct: float = 0.875
+    eval_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def mixup_active(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None) and self.mixup_prob > 0
+
+    def validate(self) -> None:
+        for name in ("scale", "ratio"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi):
+                raise ConfigError(f"{name}: {[lo, hi]!r} must satisfy 0 < min <= max")
+        if self.scale[1] > 1:
+            raise ConfigError(f"scale: {list(self.scale)!r} must stay within (0, 1]")
+        check_range("hflip", self.hflip, 0.0, 1.0)
+        check_positive("color_jitter", self.color_jitter, allow_zero=True)
+        check_range("reprob", self.reprob, 0.0, 1.0)
+        check_positive("recount", self.recount)
+        check_positive("mixup", self.mixup, allow_zero=True)
+        check_positive("cutmix", self.cutmix, allow_zero=True)
+        if self.cutmix_minmax is not None and not (0 < self.cutmix_minmax[0] <= self.cutmix_minmax[1] <= 1):
+            raise ConfigError(f"cutmix_minmax: {list(self.cutmix_minmax)!r} must satisfy 0 < min <= max <= 1")
+        check_range("mixup_prob", self.mixup_prob, 0.0, 1.0)
+        check_range("mixup_switch_prob", self.mixup_switch_prob, 0.0, 1.0)
+        check_range("smoothing", self.smoothing, 0.0, 0.999)
+        if not (0 < self.crop_pct <= 1):
+            raise ConfigError(f"crop_pct: {self.crop_pct!r} must be in (0, 1]")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} must hold 3 values (RGB)")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std: {list(self.std)!r} must be > 0")
+        if self.auto_augment:
+            check_auto_augment("auto_augment", self.auto_augment)
+
+
+def check_auto_augment(field_name: str, spec: str) -> None:
+    """Parse a timm auto-augment spec the way timm will, turning its asserts into a one-line ConfigError."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    allowed = "rand-m9-mstd0.5-inc1, rand-m7-n2, augmix-m5-w3, original, v0, 3a, or null to disable"
+    hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
+    try:
+        if spec.startswith("rand"):
+            rand_augment_transform(spec, hparams)
+        elif spec.startswith("augmix"):
+            augment_and_mix_transform(spec, dict(hparams, translate_pct=0.3))
+        else:
+            auto_augment_transform(spec, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        detail = f" ({str(e).splitlines()[0]})" if str(e) else ""
+        raise ConfigError(f"{field_name}: {spec!r} is not a timm auto-augment spec{detail}; "
+                          f"examples: {allowed}") from None
+
+
+def check_data_aug(data: DataConfig, aug: AugConfig, batch_size: int | None = None,
+                   data_prefix: str = "data.", aug_prefix: str = "aug.") -> None:
+    """Rules spanning both sections. ``batch_size`` overrides ``data.batch_size`` (a schedule's per-epoch value)."""
+    bs = data.batch_size if batch_size is None else batch_size
+    check_positive(f"{data_prefix}batch_size", bs)
+    if aug.mixup_active and bs % 2:
+        raise ConfigError(f"{data_prefix}batch_size: {bs} must be even when {aug_prefix}mixup/{aug_prefix}cutmix "
+                          f"is on (timm Mixup pairs samples within the batch)")
+
+
+__all__ = ["AugConfig", "DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "check_auto_augment", "check_data_aug"]

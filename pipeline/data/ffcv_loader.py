@@ -1,0 +1,163 @@
+"""FFCV back end over data_prep's ``OUT/ffcv/{split}.beton`` (fields ``image``: RGBImageField, ``label``: IntField).
+
+Training: ``RandomResizedCropRGBImageDecoder`` -> flip -> [timm RandAugment] -> uint8 NHWC tensor, then the
+shared batch ops (normalise, random erasing, Mixup/CutMix). Order ``RANDOM`` (``distributed=True`` across
+ranks: FFCV's DistributedSampler emulation, seeded by (seed, epoch)), ``QUASI_RANDOM`` allowed in a single
+process with ``os_cache=False``; ``drop_last``.
+
+Changing resolution/batch size between epochs reuses the compiled pipeline: FFCV re-declares its buffers from
+the operations' current state at the start of every epoch, and the numba-compiled decode writes into whatever
+destination it gets, so the loader only sets ``decoder.output_size`` and ``loader.batch_size`` (what FFCV's
+ImageNet example does with ``decoder.output_size`` per epoch). The epoch's sample order is FFCV's own for
+``epoch`` (``loader.next_epoch``), truncated to ``len(loader)`` batches, with the first ``skip_batches``
+batches cut out of the order before anything is read.
+
+Determinism: the sample order and the batch-level augmentation are a function of (seed, epoch, rank); the
+per-sample crop/flip draws come from numba's thread-local RNGs inside FFCV and are not reproducible.
+
+Validation: rank ``r`` reads the contiguous range ``[r*N/R, (r+1)*N/R)`` in ``SEQUENTIAL`` order through
+``indices=``; batches are padded to full size and to the same count on every rank (label -1).
+
+Importing ffcv (and every Loader construction/iteration) calls ``torch.set_num_threads``; :func:`import_ffcv`
+and the loaders put the caller's thread count back.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.data.base import EvalLoader, TrainLoader
+from pipeline.data.config import AugConfig, DataConfig
+from pipeline.data.transforms import ffcv_eval_image_pipeline, ffcv_label_pipeline, ffcv_train_image_pipeline
+
+
+def import_ffcv():
+    """Import ffcv and the submodules used here, restoring torch's intra-op thread count afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        import ffcv
+        import ffcv.fields.basics  # noqa: F401
+        import ffcv.fields.rgb_image  # noqa: F401
+        import ffcv.loader  # noqa: F401
+        import ffcv.pipeline.allocation_query  # noqa: F401
+        import ffcv.pipeline.operation  # noqa: F401
+        import ffcv.transforms  # noqa: F401
+    finally:
+        torch.set_num_threads(threads)
+    return ffcv
+
+
+class _EpochOrder:
+    """Wraps FFCV's traversal order: keep the first ``take`` indices of the epoch, drop the first ``skip``."""
+
+    def __init__(self, base):
+        self.base = base
+        self.take: int | None = None
+        self.skip = 0
+
+    def sample_order(self, epoch: int):
+        order = self.base.sample_order(epoch)
+        return order[: self.take][self.skip:]
+
+
+def _ffcv_threads(num_workers: int) -> int:
+    return max(1, num_workers)
+
+
+class FfcvTrainLoader(TrainLoader):
+    format = "ffcv"
+
+    def __init__(self, path: str, data: DataConfig, aug: AugConfig, *, num_classes: int, rank: int,
+                 world_size: int, seed: int, device=None):
+        ffcv = import_ffcv()
+        from ffcv.loader import Loader, OrderOption
+
+        if data.ffcv_order == "quasi_random" and world_size > 1:
+            raise ConfigError("data.ffcv_order: 'quasi_random' is not supported by FFCV with world_size > 1; "
+                              "allowed: ['random']")
+        threads = torch.get_num_threads()
+        self.decoder, image_ops = ffcv_train_image_pipeline(aug, 224)
+        order = OrderOption.QUASI_RANDOM if data.ffcv_order == "quasi_random" else OrderOption.RANDOM
+        self.loader = Loader(path, batch_size=data.batch_size, num_workers=_ffcv_threads(data.num_workers),
+                             os_cache=data.os_cache, order=order, distributed=world_size > 1, seed=seed,
+                             pipelines={"image": image_ops, "label": ffcv_label_pipeline()}, drop_last=True,
+                             batches_ahead=data.ffcv_batches_ahead)
+        torch.set_num_threads(threads)
+        self._threads = threads
+        self.order = _EpochOrder(self.loader.traversal_order)
+        self.loader.traversal_order = self.order
+        del ffcv
+        super().__init__(data, aug, num_classes=num_classes, rank=rank, world_size=world_size, seed=seed,
+                         num_samples=int(self.loader.reader.num_samples), device=device)
+
+    def _configure(self) -> None:
+        res, bs = self.resolution, self.batch_size
+        self.decoder.output_size = (res, res)
+        self.loader.batch_size = bs
+        self.order.take = len(self) * bs
+        self.order.skip = self.skip_batches * bs
+        self.loader.next_epoch = self.epoch
+
+    def _iter_raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.loader.next_epoch = self.epoch   # iterating again replays the configured epoch
+        if self.skip_batches >= len(self):
+            return
+        it = iter(self.loader)
+        try:
+            for k, (images, labels) in enumerate(it):
+                if k == 0:   # FFCV's worker thread has set its thread count by now: put ours back
+                    torch.set_num_threads(self._threads)
+                yield images, labels.reshape(-1).clone()   # FFCV's Squeeze makes a 1-sample batch 0-d
+        finally:
+            it.close()
+            torch.set_num_threads(self._threads)
+
+
+class FfcvEvalLoader(EvalLoader):
+    format = "ffcv"
+
+    def __init__(self, path: str, data: DataConfig, aug: AugConfig, *, resolution: int, crop_pct: float,
+                 rank: int, world_size: int, device=None):
+        import_ffcv()
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.reader import Reader
+
+        num_samples = int(Reader(path).num_samples)
+        super().__init__(data, aug, resolution=resolution, crop_pct=crop_pct, rank=rank, world_size=world_size,
+                         num_samples=num_samples, device=device)
+        threads = torch.get_num_threads()
+        self.loader = None
+        if self.stop > self.start:
+            _, image_ops = ffcv_eval_image_pipeline(self.resolution, self.crop_pct)
+            self.loader = Loader(path, batch_size=self.batch_size, num_workers=_ffcv_threads(data.num_workers),
+                                 os_cache=data.os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
+                                 indices=np.arange(self.start, self.stop), drop_last=False,
+                                 pipelines={"image": image_ops, "label": ffcv_label_pipeline()},
+                                 batches_ahead=data.ffcv_batches_ahead)
+        torch.set_num_threads(threads)
+        self._threads = threads
+
+    def _iter_raw(self):
+        n = 0
+        if self.loader is not None:
+            it = iter(self.loader)
+            pos = self.start
+            try:
+                for images, labels in it:
+                    torch.set_num_threads(self._threads)
+                    b = images.shape[0]
+                    keys = [str(i) for i in range(pos, pos + b)]
+                    pos += b
+                    n += 1
+                    yield self._pad(images, labels.reshape(-1).clone(), keys)
+            finally:
+                it.close()
+                torch.set_num_threads(self._threads)
+        for _ in range(n, len(self)):
+            yield self._padding_batch()
+
+
+__all__ = ["FfcvEvalLoader", "FfcvTrainLoader", "import_ffcv"]

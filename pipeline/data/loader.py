@@ -1,0 +1,83 @@
+"""Loader factory: picks the WebDataset or FFCV back end from ``DataConfig.format``.
+
+Typical training loop::
+
+    train = build_train_loader(cfg.data, cfg.aug, num_classes=C, rank=r, world_size=w, seed=cfg.seed)
+    val = build_eval_loader(cfg.data, resolution=224, rank=r, world_size=w, crop_pct=cfg.aug.crop_pct)
+    for epoch in range(start_epoch, epochs):
+        res, bs = res_schedule.at(epoch)
+        train.set_epoch(epoch, res, batch_size=bs, skip_batches=resume_step if epoch == start_epoch else 0)
+        for step, (x, y) in enumerate(train, start=train.skip_batches):
+            lr = lr_sched.step(epoch, step, len(train), train.global_batch_size)
+            ...
+        for x, y in val:          # labels == -1 are padding: mask them out, then all-reduce the sums
+            ...
+
+See :mod:`pipeline.data.base` for the batch contract.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, validate
+from pipeline.data.base import PAD_LABEL, EvalLoader, TrainLoader
+from pipeline.data.config import AugConfig, DataConfig, check_data_aug
+from pipeline.data.shard_index import ffcv_path, load_split_index, read_classes
+
+
+def _check_root(data: DataConfig) -> Path:
+    if not data.root:
+        raise ConfigError("data.root: must point at a data_prep output directory (holding classes.json, wds/, ffcv/)")
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root: {str(root)!r} is not a directory")
+    return root
+
+
+def build_train_loader(data_cfg: DataConfig, aug_cfg: AugConfig, *, num_classes: int, rank: int, world_size: int,
+                       seed: int, device: torch.device | str | None = None) -> TrainLoader:
+    """Training loader for this rank; call ``set_epoch`` before each epoch. ``device``: where the batch ops
+    (normalise, random erasing, Mixup) run and the batches end up (default CPU)."""
+    validate(data_cfg, "data.")
+    validate(aug_cfg, "aug.")
+    check_data_aug(data_cfg, aug_cfg)
+    root = _check_root(data_cfg)
+    classes = read_classes(root)
+    if num_classes < len(classes):
+        raise ConfigError(f"num_classes: {num_classes} is smaller than the {len(classes)} classes in "
+                          f"{root / 'classes.json'}")
+    kw = dict(num_classes=num_classes, rank=rank, world_size=world_size, seed=seed, device=device)
+    if data_cfg.format == "wds":
+        from pipeline.data.webdataset_loader import WdsTrainLoader
+
+        index = load_split_index(root, data_cfg.train_split, field="data.train_split")
+        return WdsTrainLoader(index, data_cfg, aug_cfg, **kw)
+    from pipeline.data.ffcv_loader import FfcvTrainLoader
+
+    return FfcvTrainLoader(ffcv_path(root, data_cfg.train_split), data_cfg, aug_cfg, **kw)
+
+
+def build_eval_loader(data_cfg: DataConfig, *, resolution: int, rank: int, world_size: int,
+                      crop_pct: float | None = None, aug_cfg: AugConfig | None = None,
+                      device: torch.device | str | None = None) -> EvalLoader:
+    """Exact, rank-balanced validation loader (resize + center crop). ``aug_cfg`` supplies mean/std, the
+    interpolation and the default ``crop_pct``; build it once and iterate it every evaluation."""
+    aug_cfg = aug_cfg or AugConfig()
+    validate(data_cfg, "data.")
+    validate(aug_cfg, "aug.")
+    root = _check_root(data_cfg)
+    crop_pct = aug_cfg.crop_pct if crop_pct is None else crop_pct
+    kw = dict(resolution=resolution, crop_pct=crop_pct, rank=rank, world_size=world_size, device=device)
+    if data_cfg.format == "wds":
+        from pipeline.data.webdataset_loader import WdsEvalLoader
+
+        index = load_split_index(root, data_cfg.val_split, field="data.val_split")
+        return WdsEvalLoader(index, data_cfg, aug_cfg, **kw)
+    from pipeline.data.ffcv_loader import FfcvEvalLoader
+
+    return FfcvEvalLoader(ffcv_path(root, data_cfg.val_split), data_cfg, aug_cfg, **kw)
+
+
+__all__ = ["EvalLoader", "PAD_LABEL", "TrainLoader", "build_eval_loader", "build_train_loader"]

@@ -1,0 +1,89 @@
+"""Batch-level augmentation: timm's RandomErasing and Mixup/CutMix (+ label smoothing into soft targets).
+
+Both draw from Python's, NumPy's and torch's global RNGs. :func:`seeded` runs them under a seed derived from
+(seed, epoch, rank, batch index) and restores the caller's RNG state afterwards, so batches are reproducible
+(and a resumed epoch that skips k batches sees the same augmentation as an uninterrupted one) without
+disturbing the trainer's own random streams (dropout, drop-path).
+"""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.data.config import AugConfig
+
+
+def make_seed(*parts: int) -> int:
+    """Mix non-negative integers into a 63-bit seed (stable across processes, unlike ``hash``)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed ``random``, ``numpy.random`` and torch (all devices) for the block, then restore their states."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def build_mixup(aug: AugConfig, num_classes: int):
+    """timm ``Mixup`` for the config, or ``None`` when Mixup and CutMix are both off."""
+    if not aug.mixup_active:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix,
+                 cutmix_minmax=tuple(aug.cutmix_minmax) if aug.cutmix_minmax else None,
+                 prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, mode=aug.mixup_mode,
+                 label_smoothing=aug.smoothing, num_classes=num_classes)
+
+
+def build_random_erasing(aug: AugConfig, device: torch.device | str = "cpu"):
+    if aug.reprob <= 0:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=str(device))
+
+
+class BatchAugment:
+    """``(normalised float images, int64 labels, seed) -> (images, labels or soft targets (B, num_classes))``."""
+
+    def __init__(self, aug: AugConfig, num_classes: int, device: torch.device | str = "cpu"):
+        self.erasing = build_random_erasing(aug, device)
+        self.mixup = build_mixup(aug, num_classes)
+        self.num_classes = num_classes
+
+    @property
+    def soft_targets(self) -> bool:
+        return self.mixup is not None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.erasing is None and self.mixup is None:
+            return images, labels
+        with seeded(seed):
+            if self.erasing is not None:
+                images = self.erasing(images)
+            if self.mixup is not None:
+                if images.shape[0] % 2:
+                    raise ValueError(f"Mixup/CutMix needs an even batch, got {images.shape[0]}")
+                images, labels = self.mixup(images, labels)
+        return images, labels
+
+
+__all__ = ["BatchAugment", "build_mixup", "build_random_erasing", "make_seed", "seeded"]

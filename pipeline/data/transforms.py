@@ -1,0 +1,229 @@
+"""Per-sample transforms (timm's DeiT recipe, FFCV pipeline equivalents) and the batch normaliser.
+
+Per sample, loaders only crop/flip/augment and hand back ``uint8`` pixels (timm's "prefetcher" mode:
+``create_transform(..., use_prefetcher=True)``); normalisation to float/bfloat16, random erasing and Mixup/CutMix
+run once on the whole batch (:class:`BatchNormalizer`, :mod:`pipeline.data.mixup`). This keeps worker->trainer
+transfers 4x smaller and lets the batch ops run on the training device.
+
+JPEGs are decoded at reduced scale when the image is much larger than needed: PIL's ``draft`` mode makes
+libjpeg skip DCT coefficients (scale 1/2, 1/4, 1/8) while keeping both sides >= the requested size.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from pipeline.data.config import AugConfig
+
+
+# ----------------------------------------------------------------------------------------- decoding
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """JPEG/PNG bytes -> RGB PIL image; with ``draft_size`` JPEGs decode at the smallest DCT scale whose
+    output still covers ``draft_size`` x ``draft_size``."""
+    img = Image.open(io.BytesIO(data))
+    if draft_size and img.format == "JPEG":
+        img.draft("RGB", (draft_size, draft_size))
+    return img.convert("RGB")
+
+
+def eval_scale_size(resolution: int, crop_pct: float) -> int:
+    """Shorter-side size before the center crop (timm's rule)."""
+    return int(math.floor(resolution / crop_pct))
+
+
+# ----------------------------------------------------------------------------------------- timm transforms
+def train_transform(aug: AugConfig, resolution: int) -> Callable[[Image.Image], torch.Tensor]:
+    """RandomResizedCrop + flip + RandAugment (DeiT) -> uint8 CHW tensor (normalisation happens per batch)."""
+    from timm.data import create_transform
+
+    tf = create_transform(
+        input_size=resolution,
+        is_training=True,
+        scale=tuple(aug.scale),
+        ratio=tuple(aug.ratio),
+        hflip=aug.hflip,
+        vflip=0.0,
+        color_jitter=aug.color_jitter if aug.color_jitter > 0 else None,
+        auto_augment=aug.auto_augment or None,
+        interpolation=aug.train_interpolation,
+        mean=tuple(aug.mean),
+        std=tuple(aug.std),
+        re_prob=0.0,
+        use_prefetcher=True,
+    )
+    for t in getattr(tf, "transforms", []):
+        _pillow_safe_posterize(t)
+    return tf
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:   # what Pillow < 11 returned for 0 bits (it now raises ValueError)
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow_safe_posterize(augment: Any) -> Any:
+    """timm's ``PosterizeIncreasing`` asks for 0 bits at magnitude 10, which ``m9-mstd0.5`` reaches ~2% of the
+    time; Pillow >= 11 rejects that. Point timm's posterize ops at a version with the historical result."""
+    from timm.data.auto_augment import AugmentOp
+
+    ops = getattr(augment, "ops", None) or [op for sub in getattr(augment, "policy", []) for op in sub]
+    for op in ops:
+        if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return augment
+
+
+def timm_auto_augment(spec: str, hparams: dict) -> Callable[[Image.Image], Image.Image]:
+    """timm's RandAugment / AugMix / AutoAugment from its spec string (Pillow-safe posterize)."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    if spec.startswith("rand"):
+        return _pillow_safe_posterize(rand_augment_transform(spec, hparams))
+    if spec.startswith("augmix"):
+        return _pillow_safe_posterize(augment_and_mix_transform(spec, dict(hparams, translate_pct=0.3)))
+    return _pillow_safe_posterize(auto_augment_transform(spec, hparams))
+
+
+def eval_transform(aug: AugConfig, resolution: int, crop_pct: float | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side to ``resolution / crop_pct``, center-crop ``resolution`` -> uint8 CHW tensor."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=resolution,
+        is_training=False,
+        crop_pct=crop_pct or aug.crop_pct,
+        interpolation=aug.eval_interpolation,
+        mean=tuple(aug.mean),
+        std=tuple(aug.std),
+        use_prefetcher=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------- batch normalise
+class BatchNormalizer:
+    """uint8 (B, 3, H, W) (any memory layout) -> normalised float32 or bfloat16, NCHW or channels-last."""
+
+    def __init__(self, mean, std, dtype: str = "float32", channels_last: bool = False,
+                 device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.scale = (1.0 / std).to(self.device)
+        self.shift = (-mean / std).to(self.device)
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        x = x.to(dtype=torch.float32, memory_format=self.memory_format)
+        return x.mul_(self.scale).add_(self.shift)
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """Final dtype cast (after random erasing / mixup, which run in float32)."""
+        return images if images.dtype == self.dtype else images.to(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------- FFCV pipelines
+def ffcv_timm_augment_op(aug: AugConfig) -> Any:
+    """An FFCV Operation applying timm's auto-augment (RandAugment) to each uint8 HWC image of the batch.
+
+    FFCV has no RandAugment; this runs timm's PIL implementation outside numba (FFCV allows non-JIT stages).
+    The op is resolution-agnostic: timm's translate constant is derived from the image size it receives, so
+    changing the decoder's output size between epochs needs no rebuild.
+    """
+    from dataclasses import replace
+
+    from pipeline.data.ffcv_loader import import_ffcv
+
+    import_ffcv()
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.operation import Operation
+    from timm.data.transforms import str_to_pil_interp
+
+    spec = aug.auto_augment
+    mean = tuple(min(255, round(255 * m)) for m in aug.mean)
+
+    class _TimmAugment(Operation):
+        def __init__(self):
+            super().__init__()
+            self._by_size: dict[int, Callable] = {}
+
+        def transform_for(self, size: int) -> Callable:
+            if size not in self._by_size:
+                hp: dict[str, Any] = {"translate_const": int(size * 0.45), "img_mean": mean}
+                if aug.train_interpolation != "random":
+                    hp["interpolation"] = str_to_pil_interp(aug.train_interpolation)
+                self._by_size[size] = timm_auto_augment(spec, hp)
+            return self._by_size[size]
+
+        def generate_code(self) -> Callable:
+            def apply(images, dst):
+                tf = self.transform_for(min(images.shape[1], images.shape[2]))
+                for i in range(images.shape[0]):
+                    dst[i] = np.asarray(tf(Image.fromarray(images[i])))
+                return dst[: images.shape[0]]
+
+            return apply
+
+        def declare_state_and_memory(self, previous_state):
+            return (replace(previous_state, jit_mode=False),
+                    AllocationQuery(previous_state.shape, previous_state.dtype))
+
+    return _TimmAugment()
+
+
+def ffcv_train_image_pipeline(aug: AugConfig, resolution: int) -> tuple[Any, list]:
+    """(decoder, ops): RandomResizedCrop decoder -> flip -> [RandAugment] -> uint8 NCHW (channels-last) tensor.
+
+    The decoder's ``output_size`` is what the loader changes between epochs (as FFCV's ImageNet example does).
+    """
+    from pipeline.data.ffcv_loader import import_ffcv
+
+    import_ffcv()
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), scale=tuple(aug.scale),
+                                               ratio=tuple(aug.ratio))
+    ops: list = [decoder]
+    if aug.hflip > 0:
+        ops.append(RandomHorizontalFlip(aug.hflip))
+    if aug.auto_augment:
+        ops.append(ffcv_timm_augment_op(aug))
+    ops += [ToTensor(), ToTorchImage(channels_last=True)]
+    return decoder, ops
+
+
+def ffcv_eval_image_pipeline(resolution: int, crop_pct: float) -> tuple[Any, list]:
+    """Center crop of ``crop_pct`` of the shorter side resized to ``resolution`` (= resize + center crop)."""
+    from pipeline.data.ffcv_loader import import_ffcv
+
+    import_ffcv()
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_pct)
+    return decoder, [decoder, ToTensor(), ToTorchImage(channels_last=True)]
+
+
+def ffcv_label_pipeline() -> list:
+    from pipeline.data.ffcv_loader import import_ffcv
+
+    import_ffcv()
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Squeeze, ToTensor
+
+    return [IntDecoder(), ToTensor(), Squeeze()]
+
+
+__all__ = ["BatchNormalizer", "decode_image", "eval_scale_size", "eval_transform", "ffcv_eval_image_pipeline",
+           "ffcv_label_pipeline", "ffcv_timm_augment_op", "ffcv_train_image_pipeline", "timm_auto_augment",
+           "train_transform"]

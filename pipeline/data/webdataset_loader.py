@@ -1,0 +1,216 @@
+"""WebDataset back end: tar shards from data_prep (``OUT/wds``), read with webdataset's pipeline stages.
+
+Training (resampled, every rank the same number of batches)
+    The rank's epoch is ``len(loader)`` batches. With ``W`` DataLoader workers, batch ``i`` of the rank is made
+    by *stream* ``(rank, i mod W)``; each stream is an independent, infinite, seeded sample source:
+
+    * shards are split by node and worker: every epoch the shard list is shuffled with ``(seed, epoch)``
+      (same permutation on all ranks) and dealt round-robin to the ``world_size * W`` streams; a stream reads
+      its own shards first and then keeps *resampling* (with replacement, ``wds.ResampledShards``) from them,
+      or from all shards when it was dealt none. Uneven shard counts therefore never starve a rank: every
+      rank stops after exactly ``len(loader)`` batches (``islice``), with no collective needed;
+    * ``wds.tarfile_to_samples`` -> ``wds.shuffle`` (buffer seeded by the stream) -> skip -> decode/augment
+      -> batch. Per-sample augmentation runs under a seed derived from the stream and the sample's position,
+      so the epoch is a pure function of (seed, epoch, rank, num_workers).
+
+    ``skip_batches=k`` drops the first ``k`` batches of the epoch *before decoding*: each stream discards
+    the raw (still-encoded) samples of its batches below ``k``, and physical worker ``p`` runs stream
+    ``(p + k) mod W`` so that the DataLoader's round-robin resumes exactly at batch ``k``.
+
+Validation (exact)
+    Rank ``r`` evaluates the contiguous global sample range ``[r*N/R, (r+1)*N/R)`` (shard lengths from
+    ``_info.json`` locate it, so a rank opens only the shards it needs), split into contiguous blocks of
+    batches per worker, padded to full batches and to the same batch count on every rank (label -1).
+
+JPEGs are decoded with PIL draft mode at the smallest DCT scale that still covers the target size.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.base import EvalLoader, TrainLoader
+from pipeline.data.config import AugConfig, DataConfig
+from pipeline.data.mixup import make_seed, seeded
+from pipeline.data.shard_index import SplitIndex
+from pipeline.data.transforms import decode_image, eval_scale_size, eval_transform, train_transform
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str]):
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys
+
+
+# ----------------------------------------------------------------------------------------- training
+def stream_shards(urls: list[str], *, seed: int, epoch: int, stream: int, num_streams: int) -> Iterator[dict]:
+    """Shard URLs for one (rank, worker) stream: its dealt shards once, then resampled forever."""
+    order = list(range(len(urls)))
+    random.Random(make_seed(seed, epoch, 0x5A4D)).shuffle(order)
+    mine = [urls[i] for i in order[stream::num_streams]]
+    for url in mine:
+        yield {"url": url}
+    resampled = wds.ResampledShards(mine or list(urls), seed=make_seed(seed, epoch, stream, num_streams),
+                                    worker_seed=lambda: 0, deterministic=True, empty_check=False)
+    yield from resampled
+
+
+class _TrainStream(IterableDataset):
+    """Yields this rank's uint8 batches for the configured epoch (see module docstring)."""
+
+    def __init__(self, index: SplitIndex, data: DataConfig, aug: AugConfig, *, rank: int, world_size: int,
+                 seed: int):
+        super().__init__()
+        self.index, self.data, self.aug = index, data, aug
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch, self.resolution, self.batch_size, self.num_batches, self.skip = 0, 224, 1, 0, 0
+
+    def configure(self, *, epoch: int, resolution: int, batch_size: int, num_batches: int, skip: int) -> None:
+        self.epoch, self.resolution, self.batch_size = epoch, resolution, batch_size
+        self.num_batches, self.skip = num_batches, skip
+
+    def raw_samples(self, logical: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """The still-encoded sample stream of one logical worker (shuffled, before skipping)."""
+        stream = self.rank * num_workers + logical
+        stream_seed = make_seed(self.seed, self.epoch, self.rank, logical, num_workers)
+        pipeline = wds.DataPipeline(
+            lambda: stream_shards(list(self.index.urls), seed=self.seed, epoch=self.epoch, stream=stream,
+                                  num_streams=self.world_size * num_workers),
+            wds.tarfile_to_samples(),
+            wds.shuffle(self.data.shuffle_buffer, initial=self.data.shuffle_initial,
+                        rng=random.Random(stream_seed)),
+        )
+        return iter(pipeline)
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        logical = (worker + self.skip) % num_workers
+        mine = range(logical, self.num_batches, num_workers)          # batch indices of the rank's epoch
+        skipped = len(range(logical, self.skip, num_workers))
+        bs, res = self.batch_size, self.resolution
+        stream_seed = make_seed(self.seed, self.epoch, self.rank, logical, num_workers)
+        samples = itertools.islice(self.raw_samples(logical, num_workers), skipped * bs, None)  # no decoding
+        transform = train_transform(self.aug, res)
+        draft = res if self.data.jpeg_draft else None
+        for b in range(skipped, len(mine)):
+            images, labels, keys = [], [], []
+            for j, sample in enumerate(itertools.islice(samples, bs)):
+                with seeded(make_seed(stream_seed, b * bs + j)):
+                    images.append(transform(decode_image(sample["jpg"], draft)))
+                labels.append(int(sample["cls"]))
+                keys.append(sample["__key__"])
+            if len(images) < bs:
+                raise RuntimeError(f"WebDataset stream ran dry after {b} batches (empty shards?)")
+            yield _collate(images, labels, keys)
+
+
+class WdsTrainLoader(TrainLoader):
+    format = "wds"
+
+    def __init__(self, index: SplitIndex, data: DataConfig, aug: AugConfig, *, num_classes: int, rank: int,
+                 world_size: int, seed: int, device=None):
+        super().__init__(data, aug, num_classes=num_classes, rank=rank, world_size=world_size, seed=seed,
+                         num_samples=index.num_samples, device=device)
+        self.index = index
+        self.dataset = _TrainStream(index, data, aug, rank=rank, world_size=world_size, seed=seed)
+        nw = data.num_workers
+        # the DataLoader draws its workers' base seed from this generator, not from the trainer's global RNG
+        self.generator = torch.Generator()
+        self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=nw,
+                                     prefetch_factor=data.prefetch_factor if nw > 0 else None,
+                                     pin_memory=data.pin_memory and self.device.type == "cuda",
+                                     persistent_workers=False, generator=self.generator)
+
+    def _configure(self) -> None:
+        self.generator.manual_seed(make_seed(self.seed, self.epoch, self.rank, 0xD1))
+        self.dataset.configure(epoch=self.epoch, resolution=self.resolution, batch_size=self.batch_size,
+                               num_batches=len(self), skip=self.skip_batches)
+
+    def _iter_raw(self):
+        for images, labels, _keys in self.dataloader:
+            yield images, labels
+
+    def iter_with_keys(self):
+        """Iterate the configured epoch, also yielding each batch's sample keys (for checks and analysis)."""
+        for index, (images, labels, keys) in enumerate(self.dataloader, start=self.skip_batches):
+            x, y = self._finish(images, labels, index)
+            yield x, y, keys
+
+
+# ----------------------------------------------------------------------------------------- validation
+class _EvalStream(IterableDataset):
+    def __init__(self, index: SplitIndex, data: DataConfig, aug: AugConfig, *, resolution: int, crop_pct: float,
+                 start: int, stop: int, num_batches: int, batch_size: int):
+        super().__init__()
+        self.index, self.data, self.aug = index, data, aug
+        self.resolution, self.crop_pct = resolution, crop_pct
+        self.start, self.stop, self.num_batches, self.batch_size = start, stop, num_batches, batch_size
+
+    def _samples(self, lo: int, hi: int) -> Iterator[dict[str, Any]]:
+        """Raw samples with global indices ``[lo, hi)``, opening only the shards that hold them."""
+        if hi <= lo:
+            return
+        offsets = self.index.shard_offsets()
+        first = max(i for i in range(len(self.index.urls)) if offsets[i] <= lo)
+        last = min(i for i in range(len(self.index.urls)) if offsets[i + 1] >= hi)
+        urls = list(self.index.urls[first:last + 1])
+        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+        n = 0
+        for sample in itertools.islice(iter(pipeline), lo - offsets[first], hi - offsets[first]):
+            n += 1
+            yield sample
+        if n != hi - lo:
+            raise RuntimeError(f"shards {urls} hold fewer samples than _info.json's shard_lengths claim")
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        b0 = worker * self.num_batches // num_workers
+        b1 = (worker + 1) * self.num_batches // num_workers
+        bs = self.batch_size
+        lo, hi = min(self.start + b0 * bs, self.stop), min(self.start + b1 * bs, self.stop)
+        transform = eval_transform(self.aug, self.resolution, self.crop_pct)
+        draft = eval_scale_size(self.resolution, self.crop_pct) if self.data.jpeg_draft else None
+        samples = self._samples(lo, hi)
+        for _ in range(b0, b1):
+            images, labels, keys = [], [], []
+            for sample in itertools.islice(samples, bs):
+                images.append(transform(decode_image(sample["jpg"], draft)))
+                labels.append(int(sample["cls"]))
+                keys.append(sample["__key__"])
+            if not images:
+                images = [torch.zeros((3, self.resolution, self.resolution), dtype=torch.uint8)]
+                labels, keys = [-1], [""]
+            yield _collate(images, labels, keys)
+
+
+class WdsEvalLoader(EvalLoader):
+    format = "wds"
+
+    def __init__(self, index: SplitIndex, data: DataConfig, aug: AugConfig, *, resolution: int, crop_pct: float,
+                 rank: int, world_size: int, device=None):
+        super().__init__(data, aug, resolution=resolution, crop_pct=crop_pct, rank=rank, world_size=world_size,
+                         num_samples=index.num_samples, device=device)
+        self.index = index
+        self.dataset = _EvalStream(index, data, aug, resolution=self.resolution, crop_pct=self.crop_pct,
+                                   start=self.start, stop=self.stop, num_batches=len(self),
+                                   batch_size=self.batch_size)
+        nw = min(data.num_workers, len(self))
+        self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=nw,
+                                     prefetch_factor=data.prefetch_factor if nw > 0 else None,
+                                     pin_memory=data.pin_memory and self.device.type == "cuda",
+                                     generator=torch.Generator().manual_seed(0))
+
+    def _iter_raw(self):
+        for images, labels, keys in self.dataloader:
+            yield self._pad(images, labels, keys)
+
+
+__all__ = ["WdsEvalLoader", "WdsTrainLoader", "stream_shards"]

@@ -1,0 +1,96 @@
+"""Export a DeepSpeed checkpoint (ZeRO 1, 2 or 3) to one consolidated fp32 ``safetensors`` state dict that
+``timm.create_model(name, **kwargs).load_state_dict(...)`` accepts; model name + kwargs go into the file's
+metadata and a ``.json`` next to it.
+
+    python -m pipeline.export runs/demo/checkpoints/step_00000120 --out runs/demo/export/model.safetensors
+    python -m pipeline.export runs/demo            # newest complete checkpoint -> runs/demo/export/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def checkpoint_model_spec(ckpt: Path) -> tuple[str, dict[str, Any]]:
+    """(timm model name, create_model kwargs) from the ``train_config.yaml`` saved in the checkpoint folder."""
+    from pipeline.config import from_dict
+    from pipeline.recipe import TrainConfig, read_num_classes
+
+    cfg = from_dict(TrainConfig, yaml.safe_load((ckpt / "train_config.yaml").read_text()))
+    kwargs = cfg.model.create_kwargs(read_num_classes(cfg))
+    kwargs.pop("drop_path_rate", None)  # inference: no stochastic depth
+    return cfg.model.name, kwargs
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    from pipeline import checkpointing
+
+    path = Path(path)
+    if checkpointing.is_complete(path):
+        return path
+    found = checkpointing.find_latest(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint at {path}")
+    return found
+
+
+def consolidated_state_dict(ckpt: str | Path) -> dict[str, "torch.Tensor"]:  # noqa: F821
+    """fp32 state dict merged from every rank's ZeRO partitions (DeepSpeed's zero_to_fp32)."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = Path(ckpt)
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in sd.items()}
+
+
+def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    ckpt = resolve_checkpoint(ckpt)
+    name, kwargs = checkpoint_model_spec(ckpt)
+    out = Path(out) if out else ckpt.parent.parent / "export" / f"{name}_{ckpt.name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sd = consolidated_state_dict(ckpt)
+    meta = {"model": name, "model_kwargs": kwargs, "checkpoint": str(ckpt.resolve())}
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"cpvt": json.dumps(meta)})
+    tmp.replace(out)
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_export(path: str | Path):
+    """Build the timm model recorded in an export and load its weights (strict)."""
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import pipeline.models  # noqa: F401 - registers cpvt_* in timm
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["cpvt"])
+    kwargs = dict(meta["model_kwargs"])
+    kwargs["peg_positions"] = tuple(kwargs.get("peg_positions", (0,)))
+    model = timm.create_model(meta["model"], **kwargs)
+    model.load_state_dict(load_file(str(path)))
+    return model, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint folder (step_*), checkpoints folder or run dir (newest complete)")
+    p.add_argument("--out", default=None, help="output .safetensors (default: <run_dir>/export/<model>_<tag>.safetensors)")
+    args = p.parse_args(argv)
+    out = export(args.checkpoint, args.out)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

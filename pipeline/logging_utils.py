@@ -1,0 +1,100 @@
+"""Step metrics for the training loop: data-wait vs compute time, throughput (global and per rank), and output
+on rank 0 as a tqdm bar on a TTY or plain ``key=value`` lines otherwise (log files, SLURM, CI)."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+
+class StepTimer:
+    """``wait_done()`` after the batch arrived, ``step_done(n)`` after the optimizer step; averages per window."""
+
+    def __init__(self) -> None:
+        self.reset()
+        self._t = time.perf_counter()
+
+    def reset(self) -> None:
+        self.data_s = 0.0
+        self.compute_s = 0.0
+        self.samples = 0
+        self.steps = 0
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def wait_done(self) -> None:
+        now = time.perf_counter()
+        self.data_s += now - self._t
+        self._t = now
+
+    def step_done(self, samples: int) -> None:
+        now = time.perf_counter()
+        self.compute_s += now - self._t
+        self._t = now
+        self.samples += samples
+        self.steps += 1
+
+    def summary(self, world_size: int) -> dict[str, float]:
+        """Per-rank numbers of this rank; the global throughput assumes equal per-rank batches."""
+        total = max(self.data_s + self.compute_s, 1e-9)
+        per_rank = self.samples / total
+        return {"throughput/img_s_rank": per_rank, "throughput/img_s": per_rank * world_size,
+                "time/data_wait_ms": 1000 * self.data_s / max(self.steps, 1),
+                "time/compute_ms": 1000 * self.compute_s / max(self.steps, 1),
+                "time/data_wait_frac": self.data_s / total}
+
+
+class ProgressLog:
+    """Rank-0 output. ``bar`` True: tqdm progress bar per epoch; False: one plain line per log call."""
+
+    def __init__(self, rank: int, mode: str = "auto", stream=None):
+        self.rank = rank
+        self.stream = stream or sys.stdout
+        self.bar_enabled = rank == 0 and (mode == "on" or (mode == "auto" and self.stream.isatty()))
+        self._bar = None
+
+    def start_epoch(self, epoch: int, total: int, initial: int = 0, resolution: int | None = None) -> None:
+        if self.rank != 0:
+            return
+        if self.bar_enabled:
+            from tqdm import tqdm
+
+            self.close()
+            self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch} @{resolution}px",
+                             dynamic_ncols=True, file=self.stream)
+        else:
+            self.line(f"epoch {epoch} start: resolution={resolution} steps={total} resume_at={initial}")
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def metrics(self, step: int, values: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        short = {k.split("/")[-1]: v for k, v in values.items()}
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in short.items())
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+        else:
+            self.line(f"step {step} {text}")
+
+    def line(self, text: str) -> None:
+        if self.rank != 0:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,114 @@
+"""MLflow tracking on rank 0 only: one run per training job, resumed jobs continue the same run id.
+
+Default store: ``sqlite:///<run_dir>/mlflow.db`` (``MLFLOW_TRACKING_URI`` or ``tracking.uri`` override it);
+``make ui`` serves it. Other ranks get a :class:`NullTracker` and never create runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.config import flatten
+
+_MAX_PARAM_LEN = 6000
+
+
+def default_uri(run_dir: str | Path, uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+
+
+class NullTracker:
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def log_dict(self, data: Any, name: str) -> None: ...
+    def log_artifact(self, path: str | Path) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class MLflowTracker(NullTracker):
+    def __init__(self, run_dir: str | Path, *, uri: str | None, experiment: str, run_name: str | None,
+                 run_id: str | None, system_metrics: bool):
+        import mlflow
+
+        self.mlflow = mlflow
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(default_uri(run_dir, uri))
+        if run_id is None:
+            mlflow.set_experiment(experiment)
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(5)
+            mlflow.set_system_metrics_samples_before_logging(1)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                               log_system_metrics=system_metrics)
+        self.run_id = run.info.run_id
+        self.client = mlflow.MlflowClient()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        flat = {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(dict(params)).items()}
+        new = {k: v for k, v in flat.items() if k not in existing}  # resumed runs: params are immutable
+        if new:
+            self.mlflow.log_params(new)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if v is not None}
+        if clean:
+            self.mlflow.log_metrics(clean, step=step)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.mlflow.log_text(text, name)
+
+    def log_dict(self, data: Any, name: str) -> None:
+        self.mlflow.log_dict(data, name)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self.mlflow.log_artifact(str(path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+def make_tracker(cfg, *, rank: int, run_id: str | None) -> NullTracker:
+    """``cfg`` is the TrainConfig; returns a no-op tracker off rank 0 or when tracking is disabled."""
+    if rank != 0 or not cfg.tracking.enabled:
+        return NullTracker()
+    return MLflowTracker(cfg.run.run_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                         run_name=cfg.tracking.run_name or Path(cfg.run.run_dir).name, run_id=run_id,
+                         system_metrics=cfg.tracking.system_metrics)
+
+
+def resolution_plot(results: Mapping[int, Mapping[str, float]], out: str | Path, train_res: int | None = None,
+                    title: str = "top-1 vs test resolution") -> Path:
+    """PNG of top-1/top-5 against evaluation resolution (matplotlib Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = sorted(int(r) for r in results)
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for key, style in (("top1", "o-"), ("top5", "s--")):
+        ax.plot(res, [results[r][key] for r in res], style, label=key)
+    if train_res is not None:
+        ax.axvline(train_res, color="grey", lw=0.8, ls=":", label=f"train res {train_res}")
+    ax.set_xlabel("test resolution (px)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return path

@@ -1,0 +1,143 @@
+"""Shared pieces of the training tests: one tiny real dataset (WebDataset + FFCV shards written by data_prep),
+a tiny CPVT recipe, and a launcher that runs pipeline/train.py as real 1- or 2-rank DeepSpeed jobs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+# 4 classes x 8 train images in 4 WebDataset shards of 8 (with 2 ranks each rank owns exactly 2 shards)
+NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SHARD = 4, 8, 4, 8
+
+TINY_RECIPE = """\
+model: {name: cpvt_ti, drop_path_rate: 0.1, kwargs: {embed_dim: 48, depth: 2, num_heads: 2}}
+data: {format: wds, batch_size: 4, eval_batch_size: 8, num_workers: 0, shuffle_buffer: 16, shuffle_initial: 4}
+aug: {auto_augment: null, reprob: 0.0, mixup: 0.0, cutmix: 0.0, smoothing: 0.1}
+schedule:
+  resolution: {kind: fixed, resolution: 32}
+  lr: {lr: 2.0e-3, ref_batch: 8, warmup_epochs: 0.5, warmup_lr: 1.0e-5, min_lr: 1.0e-5}
+checkpoint: {every_steps: 3, keep_last: 2}
+tracking: {system_metrics: false}
+eval: {every_epochs: 0, resolutions: [48]}
+run: {epochs: 3, log_every: 1, seed: 0, progress_bar: "off"}
+"""
+
+
+def make_tiny_data(out: Path) -> Path:
+    from data_prep.demo_dataset import make_demo_dataset
+    from data_prep.write_ffcv import write_ffcv
+    from data_prep.write_webdataset import write_webdataset
+
+    src = out / "src"
+    make_demo_dataset(src, num_classes=NUM_CLASSES, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS,
+                      min_side=32, max_side=56, large_images=0, bad_files=False)
+    data = out / "data"
+    write_webdataset(src, data, cluster="pool", workers=1, progress=False, shard_max_count=SHARD)
+    threads = torch.get_num_threads()
+    write_ffcv(src, data, workers=1, progress=False)
+    torch.set_num_threads(threads)  # importing ffcv sets 1 thread
+    return data
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None)
+    return env
+
+
+def train_cmd(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str, *overrides: str) -> list[str]:
+    args = ["pipeline/train.py", "--recipe", str(recipe), "--data", str(data), "--run-dir", str(run_dir),
+            "--deepspeed_config", f"deepspeed_configs/{ds}.json", *overrides]
+    if nproc == 1:
+        return [PY, *args]
+    return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), *args]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str = "zero2_bf16", *overrides: str,
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(nproc, recipe, data, run_dir, ds, *overrides), cwd=ROOT, env=job_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"training failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def run_and_kill(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str, kill_at_step: int, *overrides: str,
+                 timeout: int = 300) -> str:
+    """Start a job and SIGKILL its whole process group once rank 0 printed ``step <kill_at_step>``."""
+    p = subprocess.Popen(train_cmd(nproc, recipe, data, run_dir, ds, *overrides), cwd=ROOT, env=job_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out, deadline = [], time.time() + timeout
+    try:
+        for line in p.stdout:
+            out.append(line)
+            if line.startswith(f"step {kill_at_step} "):
+                os.killpg(p.pid, signal.SIGKILL)
+                break
+            if time.time() > deadline:
+                break
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+    text = "".join(out)
+    assert f"step {kill_at_step} " in text, text[-3000:]
+    return text
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 master weights of the newest complete checkpoint, consolidated over ZeRO partitions."""
+    from pipeline import checkpointing
+    from pipeline.export import consolidated_state_dict
+
+    ckpt = checkpointing.find_latest(run_dir / "checkpoints")
+    assert ckpt is not None, f"no complete checkpoint in {run_dir}"
+    return consolidated_state_dict(ckpt)
+
+
+def step_losses(stdout: str) -> list[float]:
+    return [float(line.split("loss=")[1].split()[0]) for line in stdout.splitlines()
+            if line.startswith("step ") and "loss=" in line]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The tiny dataset, built once per session even when several test modules import this fixture."""
+    base = tmp_path_factory.getbasetemp() / "train_tiny_data"
+    if not (base / "data" / "wds" / "_info.json").is_file() or not (base / "data" / "ffcv" / "val.beton").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        make_tiny_data(base)
+    return base / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.getbasetemp() / "train_tiny_recipe.yaml"
+    path.write_text(TINY_RECIPE)
+    return path

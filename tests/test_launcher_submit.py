@@ -1,0 +1,127 @@
+"""launchers/slurm_submit.py planning: --dry-run output and one-line validation errors (no cluster needed);
+launchers.executor on submitit's local/debug backends; launchers.dist_env / train_job helpers."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures (shared tiny dataset)
+from launchers import slurm_submit
+from launchers.dist_env import port_for_job, torch_dist_env
+from launchers.executor import JobFailedError, make_executor, wait_for
+from launchers.train_job import with_resume_auto
+from pipeline.config import ConfigError
+from tests.slurm import jobs
+from tests.slurm.fixtures import submitit_folder  # noqa: F401 - fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _submit(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = slurm_submit.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_dry_run_prints_sbatch_parameters_and_training_config(capsys, tiny_data, tiny_recipe, tmp_path):
+    rc, out, err = _submit(capsys, "--nodes", "4", "--gpus-per-node", "8", "--partition", "p", "--account", "acc",
+                           "--qos", "high", "--constraint", "a100", "--time", "72:00:00", "--cpus-per-task", "10",
+                           "--mem", "480", "--recipe", str(tiny_recipe), "--model", "cpvt_b", "--data",
+                           str(tiny_data), "--run-dir", str(tmp_path / "run"), "--dry-run", "optim.weight_decay=0.02")
+    assert rc == 0, err
+    assert "world size: 32" in out
+    assert "global batch 128 = 4 x 1 x 32" in out
+    if "sbatch parameters:" in out:  # needs the SLURM client installed (make setup-test)
+        for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=p", "--account=acc",
+                     "--qos=high", "--constraint=a100", "--time=4320", "--cpus-per-task=10", "--mem=480GB",
+                     "--signal=USR2@120", "--requeue"):
+            assert f"#SBATCH {line}" in out, line
+    assert "name: cpvt_b" in out and "weight_decay: 0.02" in out  # the validated training config
+    assert '"train_batch_size": 128' in out  # the resolved DeepSpeed config
+    assert "--resume auto" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nodes", "0"], "error: --nodes: 0 must be > 0"),
+    (["--model", "cpvt_huge"], "error: --model: 'cpvt_huge' is not one of ['cpvt_b', "),
+    (["--nodes", "3", "--global-batch", "64"],
+     "error: --global-batch: 64 is not divisible by world size 3 x optim.grad_accum 1 = 3"),
+    (["--time", "soon"], "error: --time: 'soon' is not a SLURM time"),
+    (["--cluster", "k8s"], "error: --cluster: 'k8s' is not one of ['slurm', 'local', 'debug']"),
+    (["--gpus-per-node", "8", "--model", "cpvt_b", "--time", "0:05:00", "checkpoint.every_steps=100000",
+      "schedule.resolution.resolution=224"],
+     "error: --time: 0:05:00 is shorter than one checkpoint interval"),
+    (["--time", "10", "--step-time-s", "60", "checkpoint.every_steps=20"],
+     "error: --time: 0:10:00 is shorter than one checkpoint interval"),
+    (["data.format=tfrecord"], "error: data.format: 'tfrecord' is not one of ['wds', 'ffcv']"),
+])
+def test_bad_submissions_fail_with_one_line(capsys, tiny_data, tiny_recipe, tmp_path, argv, message):
+    rc, out, err = _submit(capsys, "--recipe", str(tiny_recipe), "--data", str(tiny_data), "--run-dir",
+                           str(tmp_path / "run"), "--dry-run", *argv)
+    assert rc == 2 and out == ""
+    assert err.startswith(message), err
+    assert err.count("\n") == 1
+
+
+def test_missing_data_path_fails_before_submission(capsys, tiny_recipe, tmp_path):
+    rc, _, err = _submit(capsys, "--recipe", str(tiny_recipe), "--data", str(tmp_path / "nope"), "--cluster",
+                         "local")
+    assert rc == 2 and err == f"error: --data: {tmp_path / 'nope'} does not exist\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_script_runs_from_a_checkout(tiny_data, tiny_recipe, tmp_path):
+    proc = subprocess.run([sys.executable, "launchers/slurm_submit.py", "--nodes", "2", "--tasks-per-node", "2",
+                           "--cluster", "local", "--recipe", str(tiny_recipe), "--data", str(tiny_data),
+                           "--run-dir", str(tmp_path / "run"), "--dry-run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "world size: 4" in proc.stdout and "cluster: local" in proc.stdout
+
+
+def test_parse_time():
+    assert slurm_submit.parse_time_min("90") == 90
+    assert slurm_submit.parse_time_min("72:00:00") == 72 * 60
+    assert slurm_submit.parse_time_min("1-12:30:00") == 36 * 60 + 30
+    assert slurm_submit.parse_time_min("2-0") == 48 * 60
+    assert slurm_submit.parse_time_min("10:30") == 11  # MM:SS rounds up
+    with pytest.raises(ConfigError):
+        slurm_submit.parse_time_min("0")
+
+
+def test_local_and_debug_executors_share_the_wait_path(submitit_folder):
+    local = make_executor(submitit_folder / "local", "local", timeout_min=2)
+    assert wait_for([local.submit(jobs.double, 2), local.submit(jobs.double, 5)], timeout=120) == [4, 10]
+    with pytest.raises(JobFailedError, match="ValueError: broken shard"):
+        wait_for(local.submit(jobs.fail_with, "broken shard"), timeout=120)
+    debug = make_executor(submitit_folder / "debug", "debug")
+    assert wait_for(debug.submit(jobs.double, 4)) == 8
+    with pytest.raises(ConfigError, match="cluster: 'kube' is not one of"):
+        make_executor(submitit_folder, "kube")
+
+
+def test_local_multi_task_job_gets_rendezvous_env(submitit_folder):
+    ex = make_executor(submitit_folder, "local", nodes=1, tasks_per_node=2, timeout_min=2)
+    envs = wait_for(ex.submit(jobs.rendezvous_env), timeout=120)
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in envs] == [("0", "0", "2"), ("1", "1", "2")]
+    assert len({e["MASTER_PORT"] for e in envs}) == 1
+
+
+def test_dist_env_from_slurm_variables():
+    env = {"SLURM_JOB_ID": "1234", "SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "127.0.0.1"}
+    got = torch_dist_env(env)
+    assert got == {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port_for_job("1234")), "RANK": "5",
+                   "WORLD_SIZE": "16", "LOCAL_RANK": "1"}
+    assert 20000 <= port_for_job("1234") < 40000
+    assert port_for_job("77_1") != port_for_job("77_2")  # array elements may share a node
+
+
+def test_requeued_runs_resume_automatically():
+    assert with_resume_auto(["--data", "d", "--resume", "none", "x.y=1"]) == ["--data", "d", "x.y=1", "--resume",
+                                                                             "auto"]
+    assert with_resume_auto(["checkpoint.resume=/ckpt"]) == ["--resume", "auto"]
