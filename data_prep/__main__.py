@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--large-images", type=int, default=2)
     d.add_argument("--val-layout", default="loc_csv")
     d.add_argument("--no-bad-files", action="store_true")
+    d.add_argument("--random-colours", action="store_true", help="classes differ by shape/texture only")
     d.add_argument("--seed", type=int, default=0)
 
     def common(q: argparse.ArgumentParser) -> None:
@@ -152,7 +153,7 @@ def run(a: argparse.Namespace) -> int:
         desc = make_demo_dataset(a.out, num_classes=a.classes, train_per_class=a.train_per_class,
                                  val_per_class=a.val_per_class, min_side=a.min_side, max_side=a.max_side,
                                  large_images=a.large_images, bad_files=not a.no_bad_files,
-                                 val_layout=a.val_layout, seed=a.seed)
+                                 val_layout=a.val_layout, class_colours=not a.random_colours, seed=a.seed)
         print(json.dumps({s: {"found": v["found"], "expected_written": v["expected_written"]}
                           for s, v in desc["splits"].items()}))
         return 0

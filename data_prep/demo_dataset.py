@@ -1,8 +1,8 @@
 """A small synthetic dataset in ImageNet layout, learnable by a small CPVT on CPU in minutes.
 
 Classes differ by a shape or texture (disc, square, triangle, stripes in 3 orientations, checkerboard, ring,
-cross, dots, ...) drawn in a class colour (jittered) at a random place and scale over a noisy gradient
-background; images have varied sizes and aspect ratios (a few are larger than the default ``--max-side`` so the
+cross, dots, ...) drawn in a class colour (jittered; or a random colour with ``class_colours=False``) at a
+random place and scale over a noisy gradient background; images have varied sizes and aspect ratios (a few are larger than the default ``--max-side`` so the
 downscale path is exercised). Above 10 classes the patterns repeat with a shifted colour palette.
 
 Layout (like ILSVRC2012 / Kaggle)::
@@ -46,8 +46,8 @@ def class_name(c: int) -> str:
     return f"{PATTERNS[c % len(PATTERNS)]}-{c // len(PATTERNS)}"
 
 
-def _class_colour(c: int, rng: np.random.Generator) -> tuple[int, int, int]:
-    base_hue = ((c % len(PATTERNS)) * 0.1 + (c // len(PATTERNS)) * 0.37) % 1.0
+def _class_colour(c: int, rng: np.random.Generator, by_class: bool = True) -> tuple[int, int, int]:
+    base_hue = ((c % len(PATTERNS)) * 0.1 + (c // len(PATTERNS)) * 0.37) % 1.0 if by_class else rng.random()
     h = (base_hue + rng.normal(0, 0.02)) % 1.0
     s = float(np.clip(rng.normal(0.8, 0.1), 0.4, 1.0))
     v = float(np.clip(rng.normal(0.85, 0.1), 0.5, 1.0))
@@ -62,10 +62,13 @@ def _background(w: int, h: int, rng: np.random.Generator) -> np.ndarray:
     return np.broadcast_to(img, (h, w, 3))
 
 
-def render(c: int, w: int, h: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image of class ``c`` (pattern ``c % 10``) of size ``w`` x ``h``."""
+def render(c: int, w: int, h: int, rng: np.random.Generator, class_colours: bool = True) -> Image.Image:
+    """One RGB image of class ``c`` (pattern ``c % 10``) of size ``w`` x ``h``.
+
+    ``class_colours=False`` draws the pattern in a random colour, so only shape/texture tells classes apart.
+    """
     pattern = PATTERNS[c % len(PATTERNS)]
-    col = np.array(_class_colour(c, rng), dtype=np.float64)
+    col = np.array(_class_colour(c, rng, class_colours), dtype=np.float64)
     img = _background(w, h, rng).copy()
     m = min(w, h)
     size = int(m * rng.uniform(0.45, 0.8))
@@ -155,8 +158,12 @@ def _write_meta_mat(path: Path, classes: list[str], ids: dict[str, int]) -> None
 def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class: int = 100,
                       val_per_class: int = 20, min_side: int = 48, max_side: int = 160, large_images: int = 2,
                       large_side: int = 720, bad_files: bool = True,
-                      val_layout: Literal["loc_csv", "devkit", "folders"] = "loc_csv", seed: int = 0) -> dict:
-    """Write the demo dataset under ``out`` and return its description (also saved as demo_dataset.json)."""
+                      val_layout: Literal["loc_csv", "devkit", "folders"] = "loc_csv", class_colours: bool = True,
+                      seed: int = 0) -> dict:
+    """Write the demo dataset under ``out`` and return its description (also saved as demo_dataset.json).
+
+    ``class_colours=False`` makes colour uninformative (classes differ by shape/texture only): a harder task.
+    """
     if num_classes < 2:
         raise ValueError(f"num_classes: {num_classes} must be >= 2")
     if val_layout not in ("loc_csv", "devkit", "folders"):
@@ -167,7 +174,7 @@ def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class
     rng = np.random.default_rng(seed)
     classes = [wnid(c) for c in range(num_classes)]
     desc: dict = {"classes": classes, "class_names": [class_name(c) for c in range(num_classes)],
-                  "val_layout": val_layout, "seed": seed, "splits": {}}
+                  "val_layout": val_layout, "class_colours": class_colours, "seed": seed, "splits": {}}
 
     def size() -> tuple[int, int]:
         return int(rng.integers(min_side, max_side + 1)), int(rng.integers(min_side, max_side + 1))
@@ -182,7 +189,7 @@ def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class
             big = n < large_images and c == 0
             sz = (large_side, large_side * 3 // 4) if big else size()
             p = d / f"{w}_{n}.JPEG"
-            p.write_bytes(_jpeg(render(c, *sz, rng), rng))
+            p.write_bytes(_jpeg(render(c, *sz, rng, class_colours), rng))
             train_files.append((str(p), c))
     if bad_files:
         for i, kind in enumerate(BAD_KINDS):
@@ -220,7 +227,7 @@ def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class
             big = n_large < max(0, large_images // 2)
             n_large += big
             sz = (large_side * 3 // 4, large_side) if big else size()
-            data = _jpeg(render(c, *sz, rng), rng)
+            data = _jpeg(render(c, *sz, rng, class_colours), rng)
         (d / name).write_bytes(data)
         rows.append((name[:-5], classes[c]))
     if val_layout == "loc_csv":

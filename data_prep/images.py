@@ -31,6 +31,7 @@ class Prepared:
     data: bytes | None = None    # JPEG bytes to store (None when skipped)
     size: tuple[int, int] | None = None   # (width, height) of the stored image
     source_size: tuple[int, int] | None = None
+    source_bytes: int = 0        # size of the file as read
 
 
 def target_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -113,11 +114,11 @@ def prepare_image(path: str, max_side: int = 512, quality: int = 90, data: bytes
             tiny = (max(1, src[0] // 8), max(1, src[1] // 8))
             img.draft("RGB", tiny)
             img.load()
-            return Prepared("ok", None, data, src, src)
+            return Prepared("ok", None, data, src, src, len(data))
         rgb = decode_rgb(img, max_side)
         buf = io.BytesIO()
         rgb.save(buf, format="JPEG", quality=quality)
-        return Prepared("converted", ", ".join(reasons), buf.getvalue(), rgb.size, src)
+        return Prepared("converted", ", ".join(reasons), buf.getvalue(), rgb.size, src, len(data))
     except _Skip as e:
         return Prepared("skipped", str(e))
     except Image.DecompressionBombError as e:

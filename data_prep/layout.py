@@ -19,6 +19,7 @@ writers cannot read are skipped with a reason, and a flat file without a ground-
 from __future__ import annotations
 
 import csv
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class Sample:
     path: str                # absolute path of the source file
     label: int | None        # class index, None when the file has no usable label
     reason: str | None = None  # why label is None
+    size: int = -1           # bytes, from the directory scan (saves a stat per file when planning shards)
+    mtime_ns: int = -1
 
 
 @dataclass
@@ -54,8 +57,16 @@ class SplitSource:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _visible_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+def _visible_files(d: Path) -> list[tuple[Path, tuple[int, int]]]:
+    """Regular, non-hidden files of ``d`` with (size, mtime_ns), sorted by name (one scandir, one stat each)."""
+    out = []
+    with os.scandir(d) as it:
+        for e in it:
+            if e.name.startswith(".") or not e.is_file():
+                continue
+            st = e.stat()
+            out.append((Path(e.path), (st.st_size, st.st_mtime_ns)))
+    return sorted(out)
 
 
 def _class_dirs(d: Path) -> list[Path]:
@@ -67,14 +78,16 @@ def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", text)
 
 
-def _assign_keys(entries: list[tuple[Path, str, int | None, str | None]]) -> list[Sample]:
-    """entries: (path, relpath-without-suffix, label, reason). Keys are file stems when unique, else rel paths."""
-    stems = [_safe_key(p.stem) for p, _, _, _ in entries]
+def _assign_keys(entries: list[tuple[tuple[Path, tuple[int, int]], str, int | None, str | None]]) -> list[Sample]:
+    """entries: ((path, (size, mtime_ns)), relpath-without-suffix, label, reason).
+
+    Keys are the file stems when those are unique within the split, else the relative paths."""
+    stems = [_safe_key(f[0].stem) for f, _, _, _ in entries]
     unique = len(set(stems)) == len(stems)
     keys = stems if unique else [_safe_key(rel) for _, rel, _, _ in entries]
     if len(set(keys)) != len(keys):
         raise LayoutError("cannot derive unique sample keys: two files map to the same key after sanitising")
-    return [Sample(k, str(p), lab, why) for k, (p, _, lab, why) in zip(keys, entries)]
+    return [Sample(k, str(f[0]), lab, why, *f[1]) for k, (f, _, lab, why) in zip(keys, entries)]
 
 
 def _candidates(root: Path, split_dir: Path, name: str) -> list[Path]:
@@ -167,7 +180,7 @@ def discover_split(root: str | Path, split: str, *, classes: list[str] | None = 
     if not split_dir.is_dir():
         raise LayoutError(f"split directory not found: {split_dir}")
     dirs = _class_dirs(split_dir)
-    files = [p for p in _visible_files(split_dir) if p.name not in _GT_FILES]
+    files = [f for f in _visible_files(split_dir) if f[0].name not in _GT_FILES]
     gt_path: Path | None = None
     if dirs:
         if classes is None:
@@ -179,10 +192,10 @@ def discover_split(root: str | Path, split: str, *, classes: list[str] | None = 
         for d in dirs:
             lab = index.get(d.name)
             why = None if lab is not None else f"class folder {d.name!r} not in the class list"
-            for p in _visible_files(d):
-                entries.append((p, f"{d.name}/{p.stem}", lab, why))
-        for p in files:   # stray files next to the class folders: found, but unlabeled
-            entries.append((p, p.stem, None, "file outside any class folder"))
+            for f in _visible_files(d):
+                entries.append((f, f"{d.name}/{f[0].stem}", lab, why))
+        for f in files:   # stray files next to the class folders: found, but unlabeled
+            entries.append((f, f[0].stem, None, "file outside any class folder"))
         layout = "folders"
     elif files:
         explicit_csv = val_labels is not None and str(val_labels).endswith(".csv")
@@ -215,14 +228,15 @@ def discover_split(root: str | Path, split: str, *, classes: list[str] | None = 
             classes = classes or gt_classes
         index = {c: i for i, c in enumerate(classes)}
         entries = []
-        for p in files:
+        for f in files:
+            p = f[0]
             wnid = lookup(p)
             if wnid is None:
-                entries.append((p, p.stem, None, "no ground-truth label"))
+                entries.append((f, p.stem, None, "no ground-truth label"))
             elif wnid not in index:
-                entries.append((p, p.stem, None, f"label {wnid!r} not in the class list"))
+                entries.append((f, p.stem, None, f"label {wnid!r} not in the class list"))
             else:
-                entries.append((p, p.stem, index[wnid], None))
+                entries.append((f, p.stem, index[wnid], None))
     else:
         raise LayoutError(f"split directory is empty: {split_dir}")
     samples = _assign_keys(entries)

@@ -35,6 +35,14 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return 0, -1
+
+
 def plan_shards(samples: list[Sample], max_count: int, max_bytes: int | None = None) -> list[list[Sample]]:
     """Group ``samples`` (in order) into shards by count and by summed source bytes."""
     if max_count < 1:
@@ -43,10 +51,7 @@ def plan_shards(samples: list[Sample], max_count: int, max_bytes: int | None = N
     cur: list[Sample] = []
     cur_bytes = 0
     for s in samples:
-        try:
-            size = os.path.getsize(s.path)
-        except OSError:
-            size = 0
+        size = s.size if s.size >= 0 else _stat(s.path)[0]
         if cur and (len(cur) >= max_count or (max_bytes and cur_bytes + size > max_bytes)):
             shards.append(cur)
             cur, cur_bytes = [], 0
@@ -62,11 +67,7 @@ def plan_id(split: str, index: int, samples: list[Sample], params: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"split": split, "index": index, "params": params}, sort_keys=True).encode())
     for s in samples:
-        try:
-            st = os.stat(s.path)
-            stamp = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            stamp = (-1, -1)
+        stamp = (s.size, s.mtime_ns) if s.size >= 0 else _stat(s.path)
         h.update(json.dumps([s.key, s.path, s.label, s.reason, *stamp]).encode())
     return h.hexdigest()[:16]
 

@@ -5,8 +5,10 @@
 * ``cluster="pool"`` (default): a ``ProcessPoolExecutor`` with ``workers`` processes (all cores by default;
   ``workers=1`` runs inline) and a tqdm progress bar;
 * ``cluster="local" | "debug" | "slurm"``: ``launchers.executor.make_executor(folder, cluster, **params)``,
-  one array job per group of tasks (``array_size`` groups, contiguous, so job ``j`` always gets the same tasks),
-  then ``launchers.executor.wait_for(jobs)``.
+  one array job per group of tasks (``array_size`` groups, contiguous, so job ``j`` always gets the same tasks;
+  default: one per core for local/debug, one per task up to ``MAX_ARRAY`` for slurm), then
+  ``launchers.executor.wait_for(jobs)``. ``params`` are make_executor's (``partition``, ``timeout_min``,
+  ``cpus_per_task``, ``mem_gb``, ``array_parallelism``, ...).
 
 ``fn`` must be a module-level function (it is pickled) and ``fn(task)`` must be idempotent: a rerun of an
 interrupted array simply runs every task again and each one skips work it already finished.
@@ -21,6 +23,7 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 
 CLUSTERS = ("pool", "local", "debug", "slurm")
+MAX_ARRAY = 256   # default cap on array jobs for cluster="slurm" (override with array_size)
 
 
 def default_workers() -> int:
@@ -68,7 +71,9 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, cluster: str = 
 
     if folder is None:
         raise ValueError(f"folder: a log folder is required for cluster={cluster!r}")
-    groups = split_groups(tasks, array_size or (workers or default_workers()))
+    if array_size is None:   # local/debug: one job per core; slurm: one job per task, at most MAX_ARRAY
+        array_size = (workers or default_workers()) if cluster != "slurm" else min(len(tasks), MAX_ARRAY)
+    groups = split_groups(tasks, array_size)
     executor_params.setdefault("job_name", f"data_prep_{desc.replace(' ', '_')}")
     executor = make_executor(str(folder), cluster, **executor_params)
     jobs = executor.map_array(run_group, [fn] * len(groups), groups)

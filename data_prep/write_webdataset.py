@@ -7,8 +7,9 @@ Each shard is one independent, idempotent task (:func:`write_shard`):
 
 1. if the shard and its record exist, the record's ``plan_id`` matches the task and the file's sha256 matches
    the record, the shard is reused;
-2. otherwise it is written to ``{name}.tmp.<pid>.<rand>``, fsynced and renamed, then the record is written
-   (atomically). Tar headers are fixed (mtime 0, fixed owner/mode) and the sample order is the plan's, so a
+2. otherwise it is written to ``{name}.tmp.<pid>.<rand>`` and fsynced, its record is written (atomically), and
+   then it is renamed, so a shard under its final name always has a record (a kill between the two leaves a
+   record whose shard is missing: redone). Tar headers are fixed (mtime 0, fixed owner/mode) and the sample order is the plan's, so a
    rewritten shard is byte-identical to a clean run's.
 
 The split's ``_info.json`` entry and manifest are written last, after every task has finished, so a reader
@@ -81,34 +82,35 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
                         else:
                             converted.append({"path": s.path, "reason": p.reason})
                             resized += "resized " in p.reason
-                    src_bytes += os.path.getsize(s.path)
+                    src_bytes += p.source_bytes
                     tw.write({"__key__": s.key, "jpg": p.data, "cls": str(s.label).encode("ascii")})
                     keys.append(s.key)
             f.flush()
             os.fsync(f.fileno())
+        rec = {
+            "name": task.name,
+            "split": task.split,
+            "index": task.index,
+            "plan_id": task.plan_id,
+            "num_samples": len(keys),
+            "found": len(task.samples),
+            "bytes": tmp.stat().st_size,
+            "sha256": sha256_file(tmp),
+            "source_bytes": src_bytes,
+            "keys": keys,
+            "skipped": skipped,
+            "converted": converted,
+            "resized": resized,
+            "seconds": round(time.perf_counter() - t0, 4),
+            "reused": False,
+        }
+        # Record first, then the shard: once the shard exists under its final name its record does too.
+        rec_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(rec_file, rec)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
-    rec = {
-        "name": task.name,
-        "split": task.split,
-        "index": task.index,
-        "plan_id": task.plan_id,
-        "num_samples": len(keys),
-        "found": len(task.samples),
-        "bytes": final.stat().st_size,
-        "sha256": sha256_file(final),
-        "source_bytes": src_bytes,
-        "keys": keys,
-        "skipped": skipped,
-        "converted": converted,
-        "resized": resized,
-        "seconds": round(time.perf_counter() - t0, 4),
-        "reused": False,
-    }
-    rec_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(rec_file, rec)
     return rec
 
 

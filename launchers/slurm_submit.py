@@ -320,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     job = submit(p)
     print(f"submitted job {job.job_id} on {p.cluster} ({p.world_size} tasks)")
-    print(f"logs: {job.paths.stdout} and {job.paths.stderr} (task k: _k_log)")
+    first = job.task(0).paths
+    print(f"logs (rank 0): {first.stdout}\n               {first.stderr}")
+    if job.num_tasks > 1:
+        print(f"logs (rank k): {str(first.stdout).replace('_0_log', '_<k>_log')}")
     print(f"run dir: {p.run_dir}")
     print(f"MLflow: {p.tracking_uri} experiment {p.experiment!r}; run id in {p.run_dir}/final_metrics.json "
           f"(mlflow_run_id) once the run ends, and in every checkpoint")

@@ -110,7 +110,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                                         f"(max_requeues={self.max_requeues}); resume it with a new submission")
         # submitit routed USR2 to its own checkpoint-and-requeue handler on rank 0 only; instead every rank
         # asks the trainer to checkpoint at the next step (a collective), then rank 0 requeues
-        for name in REQUEUE_SIGNALS:
+        for name in (*REQUEUE_SIGNALS, "SIGTERM"):  # the trainer re-installs TERM/USR1 itself later
             signal.signal(getattr(signal, name), train.request_stop)
         summary = train.main(with_resume_auto(self.argv))
         if summary.get("exit_code") != train.EXIT_PREEMPTED:
@@ -127,7 +127,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         if rank == 0 and not by_scheduler:
             self._requeue()
         sys.stdout.flush()
-        sys.exit(summary["exit_code"])  # SystemExit: submitit writes no result, the requeued run will
+        # SystemExit: submitit writes no result (the requeued run will). Other ranks exit 0 so that srun's
+        # --kill-on-bad-exit does not kill rank 0 while it requeues the job.
+        sys.exit(summary["exit_code"] if rank == 0 else 0)
 
     def _requeue(self) -> None:
         state = read_state(self.run_dir)

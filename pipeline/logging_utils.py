@@ -46,12 +46,13 @@ class StepTimer:
 
 
 class ProgressLog:
-    """Rank-0 output. ``bar`` True: tqdm progress bar per epoch; False: one plain line per log call."""
+    """Rank-0 output. ``bar`` True: tqdm progress bar per epoch; False: one plain line per log call;
+    None: a bar only when stdout is a TTY."""
 
-    def __init__(self, rank: int, mode: str = "auto", stream=None):
+    def __init__(self, rank: int, bar: bool | None = None, stream=None):
         self.rank = rank
         self.stream = stream or sys.stdout
-        self.bar_enabled = rank == 0 and (mode == "on" or (mode == "auto" and self.stream.isatty()))
+        self.bar_enabled = rank == 0 and (self.stream.isatty() if bar is None else bar)
         self._bar = None
 
     def start_epoch(self, epoch: int, total: int, initial: int = 0, resolution: int | None = None) -> None:

@@ -87,7 +87,7 @@ class RunConfig:
     nonfinite_patience: int = 10        # stop after this many non-finite losses in a row
     ema: bool = False
     ema_decay: float = 0.9998
-    progress_bar: Literal["auto", "on", "off"] = "auto"   # auto: tqdm on a TTY, plain lines otherwise
+    progress_bar: Optional[bool] = None   # None: tqdm on a TTY, plain lines otherwise
 
     def validate(self) -> None:
         check_positive("epochs", self.epochs)

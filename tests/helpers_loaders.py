@@ -71,7 +71,7 @@ def distributed_worker(rank: int, world_size: int, port: int, root: str, out_dir
     result: dict = {}
     try:
         for fmt in formats:
-            data = data_cfg(Path(root), fmt, num_workers=1 if fmt == "wds" else 2)
+            data = data_cfg(Path(root), fmt, num_workers=0 if fmt == "wds" else 1)
             train = build_train_loader(data, aug_cfg(), num_classes=NUM_CLASSES, rank=rank, world_size=world_size,
                                        seed=0)
             epochs = []

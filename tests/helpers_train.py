@@ -29,7 +29,7 @@ schedule:
 checkpoint: {every_steps: 3, keep_last: 2}
 tracking: {system_metrics: false}
 eval: {every_epochs: 0, resolutions: [48]}
-run: {epochs: 3, log_every: 1, seed: 0, progress_bar: "off"}
+run: {epochs: 3, log_every: 1, seed: 0, progress_bar: false}
 """
 
 

@@ -5,7 +5,9 @@ import pytest
 
 from benchmarks.bench_zero_memory import measure
 
-TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2, "num_classes": 10}
+# Big enough that most weight matrices exceed the ZeRO-3 persistence threshold (10000 elements in
+# deepspeed_configs/zero3_bf16.json), small enough for 2 CPU ranks.
+TINY = {"embed_dim": 96, "depth": 2, "num_heads": 2, "num_classes": 10}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,8 @@ def test_stage2_partitions_grads_and_optimizer_states(rows):
 @pytest.mark.slow
 def test_stage3_partitions_params_too(rows):
     n = rows[(3, 0)]["n_params"]
-    total_params = sum(rows[(3, rank)]["params"] for rank in (0, 1))
-    # each rank holds half the bf16 weights plus small "persistent" params replicated on both ranks
-    assert 2 * n <= total_params < 2 * n * 1.5
     for rank in (0, 1):
+        # half the bf16 weights, plus the small "persistent" params (norms, biases, PEG) kept whole on every rank
+        assert n <= rows[(3, rank)]["params"] < 0.75 * rows[(0, rank)]["params"]
         assert rows[(3, rank)]["optim"] == pytest.approx(6 * n, rel=0.02)
         assert rows[(3, rank)]["model_states"] < rows[(0, rank)]["model_states"] / 1.5

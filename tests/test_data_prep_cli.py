@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.__main__ import main
 from data_prep.verify import verify
 from data_prep.write_webdataset import write_webdataset
 from helpers_data_prep import PY, ROOT, read_split_plain, tiny_demo
@@ -48,8 +49,6 @@ def test_bad_arguments_give_one_line_errors(tmp_path, args, message):
     src = tmp_path / "src"
     (src / "train").mkdir(parents=True)
     (src / "val").mkdir()
-    from data_prep.__main__ import main
-
     p = cli(*[a.replace("{src}", str(src)) for a in args], check=False)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
@@ -116,7 +115,7 @@ def test_wds_kill_and_resume_gives_a_clean_runs_shards(big_src, tmp_path):
     assert not (wd / "_info.json").exists() and not (wd / "train_manifest.json").exists()
     done = sorted(p.name for p in wd.glob("train-*.tar"))
     assert 1 <= len(done) < 27, done   # killed part-way: some shards complete, not all
-    cli(*args, "--no-progress")        # resume
+    assert main([*args, "--no-progress"]) == 0   # resume (the CLI entry point, in-process)
     manifest = json.loads((wd / "train_manifest.json").read_text())
     assert manifest["timings"]["shards_reused"] >= 1 and manifest["timings"]["shards_written"] >= 1
     assert not list(wd.glob("*.tmp.*"))
@@ -140,7 +139,7 @@ def test_ffcv_kill_and_rerun(big_src, tmp_path):
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "run1.log").read_text()[-2000:]
     assert not (fd / "train.beton").exists() and not (fd / "train_manifest.json").exists()
     assert any(".tmp." in p.name for p in fd.iterdir())
-    cli(*args, "--no-progress")
+    assert main([*args, "--no-progress"]) == 0   # rerun (the CLI entry point, in-process)
     assert sorted(p.name for p in fd.iterdir()) == ["train.beton", "train_manifest.json"]
     m = json.loads((fd / "train_manifest.json").read_text())
     assert len(m["outputs"]["removed_stale"]) >= 1 and m["counts"]["written"] == 75 + 6 - 3

@@ -1,6 +1,7 @@
 """FFCV writing on a tiny real dataset, read back with ffcv.loader.Loader only (no project code)."""
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from collections import Counter
@@ -45,6 +46,8 @@ def _load_all(path, res=32):
     for x, y in loader:
         images.append(np.asarray(x))
         labels.extend(int(v) for v in np.asarray(y).ravel())
+    del loader, x, y
+    gc.collect()   # let numba's finalisers run inside this (warning-filtered) module
     return np.concatenate(images), labels
 
 

@@ -120,7 +120,7 @@ def test_partial_and_stale_shards_are_redone(prepared, tmp_path):
     (wd / "train-000001.tar").write_bytes((wd / "train-000001.tar").read_bytes()[:700])   # partial content
     (wd / "train-000002.tar").unlink()                                                     # never renamed
     (wd / "train-000002.tar.tmp.123.abcd").write_bytes(b"partial")
-    (wd / "_parts" / "train-000003.tar.json").unlink()                                    # killed before record
+    (wd / "_parts" / "train-000003.tar.json").unlink()                                    # record lost
     m = write_webdataset(src, o, workers=1, **KW)
     assert m["train"]["timings"]["shards_written"] == 3
     assert _info(o) == clean

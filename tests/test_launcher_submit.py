@@ -2,6 +2,8 @@
 launchers.executor on submitit's local/debug backends; launchers.dist_env / train_job helpers."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,13 +76,22 @@ def test_missing_data_path_fails_before_submission(capsys, tiny_recipe, tmp_path
     assert not list(tmp_path.iterdir())
 
 
-def test_script_runs_from_a_checkout(tiny_data, tiny_recipe, tmp_path):
-    proc = subprocess.run([sys.executable, "launchers/slurm_submit.py", "--nodes", "2", "--tasks-per-node", "2",
-                           "--cluster", "local", "--recipe", str(tiny_recipe), "--data", str(tiny_data),
-                           "--run-dir", str(tmp_path / "run"), "--dry-run"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "world size: 4" in proc.stdout and "cluster: local" in proc.stdout
+@pytest.mark.slow
+def test_local_cluster_trains_through_the_same_path(tiny_data, tiny_recipe, tmp_path):
+    """The script from a checkout, --cluster local: 2 submitit tasks, same TrainJob, rendezvous and trainer."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
+        env.pop(k, None)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "launchers/slurm_submit.py", "--cluster", "local", "--tasks-per-node",
+                           "2", "--recipe", str(tiny_recipe), "--data", str(tiny_data), "--run-dir", str(run_dir),
+                           "--time", "15", "--wait", "run.max_steps=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "on local (2 tasks)" in proc.stdout and f"MLflow: sqlite:///{run_dir}/mlflow.db" in proc.stdout
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["world_size"] == 2 and final["global_step"] == 2
+    assert f"finished: global_step=2 MLflow run {final['mlflow_run_id']}" in proc.stdout
 
 
 def test_parse_time():
@@ -125,3 +136,15 @@ def test_requeued_runs_resume_automatically():
     assert with_resume_auto(["--data", "d", "--resume", "none", "x.y=1"]) == ["--data", "d", "x.y=1", "--resume",
                                                                              "auto"]
     assert with_resume_auto(["checkpoint.resume=/ckpt"]) == ["--resume", "auto"]
+
+
+def test_requeues_are_bounded_per_run(tmp_path, monkeypatch):
+    from launchers.train_job import RequeueLimitError, TrainJob, read_state
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "0")  # restored after the test (the job exports its own values)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")  # SLURM restarted this job 3 times
+    with pytest.raises(RequeueLimitError, match=r"requeued 3 times \(max_requeues=2\)"):
+        TrainJob(["--data", str(tmp_path)], str(tmp_path / "run"), max_requeues=2)()
+    state = read_state(tmp_path / "run")
+    assert state["requeues"] == 3 and state["events"][0]["restarts"] == 3

@@ -83,7 +83,7 @@ def test_order_is_deterministic_and_skip_drops_leading_batches(train, root, thre
     from ffcv.reader import Reader
 
     labels = Reader(str(root / "ffcv" / "train.beton")).metadata["f1"]
-    no_mix = build_train_loader(data_cfg(root, "ffcv", num_workers=2), aug_cfg(mixup=0.0, cutmix=0.0),
+    no_mix = build_train_loader(data_cfg(root, "ffcv", num_workers=1), aug_cfg(mixup=0.0, cutmix=0.0),
                                 num_classes=NUM_CLASSES, rank=0, world_size=1, seed=0)
     assert torch.get_num_threads() == threads
     no_mix.set_epoch(2, 32)

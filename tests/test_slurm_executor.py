@@ -22,6 +22,7 @@ def _wait_state(job_id: str, wanted: str, timeout: float = 60) -> None:
 
 
 def test_cluster_has_two_idle_nodes(slurm_cluster):
+    slurm_cluster.wait_idle(120)  # jobs of earlier tests may still be completing
     out = slurm_cluster.run("sinfo", "--noheader", "-N", "-o", "%N %t %c").stdout.split("\n")
     nodes = sorted(line.split() for line in out if line.strip())
     assert nodes == [["n1", "idle", "2"], ["n2", "idle", "2"]]

@@ -60,39 +60,64 @@ def test_two_node_training_logs_one_mlflow_run(slurm_cluster, job_env, tiny_data
     assert [e["event"] for e in events] == ["start"] and events[0]["world"] == "2"
 
 
-def test_requeue_mid_training_resumes_the_same_run(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path):
+def _wait_for_checkpoint_after(job, ckpt_dir: Path, step: int, timeout: float = 300) -> int:
     from pipeline import checkpointing
 
-    epochs = 30
-    total = epochs * STEPS_PER_EPOCH
-    plan, job = _submit(tiny_data, tiny_recipe, tmp_path / "run", f"run.epochs={epochs}",
-                        "checkpoint.every_steps=4", "checkpoint.keep_last=2")
-    ckpt_dir = plan.run_dir / "checkpoints"
-    deadline = time.time() + 300
-    while checkpointing.find_latest(ckpt_dir) is None:  # mid-training: after the first periodic checkpoint
-        assert time.time() < deadline, "no checkpoint written"
-        assert job_infos([job.job_id])[job.job_id].state in ("PENDING", "RUNNING"), job.stderr()
+    deadline = time.time() + timeout
+    while True:
+        latest = checkpointing.find_latest(ckpt_dir)
+        if latest is not None and int(latest.name.split("_")[-1]) > step:
+            return int(latest.name.split("_")[-1])
+        assert time.time() < deadline, f"no checkpoint after step {step}"
+        assert job_infos([job.job_id])[job.job_id].state in ("PENDING", "RUNNING", "COMPLETING"), job.stderr()
         time.sleep(0.5)
-    slurm_cluster.run("scontrol", "requeue", job.job_id)  # what an admin or a REQUEUE preemption does
-    # a requeued job waits ~2 min (BeginTime) before it may start again; let it start now
-    deadline = time.time() + 120
+
+
+def _start_requeued_now(cluster, job, timeout: float = 120) -> None:
+    """A requeued job waits ~2 min (BeginTime) before it may start again; let it start now."""
+    deadline = time.time() + timeout
     while job_infos([job.job_id])[job.job_id].state != "PENDING":
         assert time.time() < deadline, job_infos([job.job_id])
         time.sleep(0.5)
-    slurm_cluster.run("scontrol", "update", f"JobId={job.job_id}", "StartTime=now")
+    cluster.run("scontrol", "update", f"JobId={job.job_id}", "StartTime=now")
+
+
+def test_preemption_and_requeue_resume_the_same_run(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path):
+    epochs = 8
+    total = epochs * STEPS_PER_EPOCH
+    plan, job = _submit(tiny_data, tiny_recipe, tmp_path / "run", f"run.epochs={epochs}",
+                        "checkpoint.every_steps=2", "checkpoint.keep_last=2")
+    ckpt_dir = plan.run_dir / "checkpoints"
+    # 1) the time-limit / preemption notice (#SBATCH --signal=USR2@...): checkpoint, the job requeues itself
+    _wait_for_checkpoint_after(job, ckpt_dir, 0)
+    slurm_cluster.run("scancel", "--signal=USR2", job.job_id)
+    _start_requeued_now(slurm_cluster, job)
+    # 2) requeued from outside (admin, PreemptMode=REQUEUE): SIGTERM, checkpoint, SLURM restarts it
+    first_stop = None
+    deadline = time.time() + 300
+    while first_stop is None:
+        stops = [e for e in read_state(plan.run_dir)["events"] if e["event"] == "stopped"]
+        first_stop = stops[0]["global_step"] if stops else None
+        assert time.time() < deadline, read_state(plan.run_dir)
+        time.sleep(0.5)
+    _wait_for_checkpoint_after(job, ckpt_dir, first_stop)
+    slurm_cluster.run("scontrol", "requeue", job.job_id)
+    _start_requeued_now(slurm_cluster, job)
     summaries = wait_for(job, timeout=480)
 
     assert [s["global_step"] for s in summaries] == [total, total]
-    events = read_state(plan.run_dir)["events"]
-    assert [e["event"] for e in events] == ["start", "stopped", "start"], events
-    stopped = events[1]
-    assert stopped["signal"] == "SIGTERM" and 0 < stopped["global_step"] < total
-    assert events[2]["restarts"] == 1
+    state = read_state(plan.run_dir)
+    events = state["events"]
+    assert [e["event"] for e in events] == ["start", "stopped", "requeue", "start", "stopped", "start"], events
+    assert events[1]["signal"] == "SIGUSR2" and events[4]["signal"] == "SIGTERM"
+    assert 0 < events[1]["global_step"] < events[4]["global_step"] < total
+    assert [events[i]["restarts"] for i in (0, 3, 5)] == [0, 1, 2] and state["requeues"] == 2
     log = Path(str(job.paths.stdout).replace("%t", "0")).read_text()
-    assert f"at epoch" in log and f"(global {stopped['global_step']})" in log  # resumed from the stop checkpoint
+    for stop in (events[1], events[4]):  # each run resumed from the checkpoint its predecessor saved on the signal
+        assert f"(global {stop['global_step']})" in log
     client, runs = _mlflow_runs(plan)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, total + 1))  # continuous: nothing lost, nothing logged twice
     final = json.loads((plan.run_dir / "final_metrics.json").read_text())
-    assert final["mlflow_run_id"] == runs[0].info.run_id
+    assert final["mlflow_run_id"] == runs[0].info.run_id and final["global_step"] == total

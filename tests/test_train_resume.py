@@ -59,3 +59,28 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_data, tiny_recipe, tmp_p
     assert len(runs) == 1 and runs[0].info.run_id == b["mlflow_run_id"]
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(b["mlflow_run_id"], "train/loss")]
     assert max(steps) == 12 and set(range(1, 13)) <= set(steps)
+
+
+def test_sigusr1_saves_and_exits_for_requeue(tiny_data, tiny_recipe, tmp_path):  # noqa: F811
+    """The preemption hook: SIGUSR1 -> checkpoint at the next step boundary, exit code EXIT_PREEMPTED."""
+    import os
+    import signal
+    import subprocess
+
+    from pipeline.train import EXIT_PREEMPTED
+    from tests.helpers_train import ROOT, job_env, train_cmd
+
+    run_dir = tmp_path / "preempt"
+    cmd = train_cmd(1, tiny_recipe, tiny_data, run_dir, "zero1_bf16", "data.batch_size=8", "checkpoint.every_steps=0",
+                    "tracking.enabled=false")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if line.startswith("step 2 "):
+            os.kill(p.pid, signal.SIGUSR1)
+    assert p.wait(timeout=120) == EXIT_PREEMPTED, "".join(out)[-3000:]
+    last = checkpointing.find_latest(run_dir / "checkpoints")
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["exit_code"] == EXIT_PREEMPTED and 2 < final["global_step"] < 12  # 12 = a full run
+    assert last is not None and last.name == checkpointing.tag_for(final["global_step"])

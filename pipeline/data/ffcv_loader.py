@@ -79,7 +79,10 @@ class FfcvTrainLoader(TrainLoader):
             raise ConfigError("data.ffcv_order: 'quasi_random' is not supported by FFCV with world_size > 1; "
                               "allowed: ['random']")
         threads = torch.get_num_threads()
-        self.decoder, image_ops = ffcv_train_image_pipeline(aug, 224)
+        # on CPU, normalising inside FFCV's parallel pipeline is cheaper than a separate pass in this thread;
+        # for an accelerator, uint8 batches travel and are normalised on the device
+        in_pipeline = device is None or torch.device(device).type == "cpu"
+        self.decoder, image_ops = ffcv_train_image_pipeline(aug, 224, normalize=in_pipeline)
         order = OrderOption.QUASI_RANDOM if data.ffcv_order == "quasi_random" else OrderOption.RANDOM
         self.loader = Loader(path, batch_size=data.batch_size, num_workers=_ffcv_threads(data.num_workers),
                              os_cache=data.os_cache, order=order, distributed=world_size > 1, seed=seed,

@@ -24,21 +24,30 @@ def make_seed(*parts: int) -> int:
 
 
 @contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed ``random``, ``numpy.random`` and torch (all devices) for the block, then restore their states."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Seed ``random``, ``numpy.random`` and torch's CPU generator (plus ``device``'s generator when it is a
+    CUDA device) for the block, then restore their states. (``torch.manual_seed`` is avoided on purpose: it
+    also queues a seed for every CUDA device, which costs milliseconds per call.)"""
+    cpu = torch.random.default_generator
+    gen = None
+    if device is not None and torch.device(device).type == "cuda":
+        d = torch.device(device)
+        gen = torch.cuda.default_generators[d.index if d.index is not None else torch.cuda.current_device()]
+    py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), cpu.get_state()
+    gen_state = gen.get_state() if gen is not None else None
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    cpu.manual_seed(seed)
+    if gen is not None:
+        gen.manual_seed(seed)
     try:
         yield
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-        torch.random.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+        cpu.set_state(cpu_state)
+        if gen is not None:
+            gen.set_state(gen_state)
 
 
 def build_mixup(aug: AugConfig, num_classes: int):
@@ -68,6 +77,7 @@ class BatchAugment:
         self.erasing = build_random_erasing(aug, device)
         self.mixup = build_mixup(aug, num_classes)
         self.num_classes = num_classes
+        self.device = device
 
     @property
     def soft_targets(self) -> bool:
@@ -76,7 +86,7 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.erasing is None and self.mixup is None:
             return images, labels
-        with seeded(seed):
+        with seeded(seed, self.device):
             if self.erasing is not None:
                 images = self.erasing(images)
             if self.mixup is not None:

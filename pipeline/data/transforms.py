@@ -28,6 +28,9 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     if draft_size and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))
+    if img.mode == "RGB":   # skip convert()'s full copy for the common case
+        img.load()
+        return img
     return img.convert("RGB")
 
 
@@ -123,6 +126,8 @@ class BatchNormalizer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True)
+        if x.is_floating_point():   # already normalised upstream (FFCV's compiled pipeline on CPU)
+            return x.to(dtype=torch.float32, memory_format=self.memory_format)
         x = x.to(dtype=torch.float32, memory_format=self.memory_format)
         return x.mul_(self.scale).add_(self.shift)
 
@@ -180,8 +185,10 @@ def ffcv_timm_augment_op(aug: AugConfig) -> Any:
     return _TimmAugment()
 
 
-def ffcv_train_image_pipeline(aug: AugConfig, resolution: int) -> tuple[Any, list]:
-    """(decoder, ops): RandomResizedCrop decoder -> flip -> [RandAugment] -> uint8 NCHW (channels-last) tensor.
+def ffcv_train_image_pipeline(aug: AugConfig, resolution: int, normalize: bool = False) -> tuple[Any, list]:
+    """(decoder, ops): RandomResizedCrop decoder -> flip -> [RandAugment] -> [normalise] -> NCHW (channels-last
+    memory) tensor, uint8 or, with ``normalize``, float32 normalised inside FFCV's parallel compiled pipeline
+    (``NormalizeImage``: one lookup-table pass per image on FFCV's threads; for CPU training).
 
     The decoder's ``output_size`` is what the loader changes between epochs (as FFCV's ImageNet example does).
     """
@@ -198,6 +205,10 @@ def ffcv_train_image_pipeline(aug: AugConfig, resolution: int) -> tuple[Any, lis
         ops.append(RandomHorizontalFlip(aug.hflip))
     if aug.auto_augment:
         ops.append(ffcv_timm_augment_op(aug))
+    if normalize:
+        from ffcv.transforms import NormalizeImage
+
+        ops.append(NormalizeImage(np.array(aug.mean) * 255, np.array(aug.std) * 255, np.float32))
     ops += [ToTensor(), ToTorchImage(channels_last=True)]
     return decoder, ops
 

@@ -1,0 +1,200 @@
+"""Training-loader throughput (images/s) at 128, 160 and 224 px, all candidates interleaved in one run.
+
+    python -m benchmarks.bench_loaders [--images 256] [--rounds 2] [--workers 2] [--quick]
+
+Candidates (same batch size, same number of workers/threads, one epoch per timed call):
+
+* ``wds``: :class:`pipeline.data.webdataset_loader.WdsTrainLoader`, full DeiT recipe (RandomResizedCrop, flip,
+  RandAugment per sample; normalise + random erasing + Mixup/CutMix on the batch), JPEG draft decoding;
+* ``wds_nodraft``: the same with ``jpeg_draft=False`` (shows what reduced-scale decoding buys);
+* ``imagefolder``: torchvision ``ImageFolder`` over the same JPEGs with the same per-sample timm transform and
+  the same batch ops, through a plain ``DataLoader`` (the baseline);
+* ``ffcv``: :class:`pipeline.data.ffcv_loader.FfcvTrainLoader` with FFCV-native augmentation only
+  (RandomResizedCrop decoder + flip; RandAugment/erasing/Mixup off) and the contract's normalised output;
+* ``ffcv_bare``: a bare ``ffcv.loader.Loader`` with the same decoder + flip + ToTensor + ToTorchImage,
+  output size changed per call by mutating ``decoder.output_size`` (FFCV's ImageNet example).
+
+Targets: ``ffcv >= 0.9 x ffcv_bare`` (each resolution), ``wds >= imagefolder`` at 224, ``wds@128 >= 1.6 x
+wds@224``. The data (ImageNet-sized 400-500 px synthetic JPEGs) is written by data_prep into a temporary
+directory. Results: ``benchmarks/results/loaders.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from benchmarks.common import add_common_args, format_table, measure_interleaved, ratio, write_result
+
+RESOLUTIONS = (128, 160, 224)
+TARGETS = {"ffcv_vs_bare_min": 0.9, "wds_vs_imagefolder_224": 1.0, "wds_128_over_224": 1.6}
+
+
+def make_data(base: Path, images: int, workers: int) -> Path:
+    from data_prep.demo_dataset import make_demo_dataset
+    from data_prep.write_ffcv import write_ffcv
+    from data_prep.write_webdataset import write_webdataset
+
+    classes = 8
+    src, out = base / "src", base / "out"
+    make_demo_dataset(src, num_classes=classes, train_per_class=max(2, images // classes), val_per_class=1,
+                      min_side=400, max_side=500, large_images=0, bad_files=False, val_layout="folders", seed=0)
+    write_webdataset(src, out, splits=("train",), shard_max_count=max(8, images // 4), workers=workers,
+                     progress=False)
+    write_ffcv(src, out, splits=("train",), workers=workers, progress=False)
+    return base
+
+
+def build_candidates(base: Path, *, batch_size: int, workers: int) -> tuple[dict[str, Callable[[int], int]], dict]:
+    """{name: fn(resolution) -> images produced in one epoch}, plus the configs used."""
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.data.ffcv_loader import import_ffcv
+    from pipeline.data.loader import build_train_loader
+    from pipeline.data.mixup import BatchAugment
+    from pipeline.data.transforms import (BatchNormalizer, ffcv_label_pipeline, ffcv_train_image_pipeline,
+                                          train_transform)
+
+    root = base / "out"
+    deit = AugConfig()
+    ffcv_aug = AugConfig(auto_augment=None, reprob=0.0, mixup=0.0, cutmix=0.0)
+    common = dict(root=str(root), batch_size=batch_size, num_workers=workers, shuffle_buffer=512,
+                  shuffle_initial=128)
+    num_classes = 8
+    wds = build_train_loader(DataConfig(format="wds", **common), deit, num_classes=num_classes, rank=0,
+                             world_size=1, seed=0)
+    wds_nodraft = build_train_loader(DataConfig(format="wds", jpeg_draft=False, **common), deit,
+                                     num_classes=num_classes, rank=0, world_size=1, seed=0)
+    ffcv_ours = build_train_loader(DataConfig(format="ffcv", **common), ffcv_aug, num_classes=num_classes, rank=0,
+                                   world_size=1, seed=0)
+
+    # bare FFCV loader: same file, decoder and flip, nothing else
+    import_ffcv()
+    from ffcv.loader import Loader, OrderOption
+
+    threads = torch.get_num_threads()
+    bare_decoder, bare_ops = ffcv_train_image_pipeline(ffcv_aug, RESOLUTIONS[0])
+    bare = Loader(str(root / "ffcv" / "train.beton"), batch_size=batch_size, num_workers=workers, os_cache=True,
+                  order=OrderOption.RANDOM, seed=0, drop_last=True, batches_ahead=3,
+                  pipelines={"image": bare_ops, "label": ffcv_label_pipeline()})
+    torch.set_num_threads(threads)
+
+    # ImageFolder baseline: same per-sample transform, same batch ops
+    normalizer = BatchNormalizer(deit.mean, deit.std)
+    batch_aug = BatchAugment(deit, num_classes)
+    folder = ImageFolder(str(base / "src" / "train"))
+    epoch = {"n": 0}
+
+    def run_loader(loader) -> Callable[[int], int]:
+        def fn(res: int) -> int:
+            epoch["n"] += 1
+            loader.set_epoch(epoch["n"], res)
+            return sum(x.shape[0] for x, _ in loader)
+        return fn
+
+    def run_folder(res: int) -> int:
+        epoch["n"] += 1
+        folder.transform = train_transform(deit, res)
+        dl = DataLoader(folder, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                        prefetch_factor=2 if workers else None)
+        n = 0
+        for i, (u8, y) in enumerate(dl):
+            x, y = batch_aug(normalizer(u8), y, seed=i)
+            n += normalizer.finish(x).shape[0]
+        return n
+
+    def run_bare(res: int) -> int:
+        bare_decoder.output_size = (res, res)
+        n = 0
+        for images, _labels in bare:
+            n += images.shape[0]
+        torch.set_num_threads(threads)
+        return n
+
+    candidates = {"wds": run_loader(wds), "wds_nodraft": run_loader(wds_nodraft), "imagefolder": run_folder,
+                  "ffcv": run_loader(ffcv_ours), "ffcv_bare": run_bare}
+    configs = {"batch_size": batch_size, "workers": workers, "deit_aug": vars(deit), "ffcv_aug": vars(ffcv_aug),
+               "train_images": len(folder)}
+    return candidates, configs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--images", type=int, default=256, help="training images in the generated dataset")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers / FFCV threads")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved timed epochs per candidate and resolution")
+    p.add_argument("--data-dir", default=None, help="reuse/keep the generated data here (default: a temp dir)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.rounds, args.batch_size = 64, 1, 16
+
+    t0 = time.time()
+    base = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="bench_loaders_"))
+    try:
+        if not (base / "out" / "ffcv" / "train.beton").exists():
+            make_data(base, args.images, args.workers)
+        t_data = time.time() - t0
+        candidates, configs = build_candidates(base, batch_size=args.batch_size, workers=args.workers)
+        # compile FFCV's pipelines (ours and bare) before timing; later resolution changes reuse them
+        candidates["ffcv"](RESOLUTIONS[0])
+        candidates["ffcv_bare"](RESOLUTIONS[0])
+        produced: dict[str, int] = {}
+
+        def timed(name: str, res: int) -> Callable[[], None]:
+            def call() -> None:
+                produced[f"{name}@{res}"] = candidates[name](res)
+            return call
+
+        calls = {f"{name}@{res}": timed(name, res) for res in RESOLUTIONS for name in candidates}
+        timings = measure_interleaved(calls, warmup=0, rounds=args.rounds)
+    finally:
+        if not args.data_dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+    ips = {key: produced[key] / t.median for key, t in timings.items()}
+    rows = []
+    for res in RESOLUTIONS:
+        row = {"res": res}
+        row.update({name: round(ips[f"{name}@{res}"], 1) for name in candidates})
+        row["ffcv/bare"] = ratio(ips[f"ffcv@{res}"], ips[f"ffcv_bare@{res}"])
+        row["wds/imagefolder"] = ratio(ips[f"wds@{res}"], ips[f"imagefolder@{res}"])
+        row["draft speedup"] = ratio(ips[f"wds@{res}"], ips[f"wds_nodraft@{res}"])
+        rows.append(row)
+    ratios = {
+        **{f"ffcv_vs_bare_{r}": ratio(ips[f"ffcv@{r}"], ips[f"ffcv_bare@{r}"]) for r in RESOLUTIONS},
+        "wds_vs_imagefolder_224": ratio(ips["wds@224"], ips["imagefolder@224"]),
+        "wds_128_over_224": ratio(ips["wds@128"], ips["wds@224"]),
+    }
+    ratios["ffcv_vs_bare_min"] = min(ratios[f"ffcv_vs_bare_{r}"] for r in RESOLUTIONS)
+    passed = {k: ratios[k] >= v for k, v in TARGETS.items()}
+    summary = {k: f"{ratios[k]:.2f} (target >= {v}) {'PASS' if passed[k] else 'FAIL'}" for k, v in TARGETS.items()}
+
+    print(format_table(rows, floatfmt="{:.2f}"))
+    print("images/s = images of one epoch / median epoch time over interleaved rounds")
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+    payload = {
+        "images_per_s": ips,
+        "spread": {k: t.spread for k, t in timings.items()},
+        "ratios": ratios,
+        "targets": TARGETS,
+        "passed": passed,
+        "summary": summary,
+        "config": {**configs, "rounds": args.rounds, "resolutions": RESOLUTIONS, "data_seconds": t_data,
+                   "total_seconds": time.time() - t0},
+    }
+    path = write_result("loaders", payload, args.results_dir)
+    print(f"wrote {path} ({time.time() - t0:.0f} s)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
