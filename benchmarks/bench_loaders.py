@@ -72,7 +72,7 @@ def build_candidates(base: Path, *, batch_size: int, workers: int) -> tuple[dict
                              world_size=1, seed=0)
     wds_nodraft = build_train_loader(DataConfig(format="wds", jpeg_draft=False, **common), deit,
                                      num_classes=num_classes, rank=0, world_size=1, seed=0)
-    ffcv_ours = build_train_loader(DataConfig(format="ffcv", **common), ffcv_aug, num_classes=num_classes, rank=0,
+    ffcv_ours = build_train_loader(DataConfig(format="ffcv", channels_last=True, **common), ffcv_aug, num_classes=num_classes, rank=0,
                                    world_size=1, seed=0)
 
     # bare FFCV loader: same file, decoder and flip, nothing else
