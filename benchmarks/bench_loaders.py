@@ -10,7 +10,8 @@ Candidates (same batch size, same number of workers/threads, one epoch per timed
 * ``imagefolder``: torchvision ``ImageFolder`` over the same JPEGs with the same per-sample timm transform and
   the same batch ops, through a plain ``DataLoader`` (the baseline);
 * ``ffcv``: :class:`pipeline.data.ffcv_loader.FfcvTrainLoader` with FFCV-native augmentation only
-  (RandomResizedCrop decoder + flip; RandAugment/erasing/Mixup off) and the contract's normalised output;
+  (RandomResizedCrop decoder + flip; RandAugment/erasing/Mixup off) and the contract's normalised float32
+  output in FFCV's native channels-last layout (normalised inside FFCV's compiled pipeline);
 * ``ffcv_bare``: a bare ``ffcv.loader.Loader`` with the same decoder + flip + ToTensor + ToTorchImage,
   output size changed per call by mutating ``decoder.output_size`` (FFCV's ImageNet example).
 
@@ -72,8 +73,8 @@ def build_candidates(base: Path, *, batch_size: int, workers: int) -> tuple[dict
                              world_size=1, seed=0)
     wds_nodraft = build_train_loader(DataConfig(format="wds", jpeg_draft=False, **common), deit,
                                      num_classes=num_classes, rank=0, world_size=1, seed=0)
-    ffcv_ours = build_train_loader(DataConfig(format="ffcv", channels_last=True, **common), ffcv_aug, num_classes=num_classes, rank=0,
-                                   world_size=1, seed=0)
+    ffcv_ours = build_train_loader(DataConfig(format="ffcv", channels_last=True, **common), ffcv_aug,
+                                   num_classes=num_classes, rank=0, world_size=1, seed=0)
 
     # bare FFCV loader: same file, decoder and flip, nothing else
     import_ffcv()

@@ -11,7 +11,9 @@ V100, -1.4%). Modes: ``train`` (forward + backward + AdamW step) and ``infer`` (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -113,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds per case")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--budget-s", type=float, default=None if torch.cuda.is_available() else 420.0,
+                   help="start no new case after this many seconds (keeps make bench bounded on slow CPUs)")
     add_common_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -123,8 +127,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not on_gpu and not args.quick and args.sizes is None:
         # CPU budget (make bench < 15 min): CPVT-S train/bf16 at 384 is minutes per round on 2 cores.
         cases = [c for c in cases if not (c.size == "s" and c.dtype == "bf16" and (c.mode == "train" or c.res > 224))]
-    rows = []
+    # cheapest, most informative first (fp32 before bf16, Ti before S), so a time budget cuts the tail
+    cases.sort(key=lambda c: (c.dtype != "fp32", c.size != "ti"))
+    rows, skipped, t0 = [], [], time.time()
     for case in cases:
+        if args.budget_s and time.time() - t0 > args.budget_s:
+            skipped.append(case)
+            print(f"[bench_model] skipped (over --budget-s {args.budget_s:.0f}): {case}", file=sys.stderr)
+            continue
         row = run_case(case, device, args.warmup, rounds)
         rows.append(row)
         print(f"[bench_model] {case}: cpvt/deit = {row['cpvt_over_deit']:.3f}", file=sys.stderr, flush=True)
@@ -136,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = {f"cpvt/deit {r['size']} {r['mode']} {r['dtype']} {r['res']}": round(r["cpvt_over_deit"], 3)
                for r in rows}
     payload = {"device": str(device), "rounds": rounds, "warmup": args.warmup, "cpvt_kwargs": CPVT_KWARGS,
-               "target_peg_overhead": PEG_OVERHEAD_TARGET, "paper": PAPER, "rows": rows, "summary": summary}
+               "target_peg_overhead": PEG_OVERHEAD_TARGET, "paper": PAPER, "rows": rows, "summary": summary,
+               "skipped_cases": [dataclasses.asdict(c) for c in skipped]}
     path = write_result("bench_model" + ("_quick" if args.quick else ""), payload, args.results_dir)
     print(f"wrote {path}")
     return payload

@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cpvt_ti")
-    p.add_argument("--model-kwargs", default=None, help="YAML mapping passed as model.kwargs (smaller models)")
+    p.add_argument("--model-kwargs", default=None if on_gpu else "{embed_dim: 96, depth: 4, num_heads: 3}",
+                   help="YAML mapping passed as model.kwargs (CPU default: the narrow CPVT-Ti of `make demo`)")
     p.add_argument("--resolutions", nargs="+", type=int, default=[128, 160, 192, 224] if on_gpu else [64, 96, 128],
                    help="progressive resolutions; the last is the fixed run's and the final eval resolution")
     p.add_argument("--epochs", type=int, default=None)

@@ -197,6 +197,12 @@ def _train(cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int) -
         results = evaluation.evaluate(engine, cfg.data, resolutions=(res, *cfg.eval.resolutions), rank=rank,
                                       world_size=world, crop_pct=cfg.aug.crop_pct, device=device,
                                       input_dtype=input_dtype, max_batches=cfg.eval.max_batches, aug_cfg=cfg.aug)
+        if ema is not None:  # the EMA weights at the training resolution
+            ema_res = evaluation.evaluate(ema.module.eval(), cfg.data, resolutions=(res,), rank=rank,
+                                          world_size=world, crop_pct=cfg.aug.crop_pct, device=device,
+                                          input_dtype=input_dtype, max_batches=cfg.eval.max_batches, aug_cfg=cfg.aug)
+            tracker.log_metrics({"eval_ema/top1": ema_res[res]["top1"]}, step=global_step)
+            log.line(f"EMA top-1 at {res}px: {ema_res[res]['top1']:.2f}")
         engine.train()
         tracker.log_metrics({f"eval/{k}_{r}px": v[k] for r, v in results.items() for k in ("top1", "top5", "loss")}
                             | {"eval/top1": results[res]["top1"], "epoch": epoch}, step=global_step)

@@ -12,6 +12,14 @@ from pipeline.analysis.common import log_to_mlflow
 from pipeline.analysis.resolution import evaluate_resolutions, format_table, plot_resolution_curves
 
 
+@pytest.fixture(autouse=True)
+def _no_global_mlflow_uri(monkeypatch):
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; keep it from leaking between tests."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(scope="module")
 def wds_root(tmp_path_factory):
     return tiny_wds(tmp_path_factory.mktemp("res_data"))
