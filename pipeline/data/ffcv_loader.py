@@ -81,7 +81,8 @@ class FfcvTrainLoader(TrainLoader):
         threads = torch.get_num_threads()
         # on CPU, normalising inside FFCV's parallel pipeline is cheaper than a separate pass in this thread;
         # for an accelerator, uint8 batches travel and are normalised on the device
-        in_pipeline = device is None or torch.device(device).type == "cpu"
+        # (not after the non-JIT RandAugment op: FFCV's stage grouping never terminates on jit->python->jit)
+        in_pipeline = (device is None or torch.device(device).type == "cpu") and not aug.auto_augment
         self.decoder, image_ops = ffcv_train_image_pipeline(aug, 224, normalize=in_pipeline)
         order = OrderOption.QUASI_RANDOM if data.ffcv_order == "quasi_random" else OrderOption.RANDOM
         self.loader = Loader(path, batch_size=data.batch_size, num_workers=_ffcv_threads(data.num_workers),
