@@ -84,28 +84,11 @@ def make_tracker(cfg, *, rank: int, run_id: str | None) -> NullTracker:
 
 def resolution_plot(results: Mapping[int, Mapping[str, float]], out: str | Path, train_res: int | None = None,
                     title: str = "top-1 vs test resolution") -> Path:
-    """PNG of top-1/top-5 against evaluation resolution (matplotlib Agg backend)."""
-    import matplotlib
+    """PNG of top-1/top-5 against evaluation resolution (one run; see pipeline.analysis.resolution)."""
+    from pipeline.analysis.resolution import plot_resolution_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = sorted(int(r) for r in results)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    for key, style in (("top1", "o-"), ("top5", "s--")):
-        ax.plot(res, [results[r][key] for r in res], style, label=key)
-    if train_res is not None:
-        ax.axvline(train_res, color="grey", lw=0.8, ls=":", label=f"train res {train_res}")
-    ax.set_xlabel("test resolution (px)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    plot_resolution_curves({"this run": results}, out, train_res=train_res, title=title)
+    return Path(out)
 
 
 def write_json(data: Any, path: str | Path) -> Path:
