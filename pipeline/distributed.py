@@ -104,27 +104,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(values: "list[float]") -> "list[float]":
-    """Elementwise max over ranks, one collective (so every rank agrees on skip/stop/save decisions)."""
+def _all_reduce(values: "list[float]", op: str) -> "list[float]":
+    """Reduce a short list of floats over ranks in one float64 collective (identity without a process group)."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
+
+
+def all_reduce_max(values: "list[float]") -> "list[float]":
+    """Elementwise max over ranks, one collective (so every rank agrees on skip/stop/save decisions)."""
+    return _all_reduce(values, "MAX")
 
 
 def all_reduce_sum(values: "list[float]") -> "list[float]":
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    """Elementwise sum over ranks, one collective."""
+    return _all_reduce(values, "SUM")
 
 
 def destroy() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +27,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resol
              aug_cfg=None) -> dict[int, dict[str, float]]:
     """``{resolution: {"top1": %, "top5": %, "loss": mean CE, "n": samples}}`` summed over all ranks."""
     from pipeline.data.loader import build_eval_loader
+    from pipeline.distributed import all_reduce_sum
 
     results: dict[int, dict[str, float]] = {}
     for res in sorted(set(int(r) for r in resolutions)):
@@ -48,11 +48,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resol
                 sums += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(),
                                       torch.nn.functional.cross_entropy(lg, lb, reduction="sum").item(),
                                       keep.sum().item()], dtype=torch.float64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            buf = sums.to(device)
-            torch.distributed.all_reduce(buf)
-            sums = buf.cpu()
-        c1, c5, loss, n = sums.tolist()
+        c1, c5, loss, n = all_reduce_sum(sums.tolist())
         if max_batches is None and int(n) != int(loader.num_samples):
             raise RuntimeError(f"eval at {res}px counted {int(n)} samples, the val split has {loader.num_samples}")
         results[res] = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
@@ -104,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
     data_cfg = from_dict(DataConfig, {"format": args.format, "root": args.data, "eval_batch_size": args.batch_size,
                                       "num_workers": args.workers}, prefix="data.")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    from pipeline.distributed import destroy, detect_env, device as current_device, init_distributed
+
+    env = detect_env()  # torchrun / deepspeed / SLURM variables, or a single process
+    rank, world_size = env.rank, env.world_size
     if world_size > 1:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        init_distributed()
+    device = current_device()
     model, name = load_model(args.model)
     model.to(device).eval()
     results = evaluate(model, data_cfg, resolutions=args.resolutions, rank=rank, world_size=world_size,
@@ -118,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(results))
         if args.json:
             Path(args.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+    destroy()
     return 0
 
 
