@@ -94,9 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     runs = []
     for name in names:
-        ran_at = time.time()
+        before = {p: p.stat().st_mtime_ns for p in results_dir.glob("*.json")}
         run = run_one(name, extra.get(name, []), args.timeout, env)
-        run["results"] = sorted(p for p in results_dir.glob("*.json") if p.stat().st_mtime >= ran_at - 1)
+        # the result files this benchmark wrote: new ones, or ones whose mtime changed during its run
+        run["results"] = sorted(p for p in results_dir.glob("*.json") if before.get(p) != p.stat().st_mtime_ns)
         runs.append(run)
     print("\n" + "=" * 100 + f"\nbenchmark summary (results in {results_dir}; total {time.time() - start:.0f} s)")
     print(format_table([{"benchmark": r["name"], "exit": r["rc"], "seconds": r["seconds"],
