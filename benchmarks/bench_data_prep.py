@@ -1,6 +1,6 @@
 """Data-prep throughput per core, in one run: WebDataset writing, FFCV writing, a read-only loop, draft mode.
 
-    python -m benchmarks.bench_data_prep [--images 240] [--large 24] [--out benchmarks/results/data_prep.json]
+    python -m benchmarks.bench_data_prep [--images 240] [--large 24] [--out PATH.json]
 
 Everything runs with one worker process, so images/s is images/s per core. Both wall-clock and CPU-time rates
 are reported (CPU time = this process + its reaped children, robust against other load on a shared machine).
@@ -22,8 +22,6 @@ import argparse
 import io
 import json
 import multiprocessing
-import os
-import platform
 import resource
 import tempfile
 import time
@@ -32,10 +30,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.common import write_result
 from data_prep.demo_dataset import render, wnid
 from data_prep.images import decode_rgb, target_size
 
-RESULTS = Path(__file__).resolve().parent / "results" / "data_prep.json"
 
 
 def _cpu() -> float:
@@ -106,7 +104,7 @@ def bench_draft(paths: list[Path], max_side: int = 512) -> dict:
             "speedup_wall": full.wall / draft.wall, "speedup_cpu": full.cpu / draft.cpu}
 
 
-def run(n_images: int, n_large: int, out_json: Path) -> dict:
+def run(n_images: int, n_large: int) -> dict:
     from data_prep.write_ffcv import import_ffcv, write_ffcv
     from data_prep.write_webdataset import write_webdataset
 
@@ -158,11 +156,7 @@ def run(n_images: int, n_large: int, out_json: Path) -> dict:
         })
     ratios["draft_speedup_wall"] = draft["speedup_wall"]
     ratios["draft_speedup_cpu"] = draft["speedup_cpu"]
-    result = {
-        "benchmark": "data_prep",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg_1m": os.getloadavg()[0]},
+    return {
         "setup": {"images": n_images, "source_mb": src_bytes / 2**20, "workers": 1, "wds_max_side": 512,
                   "wds_resized": wds_resized, "ffcv_max_resolution": 512, "ffcv_write_mode": "jpg",
                   "generate_s": gen_s},
@@ -172,16 +166,11 @@ def run(n_images: int, n_large: int, out_json: Path) -> dict:
         "ffcv_timings": mf["train"]["timings"],
         "wds_timings": m["train"]["timings"],
     }
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = out_json.with_name(out_json.name + ".tmp")
-    tmp_json.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_json, out_json)
-    return result
 
 
 def print_table(r: dict) -> None:
     print(f"\ndata prep, {r['setup']['images']} ImageNet-sized JPEGs ({r['setup']['source_mb']:.1f} MiB), 1 worker "
-          f"(per core); load avg {r['machine']['load_avg_1m']:.1f} on {r['machine']['cpus']} cpus")
+          f"(per core); load avg {r['machine'].get('load_avg_1m', float('nan')):.1f} on {r['machine']['cpu_count']} cpus")
     print(f"{'stage':<14}{'wall s':>9}{'cpu s':>9}{'img/s (wall)':>15}{'img/cpu-s':>12}")
     for k, v in r["per_core"].items():
         print(f"{k:<14}{v['wall_s']:>9.2f}{v['cpu_s']:>9.2f}{v['images_per_s']:>15.1f}{v['images_per_cpu_s']:>12.1f}")
@@ -198,13 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=240)
     p.add_argument("--large", type=int, default=24)
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=None, help="JSON path (default: <results dir>/data_prep.json)")
     a = p.parse_args(argv)
     if a.images < 8 or a.large < 1:
         p.error("--images must be >= 8 and --large >= 1")
-    r = run(a.images, a.large, Path(a.out))
-    print_table(r)
-    print(f"\nwrote {a.out}")
+    payload = run(a.images, a.large)
+    out = write_result(Path(a.out).stem, payload, Path(a.out).parent) if a.out else write_result("data_prep", payload)
+    print_table(json.loads(out.read_text()))
+    print(f"\nwrote {out}")
     return 0
 
 
