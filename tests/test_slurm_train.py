@@ -74,11 +74,16 @@ def _wait_for_checkpoint_after(job, ckpt_dir: Path, step: int, timeout: float = 
 
 
 def _start_requeued_now(cluster, job, timeout: float = 120) -> None:
-    """A requeued job waits ~2 min (BeginTime) before it may start again; let it start now."""
+    """A requeued job waits ~2 min (BeginTime) before it may start again; let it start (almost) now.
+
+    Not at once: slurmd remembers when it revoked the old run's credential (one-second resolution) and refuses
+    a new credential created in the same second ("Job credential revoked"), which fails the job -- the very
+    thing the 2 min BeginTime protects against on a real cluster."""
     deadline = time.time() + timeout
     while job_infos([job.job_id])[job.job_id].state != "PENDING":
         assert time.time() < deadline, job_infos([job.job_id])
         time.sleep(0.5)
+    time.sleep(2.5)
     cluster.run("scontrol", "update", f"JobId={job.job_id}", "StartTime=now")
 
 
