@@ -32,7 +32,16 @@ def test_train_step_updates_weights():
 def test_default_cases_cover_the_issue():
     cases = default_cases(["ti", "s"], ["train", "infer"], ["fp32", "bf16"], on_gpu=False, quick=False)
     assert {(c.mode, c.res) for c in cases} == {("train", 224), ("infer", 224), ("infer", 384)}
-    assert {c.size for c in cases} == {"ti", "s"} and {c.dtype for c in cases} == {"fp32", "bf16"}
+    assert {(c.size, c.dtype) for c in cases} == {("ti", "fp32"), ("ti", "bf16"), ("s", "fp32"), ("s", "bf16")}
+    assert all(c.batch >= 4 for c in cases)   # per-op fixed costs must not dominate the ratio
+
+
+def test_cpu_without_native_bf16_runs_only_ti_224_in_bf16():
+    cases = default_cases(["ti", "s"], ["train", "infer"], ["fp32", "bf16"], on_gpu=False, quick=False,
+                          native_bf16=False)
+    bf16 = {(c.size, c.mode, c.res) for c in cases if c.dtype == "bf16"}
+    assert bf16 == {("ti", "train", 224), ("ti", "infer", 224)}
+    assert len([c for c in cases if c.dtype == "fp32"]) == 6
 
 
 def test_cli_writes_json(tmp_path):

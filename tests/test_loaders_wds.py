@@ -95,8 +95,8 @@ def test_skip_does_not_decode_skipped_samples(root, monkeypatch):
     import pipeline.data.webdataset_loader as wl
 
     calls = []
-    real = wl.decode_image
-    monkeypatch.setattr(wl, "decode_image", lambda data, draft=None: calls.append(1) or real(data, draft))
+    real = wl.open_image
+    monkeypatch.setattr(wl, "open_image", lambda data: calls.append(1) or real(data))
     loader = _train(root)
     loader.set_epoch(0, 32, skip_batches=4)
     assert len(list(loader)) == len(loader) - 4

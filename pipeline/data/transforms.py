@@ -6,12 +6,16 @@ run once on the whole batch (:class:`BatchNormalizer`, :mod:`pipeline.data.mixup
 transfers 4x smaller and lets the batch ops run on the training device.
 
 JPEGs are decoded at reduced scale when the image is much larger than needed: PIL's ``draft`` mode makes
-libjpeg skip DCT coefficients (scale 1/2, 1/4, 1/8) while keeping both sides >= the requested size.
+libjpeg skip DCT coefficients (scale 1/2, 1/4, 1/8) while keeping both sides >= the requested size. For
+training, :class:`DraftRandomResizedCrop` draws the RandomResizedCrop box from the JPEG header first and picks
+the largest DCT reduction that still leaves the *crop* at least as large as the output (so a small crop is never
+upsampled from a reduced decode), then crops and resizes in one PIL call.
 """
 from __future__ import annotations
 
 import io
 import math
+import random
 from typing import Any, Callable
 
 import numpy as np
@@ -32,6 +36,54 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
         img.load()
         return img
     return img.convert("RGB")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Bytes -> PIL image with only the header parsed (decoding happens on first pixel access / ``load()``)."""
+    return Image.open(io.BytesIO(data))
+
+
+class DraftRandomResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` (same box and interpolation draws, same RNG calls) applied
+    to a not-yet-decoded image: a JPEG is decoded at the largest DCT reduction 1/s (s in 8, 4, 2, 1) with
+    ``crop_w / s >= out_w`` and ``crop_h / s >= out_h``, and the (scaled) box is cropped and resized in one
+    ``Image.resize(box=...)`` call. ``draft=False`` decodes at full size (the fused crop-resize stays).
+    Non-JPEG or non-RGB inputs are decoded fully and converted to RGB."""
+
+    def __init__(self, rrc: Any, draft: bool = True):
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        self.rrc, self.draft = rrc, draft
+        interp = rrc.interpolation if isinstance(rrc.interpolation, (tuple, list)) else (rrc.interpolation,)
+        self._resample = {mode: pil_modes_mapping[mode] for mode in interp}
+
+    @staticmethod
+    def dct_scale(crop_w: int, crop_h: int, out_w: int, out_h: int) -> int:
+        """Largest libjpeg reduction factor that keeps the crop >= the output size."""
+        return next((s for s in (8, 4, 2) if crop_w >= s * out_w and crop_h >= s * out_h), 1)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        rrc = self.rrc
+        i, j, h, w = rrc.get_params(img, rrc.scale, rrc.ratio)   # uses img.size only: no decoding yet
+        interp = random.choice(rrc.interpolation) if isinstance(rrc.interpolation, (tuple, list)) \
+            else rrc.interpolation
+        out_h, out_w = rrc.size
+        scale = 1.0
+        if self.draft and img.format == "JPEG":
+            s = self.dct_scale(w, h, out_w, out_h)
+            if s > 1:
+                full_w = img.size[0]
+                drafted = img.draft("RGB", (max(1, img.size[0] // s), max(1, img.size[1] // s)))
+                if drafted is not None:   # (mode, (0, 0, W / scale, H / scale)): libjpeg's exact factor
+                    scale = full_w / drafted[1][2]
+        box = (j / scale, i / scale, min((j + w) / scale, img.size[0]), min((i + h) / scale, img.size[1]))
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        out = img.resize((out_w, out_h), self._resample[interp], box=box)
+        return out if out.mode == "RGB" else out.convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.rrc!r}, draft={self.draft})"
 
 
 def eval_scale_size(resolution: int, crop_pct: float) -> int:
@@ -61,6 +113,20 @@ def train_transform(aug: AugConfig, resolution: int) -> Callable[[Image.Image], 
     )
     for t in getattr(tf, "transforms", []):
         _pillow_safe_posterize(t)
+    return tf
+
+
+def train_transform_from_bytes(aug: AugConfig, resolution: int, draft: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+    """:func:`train_transform` for images from :func:`open_image` (header parsed, not decoded): its
+    RandomResizedCrop becomes :class:`DraftRandomResizedCrop`, which decodes at reduced scale where the crop
+    allows (``draft``). Same augmentation distribution and RNG consumption as :func:`train_transform`."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    tf = train_transform(aug, resolution)
+    first = tf.transforms[0]
+    if not isinstance(first, RandomResizedCropAndInterpolation):
+        raise TypeError(f"expected timm's RandomResizedCropAndInterpolation first, got {first!r}")
+    tf.transforms[0] = DraftRandomResizedCrop(first, draft=draft)
     return tf
 
 
@@ -235,6 +301,6 @@ def ffcv_label_pipeline() -> list:
     return [IntDecoder(), ToTensor(), Squeeze()]
 
 
-__all__ = ["BatchNormalizer", "decode_image", "eval_scale_size", "eval_transform", "ffcv_eval_image_pipeline",
-           "ffcv_label_pipeline", "ffcv_timm_augment_op", "ffcv_train_image_pipeline", "timm_auto_augment",
-           "train_transform"]
+__all__ = ["BatchNormalizer", "DraftRandomResizedCrop", "decode_image", "eval_scale_size", "eval_transform", "ffcv_eval_image_pipeline",
+           "ffcv_label_pipeline", "ffcv_timm_augment_op", "ffcv_train_image_pipeline", "open_image",
+           "timm_auto_augment", "train_transform", "train_transform_from_bytes"]

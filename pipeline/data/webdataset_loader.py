@@ -10,8 +10,8 @@ Training (resampled, every rank the same number of batches)
       or from all shards when it was dealt none. Uneven shard counts therefore never starve a rank: every
       rank stops after exactly ``len(loader)`` batches (``islice``), with no collective needed;
     * ``wds.tarfile_to_samples`` -> ``wds.shuffle`` (buffer seeded by the stream) -> skip -> decode/augment
-      -> batch. Per-sample augmentation runs under a seed derived from the stream and the sample's position,
-      so the epoch is a pure function of (seed, epoch, rank, num_workers).
+      -> batch. Each batch's per-sample augmentation runs under a seed derived from the stream and the batch
+      index, so the epoch is a pure function of (seed, epoch, rank, num_workers).
 
     ``skip_batches=k`` drops the first ``k`` batches of the epoch *before decoding*: each stream discards
     the raw (still-encoded) samples of its batches below ``k``, and physical worker ``p`` runs stream
@@ -22,7 +22,9 @@ Validation (exact)
     ``_info.json`` locate it, so a rank opens only the shards it needs), split into contiguous blocks of
     batches per worker, padded to full batches and to the same batch count on every rank (label -1).
 
-JPEGs are decoded with PIL draft mode at the smallest DCT scale that still covers the target size.
+JPEGs are decoded with PIL draft mode at the smallest DCT scale that still covers the target size: for
+training, the size of the sampled RandomResizedCrop box (:class:`pipeline.data.transforms.DraftRandomResizedCrop`),
+for validation the resize-before-center-crop size.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from pipeline.data.base import EvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig
 from pipeline.data.mixup import make_seed, seeded
 from pipeline.data.shard_index import SplitIndex
-from pipeline.data.transforms import decode_image, eval_scale_size, eval_transform, train_transform
+from pipeline.data.transforms import (decode_image, eval_scale_size, eval_transform, open_image,
+                                      train_transform_from_bytes)
 
 
 def _worker() -> tuple[int, int]:
@@ -98,15 +101,14 @@ class _TrainStream(IterableDataset):
         bs, res = self.batch_size, self.resolution
         stream_seed = make_seed(self.seed, self.epoch, self.rank, logical, num_workers)
         samples = itertools.islice(self.raw_samples(logical, num_workers), skipped * bs, None)  # no decoding
-        transform = train_transform(self.aug, res)
-        draft = res if self.data.jpeg_draft else None
+        transform = train_transform_from_bytes(self.aug, res, draft=self.data.jpeg_draft)
         for b in range(skipped, len(mine)):
             images, labels, keys = [], [], []
-            for j, sample in enumerate(itertools.islice(samples, bs)):
-                with seeded(make_seed(stream_seed, b * bs + j)):
-                    images.append(transform(decode_image(sample["jpg"], draft)))
-                labels.append(int(sample["cls"]))
-                keys.append(sample["__key__"])
+            with seeded(make_seed(stream_seed, b)):   # per batch: skipping is whole batches, so this is exact
+                for sample in itertools.islice(samples, bs):
+                    images.append(transform(open_image(sample["jpg"])))
+                    labels.append(int(sample["cls"]))
+                    keys.append(sample["__key__"])
             if len(images) < bs:
                 raise RuntimeError(f"WebDataset stream ran dry after {b} batches (empty shards?)")
             yield _collate(images, labels, keys)
