@@ -50,7 +50,13 @@ def _worker() -> tuple[int, int]:
 
 
 def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str]):
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys
+    """uint8 CHW images (views of HWC pixels, as timm's MaybePILToTensor returns them) -> (B, 3, H, W) batch.
+
+    Stacked as HWC, so each image is one contiguous copy (``torch.stack`` of the permuted views is a strided
+    gather, ~5x slower); the batch is NCHW with channels-last memory, which the batch normaliser turns into
+    the requested layout in the pass it makes anyway."""
+    batch = torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
+    return batch, torch.tensor(labels, dtype=torch.int64), keys
 
 
 # ----------------------------------------------------------------------------------------- training
