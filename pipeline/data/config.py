@@ -55,6 +55,9 @@ class DataConfig:
 
 @dataclass
 class AugConfig:
+    # DeiT repeated augmentation: each epoch draws ~N/repeats distinct images, each `repeats` times with its
+    # own augmentation (same number of steps per epoch); 1 = off, DeiT uses 3
+    repeats: int = 1
     # RandomResizedCrop + flip (per sample)
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -84,6 +87,7 @@ class AugConfig:
         return (self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None) and self.mixup_prob > 0
 
     def validate(self) -> None:
+        check_positive("repeats", self.repeats)
         for name in ("scale", "ratio"):
             lo, hi = getattr(self, name)
             if not (0 < lo <= hi):
@@ -136,6 +140,10 @@ def check_data_aug(data: DataConfig, aug: AugConfig, batch_size: int | None = No
     """Rules spanning both sections. ``batch_size`` overrides ``data.batch_size`` (a schedule's per-epoch value)."""
     bs = data.batch_size if batch_size is None else batch_size
     check_positive(f"{data_prefix}batch_size", bs)
+    if aug.repeats > 1 and data.format == "ffcv" and data.ffcv_order != "random":
+        raise ConfigError(f"{data_prefix}ffcv_order: {data.ffcv_order!r} cannot be combined with "
+                          f"{aug_prefix}repeats={aug.repeats} (repeated augmentation sets its own order); "
+                          f"allowed: ['random']")
     if aug.mixup_active and bs % 2:
         raise ConfigError(f"{data_prefix}batch_size: {bs} must be even when {aug_prefix}mixup/{aug_prefix}cutmix "
                           f"is on (timm Mixup pairs samples within the batch)")

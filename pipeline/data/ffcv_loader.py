@@ -3,7 +3,8 @@
 Training: ``RandomResizedCropRGBImageDecoder`` -> flip -> [timm RandAugment] -> uint8 NHWC tensor, then the
 shared batch ops (normalise, random erasing, Mixup/CutMix). Order ``RANDOM`` (``distributed=True`` across
 ranks: FFCV's DistributedSampler emulation, seeded by (seed, epoch)), ``QUASI_RANDOM`` allowed in a single
-process with ``os_cache=False``; ``drop_last``.
+process with ``os_cache=False``; ``drop_last``. With ``aug.repeats > 1`` (DeiT's repeated augmentation) the
+order is DeiT's ``RASampler`` order instead (:func:`repeated_aug_order`).
 
 Changing resolution/batch size between epochs reuses the compiled pipeline: FFCV re-declares its buffers from
 the operations' current state at the start of every epoch, and the numba-compiled decode writes into whatever
@@ -31,6 +32,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.base import EvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig
+from pipeline.data.mixup import make_seed
 from pipeline.data.transforms import ffcv_eval_image_pipeline, ffcv_label_pipeline, ffcv_train_image_pipeline
 
 
@@ -50,16 +52,33 @@ def import_ffcv():
     return ffcv
 
 
-class _EpochOrder:
-    """Wraps FFCV's traversal order: keep the first ``take`` indices of the epoch, drop the first ``skip``."""
+def repeated_aug_order(num_samples: int, *, repeats: int, seed: int, epoch: int, rank: int,
+                       world_size: int) -> np.ndarray:
+    """DeiT's ``RASampler`` order for one rank: a permutation of the dataset seeded by (seed, epoch), the same
+    on every rank, each index repeated ``repeats`` times in a row, dealt round-robin to the ranks (so the copies
+    of an image land on different ranks in the same step), truncated to the rank's normal epoch length."""
+    perm = np.random.default_rng(make_seed(seed, epoch, 0x5A)).permutation(num_samples)
+    dealt = np.repeat(perm, repeats)[rank::world_size]
+    return dealt[: num_samples // world_size]
 
-    def __init__(self, base):
+
+class _EpochOrder:
+    """Wraps FFCV's traversal order: keep the first ``take`` indices of the epoch, drop the first ``skip``.
+    With ``repeats > 1`` the order is :func:`repeated_aug_order` instead of FFCV's own."""
+
+    def __init__(self, base, *, num_samples: int, repeats: int, seed: int, rank: int, world_size: int):
         self.base = base
         self.take: int | None = None
         self.skip = 0
+        self.num_samples, self.repeats, self.seed = num_samples, repeats, seed
+        self.rank, self.world_size = rank, world_size
 
     def sample_order(self, epoch: int):
-        order = self.base.sample_order(epoch)
+        if self.repeats > 1:
+            order = repeated_aug_order(self.num_samples, repeats=self.repeats, seed=self.seed, epoch=epoch,
+                                       rank=self.rank, world_size=self.world_size)
+        else:
+            order = self.base.sample_order(epoch)
         return order[: self.take][self.skip:]
 
 
@@ -91,7 +110,8 @@ class FfcvTrainLoader(TrainLoader):
                              batches_ahead=data.ffcv_batches_ahead)
         torch.set_num_threads(threads)
         self._threads = threads
-        self.order = _EpochOrder(self.loader.traversal_order)
+        self.order = _EpochOrder(self.loader.traversal_order, num_samples=int(self.loader.reader.num_samples),
+                                 repeats=aug.repeats, seed=seed, rank=rank, world_size=world_size)
         self.loader.traversal_order = self.order
         del ffcv
         super().__init__(data, aug, num_classes=num_classes, rank=rank, world_size=world_size, seed=seed,
@@ -164,4 +184,4 @@ class FfcvEvalLoader(EvalLoader):
             yield self._padding_batch()
 
 
-__all__ = ["FfcvEvalLoader", "FfcvTrainLoader", "import_ffcv"]
+__all__ = ["FfcvEvalLoader", "FfcvTrainLoader", "import_ffcv", "repeated_aug_order"]

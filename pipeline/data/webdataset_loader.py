@@ -9,7 +9,8 @@ Training (resampled, every rank the same number of batches)
       its own shards first and then keeps *resampling* (with replacement, ``wds.ResampledShards``) from them,
       or from all shards when it was dealt none. Uneven shard counts therefore never starve a rank: every
       rank stops after exactly ``len(loader)`` batches (``islice``), with no collective needed;
-    * ``wds.tarfile_to_samples`` -> ``wds.shuffle`` (buffer seeded by the stream) -> skip -> decode/augment
+    * ``wds.tarfile_to_samples`` -> [``aug.repeats`` copies of each sample: DeiT's repeated augmentation]
+      -> ``wds.shuffle`` (buffer seeded by the stream) -> skip -> decode/augment
       -> batch. Each batch's per-sample augmentation runs under a seed derived from the stream and the batch
       index, so the epoch is a pure function of (seed, epoch, rank, num_workers).
 
@@ -72,6 +73,16 @@ def stream_shards(urls: list[str], *, seed: int, epoch: int, stream: int, num_st
     yield from resampled
 
 
+def repeat_each(k: int):
+    """Pipeline stage for DeiT's repeated augmentation on a stream: every (still-encoded) sample ``k`` times in
+    a row, before the shuffle buffer spreads the copies; each copy is augmented independently."""
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            for _ in range(k):
+                yield sample
+    return stage
+
+
 class _TrainStream(IterableDataset):
     """Yields this rank's uint8 batches for the configured epoch (see module docstring)."""
 
@@ -94,6 +105,7 @@ class _TrainStream(IterableDataset):
             lambda: stream_shards(list(self.index.urls), seed=self.seed, epoch=self.epoch, stream=stream,
                                   num_streams=self.world_size * num_workers),
             wds.tarfile_to_samples(),
+            *([repeat_each(self.aug.repeats)] if self.aug.repeats > 1 else []),
             wds.shuffle(self.data.shuffle_buffer, initial=self.data.shuffle_initial,
                         rng=random.Random(stream_seed)),
         )
@@ -221,4 +233,4 @@ class WdsEvalLoader(EvalLoader):
             yield self._pad(images, labels, keys)
 
 
-__all__ = ["WdsEvalLoader", "WdsTrainLoader", "stream_shards"]
+__all__ = ["WdsEvalLoader", "WdsTrainLoader", "repeat_each", "stream_shards"]
