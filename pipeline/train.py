@@ -224,25 +224,35 @@ def _train(cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int) -
         steps_in_epoch = len(loader) // accum
         global_batch = batch * accum * world
         log.start_epoch(epoch, steps_in_epoch, skip, res)
-        step_in_epoch, micro = skip, 0
+        step_in_epoch, micro, skipped_micro, consumed = skip, 0, 0, 0
         with torch.random.fork_rng(devices=[]):  # creating the iterator must not shift the trainer's RNG stream
             batches = iter(loader)
         timer.start()
         for images, targets in batches:
             if step_in_epoch >= steps_in_epoch:
                 break
+            consumed += 1
             timer.wait_done()
             images = images.to(device, dtype=input_dtype, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss = criterion(engine(images).float(), targets)
             # all ranks agree on skipping (ZeRO backward/step are collective) and on stopping
             flags = all_reduce_max([0.0 if math.isfinite(loss.item()) else 1.0, float(stop_requested())])
-            if flags[0]:
+            if flags[0]:   # no backward, no optimizer step; the batch still counts as consumed (see below)
                 nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
                 log.line(f"non-finite loss at step {global_step}: skipped ({nonfinite_run} in a row)")
+                tracker.log_metrics({"train/nonfinite_skipped": nonfinite_total}, step=global_step)
+                skipped_micro += 1
+                if skipped_micro % accum == 0:   # a whole step's worth of data: the epoch position moves on
+                    step_in_epoch += 1
                 if nonfinite_run >= cfg.run.nonfinite_patience:
                     exit_code = EXIT_NONFINITE
                     break
+                if flags[1]:
+                    save(epoch, step_in_epoch)
+                    exit_code = EXIT_PREEMPTED
+                    break
+                timer.start()
                 continue
             nonfinite_run = 0
             if engine.is_gradient_accumulation_boundary():
@@ -285,8 +295,12 @@ def _train(cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int) -
         if exit_code:
             break
         done = max_steps is not None and global_step >= max_steps
-        if step_in_epoch < steps_in_epoch and not done:
-            raise RuntimeError(f"loader ended after {step_in_epoch} of {steps_in_epoch} steps in epoch {epoch}")
+        if consumed >= (steps_in_epoch - skip) * accum:
+            # the epoch's data is done (with accum > 1, skipped non-finite micro-batches leave a window short)
+            step_in_epoch = steps_in_epoch
+        elif step_in_epoch < steps_in_epoch and not done:
+            raise RuntimeError(f"loader ended after {consumed} of {(steps_in_epoch - skip) * accum} batches in "
+                               f"epoch {epoch}")
         last = epoch == cfg.run.epochs - 1 or done
         metric = None
         if last or (cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0):
@@ -313,8 +327,9 @@ def _train(cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int) -
         tracker.log_artifact(run_dir / "final_metrics.json")
     tracker.finish("FINISHED" if exit_code == 0 else ("KILLED" if exit_code == EXIT_PREEMPTED else "FAILED"))
     if exit_code == EXIT_NONFINITE:
+        hint = "lower schedule.lr.lr or check the data" + (", or use bf16 instead of fp16" if prec == "fp16" else "")
         raise NonFiniteLossError(f"stopped: {cfg.run.nonfinite_patience} non-finite losses in a row at step "
-                                 f"{global_step} (lower schedule.lr.lr, check the data, or use bf16 instead of fp16)")
+                                 f"{global_step} ({hint})")
     return summary
 
 
