@@ -320,3 +320,22 @@ def test_bf16_forward_backward(pos_embed):
     assert out.dtype == torch.bfloat16 and out.shape == (2, 10)
     out.float().sum().backward()
     assert model.pos_block[1].proj[0].weight.grad is not None
+
+
+def test_peg_runs_in_fp32_under_cpu_autocast():
+    """CPU bf16 autocast keeps the PEG's depthwise conv in fp32 (bf16 depthwise convs are a slow path on CPUs
+    without AVX512-BF16/AMX), while the rest of the model autocasts; a bf16 model without autocast stays bf16."""
+    from pipeline.models.cpvt import PEG
+
+    torch.manual_seed(0)
+    peg = PEG(16)
+    x = torch.randn(2, 1 + 6 * 4, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = peg(x, (6, 4))
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, peg(x, (6, 4)), rtol=0, atol=0)   # exactly the fp32 result
+    yb = peg.to(torch.bfloat16)(x.bfloat16(), (6, 4))
+    assert yb.dtype == torch.bfloat16
+    model = tiny(img_size=32).eval()
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16   # the head still autocasts

@@ -70,6 +70,14 @@ class PEG(nn.Module):
         nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+            # CPU autocast would run the depthwise conv in bf16, which has no fast kernel on CPUs without
+            # AVX512-BF16/AMX (~4x slower than fp32, benchmarks/bench_model.py); the PEG is tiny: keep it fp32
+            with torch.autocast('cpu', enabled=False):
+                return self._forward(x.float(), grid_size, num_prefix_tokens).to(x.dtype)
+        return self._forward(x, grid_size, num_prefix_tokens)
+
+    def _forward(self, x: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
         B, N, C = x.shape
         H, W = grid_size
         prefix, feat_token = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]  # (B, P, C), (B, H*W, C)
