@@ -53,8 +53,8 @@ def cpu_has_native_bf16() -> bool:
 def default_cases(sizes: Sequence[str], modes: Sequence[str], dtypes: Sequence[str], on_gpu: bool,
                   quick: bool, native_bf16: bool = True) -> list[Case]:
     """Batch sizes scaled to the device. On a CPU the batches are large enough (Ti: 16 train / 32 infer at 224,
-    8 at 384; S: half) that per-op fixed costs do not dominate; on a CPU without native bf16 only CPVT-Ti at 224 is run in bf16
-    (small batches: emulated bf16 costs ~10 s per 8-image train step on 2 cores)."""
+    8 at 384; S: half) that per-op fixed costs do not dominate; on a CPU without native bf16 only CPVT-Ti at
+    224 is run in bf16 (small batches: emulated bf16 costs ~10 s per 8-image train step on 2 cores)."""
     cases = []
     for size in sizes:
         for mode in modes:
@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "deployment setting; the target applies to fp32 here")
     summary = {f"cpvt/deit {r['size']} {r['mode']} {r['dtype']} {r['res']}": round(r["cpvt_over_deit"], 3)
                for r in rows}
-    payload = {"device": str(device), "native_bf16": native_bf16, "rounds": rounds, "warmup": args.warmup, "cpvt_kwargs": CPVT_KWARGS,
+    payload = {"device": str(device), "native_bf16": native_bf16, "rounds": rounds, "warmup": args.warmup,
+               "cpvt_kwargs": CPVT_KWARGS,
                "target_peg_overhead": PEG_OVERHEAD_TARGET, "paper": PAPER, "rows": rows, "summary": summary,
                "skipped_cases": [dataclasses.asdict(c) for c in skipped]}
     path = write_result("bench_model" + ("_quick" if args.quick else ""), payload, args.results_dir)

@@ -224,7 +224,7 @@ def _train(cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int) -
         steps_in_epoch = len(loader) // accum
         global_batch = batch * accum * world
         log.start_epoch(epoch, steps_in_epoch, skip, res)
-        step_in_epoch, micro, skipped_micro, consumed = skip, 0, 0, 0
+        step_in_epoch, skipped_micro, consumed = skip, 0, 0
         with torch.random.fork_rng(devices=[]):  # creating the iterator must not shift the trainer's RNG stream
             batches = iter(loader)
         timer.start()
@@ -260,7 +260,7 @@ def _train(cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int) -
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            loss_sum, loss_n, micro = loss_sum + loss.item(), loss_n + 1, micro + 1
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             if not boundary:
                 continue
             global_step, step_in_epoch = global_step + 1, step_in_epoch + 1

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from pipeline.analysis.common import add_mlflow_args, denormalize, eval_batches, load_model, log_to_mlflow
+from pipeline.analysis.common import (add_mlflow_args, denormalize, eval_batches, load_model, log_to_mlflow,
+                                      run_labels)
 
 
 @torch.no_grad()
@@ -117,9 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="attention.png", help="PNG path; a .json of per-layer stats goes next to it")
     add_mlflow_args(p)
     args = p.parse_args(argv)
-    labels = args.label or []
-    if labels and len(labels) != len(args.checkpoint):
-        p.error(f"--label: got {len(labels)} labels for {len(args.checkpoint)} checkpoints")
+    labels = run_labels(p, args.label, args.checkpoint)
 
     images, _ = next(iter(eval_batches(args.data, args.res, fmt=args.format, batch_size=args.num_images,
                                        max_batches=1)))

@@ -75,3 +75,11 @@ def add_mlflow_args(parser) -> None:
     parser.add_argument("--mlflow-run-id", default=None, help="log PNG/JSON/metrics into this existing run")
     parser.add_argument("--mlflow-experiment", default=None, help="or: log into a new run of this experiment")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI)")
+
+
+def run_labels(parser, labels: Sequence[str] | None, checkpoints: Sequence[str]) -> list[str]:
+    """``--label`` values (possibly none), one per ``--checkpoint``; a count mismatch is a usage error."""
+    labels = list(labels or [])
+    if labels and len(labels) != len(checkpoints):
+        parser.error(f"--label: got {len(labels)} labels for {len(checkpoints)} checkpoints")
+    return labels

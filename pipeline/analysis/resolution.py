@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from pipeline.analysis.common import add_mlflow_args, load_model, log_to_mlflow
+from pipeline.analysis.common import add_mlflow_args, load_model, log_to_mlflow, run_labels
 
 # Paper (ImageNet, trained at 224, no fine-tuning; secondary source): top-1 per test resolution.
 PAPER_TOP1 = {
@@ -114,9 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="resolution.png", help="PNG path; a .json with the data goes next to it")
     add_mlflow_args(p)
     args = p.parse_args(argv)
-    labels = args.label or []
-    if labels and len(labels) != len(args.checkpoint):
-        p.error(f"--label: got {len(labels)} labels for {len(args.checkpoint)} checkpoints")
+    labels = run_labels(p, args.label, args.checkpoint)
 
     curves: dict[str, dict[int, dict[str, float]]] = {}
     for i, ckpt in enumerate(args.checkpoint):

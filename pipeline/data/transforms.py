@@ -116,7 +116,8 @@ def train_transform(aug: AugConfig, resolution: int) -> Callable[[Image.Image], 
     return tf
 
 
-def train_transform_from_bytes(aug: AugConfig, resolution: int, draft: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+def train_transform_from_bytes(aug: AugConfig, resolution: int,
+                               draft: bool = True) -> Callable[[Image.Image], torch.Tensor]:
     """:func:`train_transform` for images from :func:`open_image` (header parsed, not decoded): its
     RandomResizedCrop becomes :class:`DraftRandomResizedCrop`, which decodes at reduced scale where the crop
     allows (``draft``). Same augmentation distribution and RNG consumption as :func:`train_transform`."""
@@ -301,6 +302,6 @@ def ffcv_label_pipeline() -> list:
     return [IntDecoder(), ToTensor(), Squeeze()]
 
 
-__all__ = ["BatchNormalizer", "DraftRandomResizedCrop", "decode_image", "eval_scale_size", "eval_transform", "ffcv_eval_image_pipeline",
-           "ffcv_label_pipeline", "ffcv_timm_augment_op", "ffcv_train_image_pipeline", "open_image",
+__all__ = ["BatchNormalizer", "DraftRandomResizedCrop", "decode_image", "eval_scale_size", "eval_transform",
+           "ffcv_eval_image_pipeline", "ffcv_label_pipeline", "ffcv_timm_augment_op", "ffcv_train_image_pipeline", "open_image",
            "timm_auto_augment", "train_transform", "train_transform_from_bytes"]

@@ -60,6 +60,16 @@ def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str]):
     return batch, torch.tensor(labels, dtype=torch.int64), keys
 
 
+def _decode_batch(samples: Iterator[dict[str, Any]], n: int, load) -> tuple[list, list[int], list[str]]:
+    """The next (up to) ``n`` raw samples -> (images ``load(jpeg bytes)``, labels, keys)."""
+    images, labels, keys = [], [], []
+    for sample in itertools.islice(samples, n):
+        images.append(load(sample["jpg"]))
+        labels.append(int(sample["cls"]))
+        keys.append(sample["__key__"])
+    return images, labels, keys
+
+
 # ----------------------------------------------------------------------------------------- training
 def stream_shards(urls: list[str], *, seed: int, epoch: int, stream: int, num_streams: int) -> Iterator[dict]:
     """Shard URLs for one (rank, worker) stream: its dealt shards once, then resampled forever."""
@@ -121,12 +131,8 @@ class _TrainStream(IterableDataset):
         samples = itertools.islice(self.raw_samples(logical, num_workers), skipped * bs, None)  # no decoding
         transform = train_transform_from_bytes(self.aug, res, draft=self.data.jpeg_draft)
         for b in range(skipped, len(mine)):
-            images, labels, keys = [], [], []
             with seeded(make_seed(stream_seed, b)):   # per batch: skipping is whole batches, so this is exact
-                for sample in itertools.islice(samples, bs):
-                    images.append(transform(open_image(sample["jpg"])))
-                    labels.append(int(sample["cls"]))
-                    keys.append(sample["__key__"])
+                images, labels, keys = _decode_batch(samples, bs, lambda jpg: transform(open_image(jpg)))
             if len(images) < bs:
                 raise RuntimeError(f"WebDataset stream ran dry after {b} batches (empty shards?)")
             yield _collate(images, labels, keys)
@@ -200,11 +206,7 @@ class _EvalStream(IterableDataset):
         draft = eval_scale_size(self.resolution, self.crop_pct) if self.data.jpeg_draft else None
         samples = self._samples(lo, hi)
         for _ in range(b0, b1):
-            images, labels, keys = [], [], []
-            for sample in itertools.islice(samples, bs):
-                images.append(transform(decode_image(sample["jpg"], draft)))
-                labels.append(int(sample["cls"]))
-                keys.append(sample["__key__"])
+            images, labels, keys = _decode_batch(samples, bs, lambda jpg: transform(decode_image(jpg, draft)))
             if not images:
                 images = [torch.zeros((3, self.resolution, self.resolution), dtype=torch.uint8)]
                 labels, keys = [-1], [""]
