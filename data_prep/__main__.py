@@ -7,6 +7,8 @@ Examples::
     python -m data_prep wds  --src /datasets/imagenet --out /scratch/in1k --cluster slurm --array-size 64 \\
         --partition cpu --timeout-min 240
     python -m data_prep ffcv --src data/demo_src --out data/demo --max-resolution 256 --write-mode jpg
+    python -m data_prep ffcv --src /datasets/imagenet --out /scratch/in1k --cluster slurm --partition cpu \\
+        --cpus-per-task 32 --timeout-min 600      # one array job per split
     python -m data_prep verify data/demo --decode
 
 Arguments are validated before any data is read; a bad one gives a one-line ``error: ...`` and exit code 2.
@@ -63,19 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
         q.add_argument("--no-progress", action="store_true")
 
+    def cluster_args(q: argparse.ArgumentParser, tasks: str, log_folder: str) -> None:
+        g = q.add_argument_group("where the tasks run", tasks)
+        g.add_argument("--cluster", default="pool",
+                       help=f"one of {list(CLUSTERS)}: pool = processes on this machine (--workers); local = "
+                            "submitit subprocesses; debug = submitit in this process; slurm = a SLURM job array")
+        g.add_argument("--array-size", type=int, default=None, help="array jobs for --cluster local/debug/slurm")
+        g.add_argument("--log-folder", default=None, help=f"submitit folder (default {log_folder})")
+        g.add_argument("--partition", default=None)
+        g.add_argument("--timeout-min", type=int, default=240)
+        g.add_argument("--cpus-per-task", type=int, default=None)
+        g.add_argument("--mem-gb", type=float, default=None)
+
     w = sub.add_parser("wds", help="write WebDataset shards")
     common(w)
     w.add_argument("--max-side", type=int, default=512, help="re-encode only images with a longer side above this")
     w.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     w.add_argument("--shard-max-count", type=int, default=1000)
     w.add_argument("--shard-max-mb", type=float, default=256.0)
-    w.add_argument("--cluster", default="pool", help=f"one of {list(CLUSTERS)}")
-    w.add_argument("--array-size", type=int, default=None, help="array jobs for --cluster local/debug/slurm")
-    w.add_argument("--log-folder", default=None, help="submitit folder (default OUT/logs/wds_<split>)")
-    w.add_argument("--partition", default=None)
-    w.add_argument("--timeout-min", type=int, default=240)
-    w.add_argument("--cpus-per-task", type=int, default=None)
-    w.add_argument("--mem-gb", type=float, default=None)
+    cluster_args(w, tasks="one task per shard: --array-size jobs each write a contiguous range of shards",
+                 log_folder="OUT/logs/wds_<split>")
 
     f = sub.add_parser("ffcv", help="write FFCV .beton files")
     common(f)
@@ -85,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--jpeg-quality", type=int, default=90)
     f.add_argument("--chunk-size", type=int, default=100)
     f.add_argument("--seed", type=int, default=0)
+    cluster_args(f, tasks="one task per split: FFCV's DatasetWriter writes a single .beton file, so a split "
+                          "cannot be divided between jobs; each split's job uses --workers processes (default: "
+                          "its cores); --array-size defaults to the number of splits",
+                 log_folder="OUT/logs/ffcv")
 
     v = sub.add_parser("verify", help="re-read outputs, check counts and checksums")
     v.add_argument("out")
@@ -121,15 +134,19 @@ def validate(a: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: {val!r} is not a file")
     if a.workers is not None:
         check_positive("--workers", a.workers)
+    check_choice("--cluster", a.cluster, CLUSTERS)
+    if a.array_size is not None:
+        check_positive("--array-size", a.array_size)
+    check_positive("--timeout-min", a.timeout_min)
+    if a.cpus_per_task is not None:
+        check_positive("--cpus-per-task", a.cpus_per_task)
+    if a.mem_gb is not None:
+        check_positive("--mem-gb", a.mem_gb)
     if a.cmd == "wds":
         check_positive("--max-side", a.max_side)
         check_range("--quality", a.quality, 1, 100)
         check_positive("--shard-max-count", a.shard_max_count)
         check_positive("--shard-max-mb", a.shard_max_mb)
-        check_choice("--cluster", a.cluster, CLUSTERS)
-        if a.array_size is not None:
-            check_positive("--array-size", a.array_size)
-        check_positive("--timeout-min", a.timeout_min)
     else:
         from .write_ffcv import WRITE_MODES
 
@@ -141,9 +158,13 @@ def validate(a: argparse.Namespace) -> None:
 
 
 def _summary(manifests: dict) -> dict:
-    return {s: {"counts": m["counts"], "skipped_by_reason": m["skipped_by_reason"],
-                "converted_by_reason": m["converted_by_reason"], "timings": m["timings"]}
-            for s, m in manifests.items()}
+    out = {}
+    for s, m in manifests.items():
+        out[s] = {"counts": m["counts"], "skipped_by_reason": m["skipped_by_reason"],
+                  "converted_by_reason": m["converted_by_reason"], "timings": m["timings"]}
+        if "reused" in m:   # ffcv: the split's .beton was complete and left untouched
+            out[s]["reused"] = m["reused"]
+    return out
 
 
 def run(a: argparse.Namespace) -> int:
@@ -166,13 +187,13 @@ def run(a: argparse.Namespace) -> int:
             print(f"verify: {len(report['errors'])} problem(s); first: {report['errors'][0]}", file=sys.stderr)
         return 0 if report["ok"] else 1
     shuffle_seed = None if a.shuffle_seed < 0 else a.shuffle_seed
+    params = {"timeout_min": a.timeout_min}
+    for k in ("partition", "cpus_per_task", "mem_gb"):
+        if getattr(a, k) is not None:
+            params[k] = getattr(a, k)
     if a.cmd == "wds":
         from .write_webdataset import write_webdataset
 
-        params = {"timeout_min": a.timeout_min}
-        for k in ("partition", "cpus_per_task", "mem_gb"):
-            if getattr(a, k) is not None:
-                params[k] = getattr(a, k)
         manifests = write_webdataset(
             a.src, a.out, splits=a.splits, max_side=a.max_side, quality=a.quality,
             shard_max_count=a.shard_max_count, shard_max_bytes=int(a.shard_max_mb * (1 << 20)),
@@ -186,7 +207,8 @@ def run(a: argparse.Namespace) -> int:
             a.src, a.out, splits=a.splits, max_resolution=a.max_resolution, write_mode=a.write_mode,
             compress_probability=a.compress_probability, jpeg_quality=a.jpeg_quality, shuffle_seed=shuffle_seed,
             seed=a.seed, val_labels=a.val_labels, meta=a.meta, workers=a.workers, chunk_size=a.chunk_size,
-            progress=not a.no_progress)
+            progress=not a.no_progress, cluster=a.cluster, folder=a.log_folder, array_size=a.array_size,
+            executor_params=params if a.cluster != "pool" else None)
     print(json.dumps(_summary(manifests), indent=2))
     return 0
 

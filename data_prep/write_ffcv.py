@@ -1,34 +1,53 @@
 """ImageNet-layout folders -> FFCV ``{split}.beton`` (fields ``image``: RGBImageField, ``label``: IntField).
 
-Two passes per split:
+One task per split (:func:`write_split`). FFCV's ``DatasetWriter`` writes a single file, so a split cannot be
+divided between jobs: with ``cluster="pool"`` the splits run one after the other in this process, each using
+``workers`` processes; with ``cluster="local" | "debug" | "slurm"`` each split is one array job of the same
+executor code the WebDataset shards use (:func:`data_prep.tasks.run_tasks`), and uses the job's cores.
 
+A split task, in order:
+
+0. *reuse*: if ``{split}_manifest.json`` exists, was written for the same plan (``outputs.plan_id``: a hash of
+   the split's files -- keys, paths, labels, sizes, mtimes -- and of every parameter that changes the .beton's
+   content) and the .beton under its final name has the manifest's size, sha256 and (FFCV header) sample count,
+   the split is complete and is not touched (nor is its manifest); leftover temp files are removed. The check
+   reads the whole file once (sha256) but needs no ffcv import, no probe and no decode;
 1. *probe* (parallel, :mod:`data_prep.tasks` pool): every found file is opened and decoded in draft mode; bad
    files are skipped with a reason (FFCV's writer cannot skip a sample once it has counted it, and a worker
    exception would hang its progress loop), conversions are recorded;
 2. *write*: ``ffcv.writer.DatasetWriter(tmp, fields, num_workers=workers).from_indexed_dataset(ds)`` where
    ``ds[i]`` decodes the i-th good file to an RGB array downscaled in draft mode to ``max_resolution`` (FFCV's
-   own resizer then makes the longer side exactly ``max_resolution``). The file is written to a temporary name
-   and renamed when complete, so a rerun after a kill at any point simply redoes the split.
+   own resizer then makes the longer side exactly ``max_resolution``). The file is written to
+   ``{split}.beton.tmp.<pid>.<rand>``, fsynced and renamed when complete; only then is the manifest (with the
+   file's size and sha256) written, atomically. A kill at any point leaves no final file, or a final file that
+   does not match the manifest (redone), or a complete, matching pair (this run's, or an earlier run's, which
+   is reused only for the same plan); a temp name is never taken for a complete file (the reuse check only looks
+   at the final name) and is deleted by the next run.
 
 ``write_mode="proportion"`` JPEG-compresses a random ``compress_probability`` fraction of the images; the
 choice is seeded per sample (``seed + index``), so the same images are compressed on every run. Sample order
 is the plan's (train shuffled with ``shuffle_seed``, val sorted), i.e. index ``i`` of the .beton is the same
-sample on every run.
+sample, with the same stored bytes, on every run (the file's byte layout may differ with ``workers > 1``: FFCV's
+workers allocate pages as they finish).
+
+One writer per output directory: a run removes the ``*.tmp.*`` files of its splits, whoever left them.
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import remove_stale_tmp, sha256_file, tmp_path, fsync_replace
+from .atomic import TMP_MARK, fsync_replace, read_json, remove_stale_tmp, sha256_file, tmp_path
 from .images import load_rgb_array, probe_image
 from .layout import Sample, class_list, discover_split
 from .manifest import build_manifest, is_resize_only, write_classes, write_manifest
-from .tasks import default_workers, run_tasks, split_groups
+from .sharding import plan_id
+from .tasks import CLUSTERS, default_workers, run_tasks, split_groups
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 FIELDS = ("image", "label")
@@ -87,82 +106,210 @@ class DecodedImages:
             return np.zeros((1, 1, 3), np.uint8), int(label)
 
 
+@dataclass(frozen=True)
+class FfcvSplitTask:
+    """Everything one split's task needs (pickled into an array job for cluster != "pool")."""
+
+    split: str
+    src: str
+    out: str
+    classes: tuple[str, ...]
+    val_labels: str | None
+    meta: str | None
+    shuffle_seed: int | None
+    max_resolution: int
+    write_mode: str
+    compress_probability: float
+    jpeg_quality: int
+    seed: int
+    workers: int | None          # None: every core this process may use (the job's, on a cluster)
+    chunk_size: int
+    page_size: int | None
+    cluster: str
+    progress: bool
+
+    def content_params(self) -> dict[str, Any]:
+        """The parameters that change what the .beton holds (part of the plan id)."""
+        return {"format": "ffcv-1", "max_resolution": self.max_resolution, "write_mode": self.write_mode,
+                "compress_probability": self.compress_probability, "jpeg_quality": self.jpeg_quality,
+                "seed": self.seed, "page_size": self.page_size, "shuffle_seed": self.shuffle_seed,
+                "classes": list(self.classes)}
+
+
+# The fixed header at the start of every .beton (ffcv.types.HeaderType, format version 2 of ffcv 1.0). Read
+# here with numpy alone so that checking a complete split does not import ffcv (seconds of numba compiling).
+BETON_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                         ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+
+
+def beton_num_samples(path: str | Path) -> int:
+    """Sample count from the .beton's header; raises ValueError when the header is short or implausible."""
+    size = os.path.getsize(path)
+    h = np.fromfile(str(path), dtype=BETON_HEADER, count=1)
+    if len(h) != 1 or not 0 < int(h[0]["alloc_table_ptr"]) <= size:
+        raise ValueError(f"{path}: no valid .beton header")
+    return int(h[0]["num_samples"])
+
+
+def check_complete(final: Path, manifest: dict | None, plan: str) -> str | None:
+    """None when ``final`` is the complete output of ``plan`` recorded by ``manifest``, else why it is not."""
+    if manifest is None:
+        return "no manifest"
+    o = manifest.get("outputs", {})
+    if o.get("plan_id") != plan:
+        return "manifest is for another plan"
+    if not final.is_file():
+        return f"{final.name} missing"
+    if final.stat().st_size != o.get("bytes"):
+        return f"{final.name} size differs from the manifest"
+    try:
+        n = beton_num_samples(final)
+    except Exception as e:  # noqa: BLE001 - any unreadable header means: redo
+        return f"{final.name} unreadable ({type(e).__name__})"
+    if n != o.get("num_samples") or n != manifest.get("counts", {}).get("written"):
+        return f"{final.name} holds {n} samples, the manifest {o.get('num_samples')}"
+    if sha256_file(final) != o.get("sha256"):
+        return f"{final.name} sha256 differs from the manifest"
+    return None
+
+
+def _remove_stale(out_dir: Path, split: str) -> list[str]:
+    """Temp files of killed runs: ``{split}.beton.tmp.*`` (+ ``.errors``) and ``{split}_manifest.json.tmp.*``."""
+    return sorted(remove_stale_tmp(out_dir, f"{split}.beton{TMP_MARK}")
+                  + remove_stale_tmp(out_dir, f"{split}_manifest.json{TMP_MARK}"))
+
+
+def write_split(task: FfcvSplitTask) -> dict[str, Any]:
+    """Write (or reuse) ``OUT/ffcv/{split}.beton`` and its manifest; returns the manifest.
+
+    Idempotent: a rerun after a completed write does nothing but check the file (``manifest["reused"]`` is
+    then True in the returned dict; the stored manifest is the one of the write that made the file).
+    """
+    split = task.split
+    src, out_dir = Path(task.src), Path(task.out) / "ffcv"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = list(task.classes)
+    workers = task.workers or default_workers()
+    t0 = time.perf_counter()
+    source = discover_split(src, split, classes=classes, val_labels=task.val_labels, meta=task.meta,
+                            shuffle_seed=task.shuffle_seed)
+    samples = source.samples
+    plan = plan_id(split, 0, samples, task.content_params())
+    final = out_dir / f"{split}.beton"
+    manifest_path = out_dir / f"{split}_manifest.json"
+    stored = read_json(manifest_path)
+    why = check_complete(final, stored, plan)
+    removed = _remove_stale(out_dir, split)
+    if why is None:
+        stored["reused"] = True
+        stored["timings"] = {**stored["timings"], "reuse_check_s": round(time.perf_counter() - t0, 3)}
+        stored["outputs"] = {**stored["outputs"], "removed_stale": removed}
+        return stored
+    t_check = time.perf_counter()
+    import_ffcv()   # only now: a reused split needs no ffcv
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    t1 = time.perf_counter()
+    groups = split_groups(samples, max(1, len(samples) // 256) if samples else 1)
+    probes = [p for g in run_tasks(_probe_group, [(g, task.max_resolution) for g in groups], workers=workers,
+                                   desc=f"ffcv {split} probe", progress=task.progress) for p in g]
+    skipped, converted, good = [], [], []
+    resized = 0
+    for s, (status, reason) in zip(samples, probes):
+        if status == "skipped":
+            skipped.append({"path": s.path, "reason": reason})
+            continue
+        if status == "converted":
+            if is_resize_only(reason):
+                resized += 1
+            else:
+                converted.append({"path": s.path, "reason": reason})
+                resized += "resized " in reason
+        good.append((s.path, s.label))
+    t2 = time.perf_counter()
+    tmp = tmp_path(final)
+    err = Path(f"{tmp}.errors")
+    try:
+        fields = {
+            "image": RGBImageField(write_mode=task.write_mode, max_resolution=task.max_resolution,
+                                   jpeg_quality=task.jpeg_quality, compress_probability=task.compress_probability),
+            "label": IntField(),
+        }
+        kw = {"page_size": task.page_size} if task.page_size else {}
+        writer = DatasetWriter(str(tmp), fields, num_workers=workers, **kw)
+        writer.from_indexed_dataset(DecodedImages(good, task.max_resolution, task.seed, str(err)),
+                                    chunksize=task.chunk_size)
+        if err.exists() and err.read_text().strip():
+            raise RuntimeError(f"ffcv/{split}: files changed while writing: {err.read_text().splitlines()[:3]}")
+        nbytes, sha = tmp.stat().st_size, sha256_file(tmp)
+        fsync_replace(tmp, final)
+    finally:
+        for p in (tmp, err):
+            if p.exists():
+                p.unlink()
+    t3 = time.perf_counter()
+    manifest = build_manifest(
+        fmt="ffcv", split=split, source=str(src), layout=source.layout, ground_truth=source.ground_truth,
+        classes=classes, found=len(samples), written=len(good), skipped=skipped, converted=converted,
+        resized=resized,
+        params={"max_resolution": task.max_resolution, "write_mode": task.write_mode,
+                "compress_probability": task.compress_probability, "jpeg_quality": task.jpeg_quality,
+                "shuffle_seed": task.shuffle_seed, "seed": task.seed, "workers": workers,
+                "chunk_size": task.chunk_size, "page_size": task.page_size, "fields": list(FIELDS),
+                "cluster": task.cluster},
+        timings={"discover_s": round(t_check - t0, 3), "import_ffcv_s": round(t1 - t_check, 3),
+                 "probe_s": round(t2 - t1, 3), "write_s": round(t3 - t2, 3),
+                 "total_s": round(time.perf_counter() - t0, 3)},
+        outputs={"file": str(final), "num_samples": len(good), "bytes": nbytes, "sha256": sha,
+                 "plan_id": plan, "redo_reason": why, "removed_stale": removed},
+    )
+    manifest["reused"] = False
+    write_manifest(manifest_path, manifest)   # last: the .beton counts as complete only once this exists
+    return manifest
+
+
 def write_ffcv(src: str | Path, out: str | Path, *, splits: Sequence[str] = ("train", "val"),
                max_resolution: int = 512, write_mode: str = "proportion", compress_probability: float = 0.5,
                jpeg_quality: int = 90, shuffle_seed: int | None = 0, seed: int = 0,
                val_labels: str | Path | None = None, meta: str | Path | None = None, workers: int | None = None,
-               chunk_size: int = 100, page_size: int | None = None, progress: bool = True) -> dict[str, dict]:
-    """Write ``out/ffcv/{split}.beton`` for each split of ``src``; returns {split: manifest}."""
+               chunk_size: int = 100, page_size: int | None = None, progress: bool = True,
+               cluster: str = "pool", folder: str | Path | None = None, array_size: int | None = None,
+               executor_params: dict | None = None) -> dict[str, dict]:
+    """Write (or reuse) ``out/ffcv/{split}.beton`` for each split of ``src``; returns {split: manifest}.
+
+    ``cluster="pool"`` runs the splits here, one after the other; ``"local" | "debug" | "slurm"`` runs one array
+    job per split (at most ``array_size`` jobs, default one per split) through :func:`data_prep.tasks.run_tasks`
+    with submitit folder ``folder`` (default ``out/logs/ffcv``) and ``executor_params`` (make_executor's).
+    ``workers`` is the process count inside each split's task (default: all cores the task may use).
+    """
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode: {write_mode!r} is not one of {list(WRITE_MODES)}")
-    import_ffcv()
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
+    if cluster not in CLUSTERS:
+        raise ValueError(f"cluster: {cluster!r} is not one of {list(CLUSTERS)}")
     src, out = Path(src), Path(out)
-    out_dir = out / "ffcv"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out / "ffcv").mkdir(parents=True, exist_ok=True)
     classes = class_list(src, splits[0], val_labels=val_labels, meta=meta)
+    remove_stale_tmp(out, f"classes.json{TMP_MARK}")
     write_classes(out, classes)
-    workers = workers or default_workers()
+    tasks = [FfcvSplitTask(split=split, src=str(src), out=str(out), classes=tuple(classes),
+                           val_labels=None if val_labels is None else str(val_labels),
+                           meta=None if meta is None else str(meta),
+                           shuffle_seed=shuffle_seed if split == "train" else None,
+                           max_resolution=max_resolution, write_mode=write_mode,
+                           compress_probability=compress_probability, jpeg_quality=jpeg_quality, seed=seed,
+                           workers=workers, chunk_size=chunk_size, page_size=page_size, cluster=cluster,
+                           progress=progress)
+             for split in splits]
+    if cluster == "pool":
+        results = [write_split(t) for t in tasks]
+    else:
+        results = run_tasks(write_split, tasks, cluster=cluster, workers=workers,
+                            folder=folder or (out / "logs" / "ffcv"), array_size=array_size or len(tasks),
+                            desc="ffcv", progress=progress, **(executor_params or {}))
     manifests = {}
-    for split in splits:
-        t0 = time.perf_counter()
-        source = discover_split(src, split, classes=classes, val_labels=val_labels, meta=meta,
-                                shuffle_seed=shuffle_seed if split == "train" else None)
-        samples = source.samples
-        removed = remove_stale_tmp(out_dir, f"{split}.beton")
-        t1 = time.perf_counter()
-        groups = split_groups(samples, max(1, len(samples) // 256) if samples else 1)
-        probes = [p for g in run_tasks(_probe_group, [(g, max_resolution) for g in groups], workers=workers,
-                                       desc=f"ffcv {split} probe", progress=progress) for p in g]
-        skipped, converted, good = [], [], []
-        resized = 0
-        for s, (status, reason) in zip(samples, probes):
-            if status == "skipped":
-                skipped.append({"path": s.path, "reason": reason})
-                continue
-            if status == "converted":
-                if is_resize_only(reason):
-                    resized += 1
-                else:
-                    converted.append({"path": s.path, "reason": reason})
-                    resized += "resized " in reason
-            good.append((s.path, s.label))
-        t2 = time.perf_counter()
-        final = out_dir / f"{split}.beton"
-        tmp = tmp_path(final)
-        err = Path(f"{tmp}.errors")
-        try:
-            fields = {
-                "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                                       jpeg_quality=jpeg_quality, compress_probability=compress_probability),
-                "label": IntField(),
-            }
-            kw = {"page_size": page_size} if page_size else {}
-            writer = DatasetWriter(str(tmp), fields, num_workers=workers, **kw)
-            writer.from_indexed_dataset(DecodedImages(good, max_resolution, seed, str(err)), chunksize=chunk_size)
-            if err.exists() and err.read_text().strip():
-                raise RuntimeError(f"ffcv/{split}: files changed while writing: {err.read_text().splitlines()[:3]}")
-            fsync_replace(tmp, final)
-        finally:
-            for p in (tmp, err):
-                if p.exists():
-                    p.unlink()
-        t3 = time.perf_counter()
-        manifest = build_manifest(
-            fmt="ffcv", split=split, source=str(src), layout=source.layout, ground_truth=source.ground_truth,
-            classes=classes, found=len(samples), written=len(good), skipped=skipped, converted=converted,
-            resized=resized,
-            params={"max_resolution": max_resolution, "write_mode": write_mode,
-                    "compress_probability": compress_probability, "jpeg_quality": jpeg_quality,
-                    "shuffle_seed": shuffle_seed if split == "train" else None, "seed": seed, "workers": workers,
-                    "chunk_size": chunk_size, "page_size": page_size, "fields": list(FIELDS)},
-            timings={"discover_s": round(t1 - t0, 3), "probe_s": round(t2 - t1, 3), "write_s": round(t3 - t2, 3),
-                     "total_s": round(time.perf_counter() - t0, 3)},
-            outputs={"file": str(final), "num_samples": len(good), "bytes": final.stat().st_size,
-                     "sha256": sha256_file(final), "removed_stale": removed},
-        )
-        write_manifest(out_dir / f"{split}_manifest.json", manifest)
-        manifests[split] = manifest
+    for t, m in zip(tasks, results):
+        if m.get("split") != t.split or not (out / "ffcv" / f"{t.split}.beton").is_file():
+            raise RuntimeError(f"ffcv/{t.split}: output missing after its task finished")
+        manifests[t.split] = m
     return manifests

@@ -9,11 +9,15 @@ Each shard is one independent, idempotent task (:func:`write_shard`):
    the record, the shard is reused;
 2. otherwise it is written to ``{name}.tmp.<pid>.<rand>`` and fsynced, its record is written (atomically), and
    then it is renamed, so a shard under its final name always has a record (a kill between the two leaves a
-   record whose shard is missing: redone). Tar headers are fixed (mtime 0, fixed owner/mode) and the sample order is the plan's, so a
-   rewritten shard is byte-identical to a clean run's.
+   record whose shard is missing: redone). Tar headers are fixed (mtime 0, fixed owner/mode) and the sample
+   order is the plan's, so a rewritten shard is byte-identical to a clean run's.
 
 The split's ``_info.json`` entry and manifest are written last, after every task has finished, so a reader
 never sees an index that points to missing or partial shards.
+Both (and ``classes.json``) are written atomically (temp name + fsync + rename, :mod:`data_prep.atomic`): a kill
+while writing them leaves the previous complete version (or none) plus a ``*.tmp.*`` file, which the next run
+deletes (reported in the manifest's ``outputs.removed_stale``) before rewriting the index from the shard records.
+One writer per output directory: a run removes the ``*.tmp.*`` files of its splits, whoever left them.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Any, Sequence
 
 from webdataset import TarWriter
 
-from .atomic import read_json, remove_stale_tmp, sha256_file, tmp_path, write_json_atomic
+from .atomic import TMP_MARK, read_json, remove_stale_tmp, sha256_file, tmp_path, write_json_atomic
 from .images import prepare_image
 from .layout import class_list, discover_split
 from .manifest import build_manifest, is_resize_only, write_classes, write_manifest
@@ -115,8 +119,11 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
 
 
 def _remove_stale_shards(out_dir: Path, split: str, n_shards: int) -> list[str]:
-    """Shards of an earlier plan with more shards than this one (and their records) must not linger."""
+    """Temp files of killed runs (shards, their records, the split's manifest) and shards of an earlier plan
+    with more shards than this one (and their records) must not linger."""
     removed = remove_stale_tmp(out_dir, f"{split}-")
+    removed += [f"{PARTS}/{n}" for n in remove_stale_tmp(out_dir / PARTS, f"{split}-")]
+    removed += remove_stale_tmp(out_dir, f"{split}_manifest.json{TMP_MARK}")
     for p in sorted(out_dir.glob(f"{split}-*.tar")):
         stem = p.name[len(split) + 1:-len(".tar")]
         if stem.isdigit() and int(stem) >= n_shards:
@@ -163,6 +170,10 @@ def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] 
     out_dir = out / "wds"
     (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
     classes = class_list(src, splits[0], val_labels=val_labels, meta=meta)
+    # temp files of a run killed while writing the index or the class list (the finals are written atomically,
+    # so what is there under the final name is a complete earlier version, or nothing)
+    removed_index = remove_stale_tmp(out, f"classes.json{TMP_MARK}") + remove_stale_tmp(
+        out_dir, f"_info.json{TMP_MARK}")
     write_classes(out, classes)
     manifests = {}
     for split in splits:
@@ -171,7 +182,8 @@ def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] 
                                 shuffle_seed=shuffle_seed if split == "train" else None)
         tasks = make_tasks(split, source.samples, str(out_dir), max_count=shard_max_count,
                            max_bytes=shard_max_bytes, max_side=max_side, quality=quality)
-        removed = _remove_stale_shards(out_dir, split, len(tasks))
+        removed = _remove_stale_shards(out_dir, split, len(tasks)) + removed_index
+        removed_index = []
         t1 = time.perf_counter()
         recs = run_tasks(write_shard, tasks, cluster=cluster, workers=workers,
                          folder=folder or (out / "logs" / f"wds_{split}"), array_size=array_size,

@@ -1,70 +1,35 @@
 """torch.distributed rendezvous variables for a task started by SLURM (srun) or submitit's local executor.
 
 The trainer (:mod:`pipeline.distributed`) only reads the standard variables ``MASTER_ADDR``, ``MASTER_PORT``,
-``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; everything SLURM-specific lives here:
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; this module exports them inside a submitted task:
 
 * ranks come from ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` (or submitit's local equivalents),
-* ``MASTER_ADDR`` is the *address* of the job's first node — ``NodeAddr`` from ``scontrol show node``,
+* ``MASTER_ADDR`` is the *address* of the step's first node — ``NodeAddr`` from ``scontrol show node``,
   because node names need not resolve (several slurmd "nodes" may share one host),
 * ``MASTER_PORT`` is derived from the job id, so every task of a job (and of its requeued runs) agrees on it
   without talking to each other, and two jobs on one node rarely collide.
+
+The address/port functions live in :mod:`pipeline.distributed` (``srun python pipeline/train.py`` uses them
+too); unlike that path, exported ``MASTER_ADDR`` / ``MASTER_PORT`` are ignored here, since a submitted job
+inherits the submitting shell's environment.
 """
 from __future__ import annotations
 
 import os
-import re
 import socket
-import subprocess
 
-PORT_BASE = 20000
-PORT_SPAN = 20000
-
-
-def port_for_job(job_id: str | int) -> int:
-    """Deterministic rendezvous port in [PORT_BASE, PORT_BASE + PORT_SPAN) from a (possibly array) job id."""
-    digits = [int(x) for x in re.findall(r"\d+", str(job_id))] or [0]
-    key = digits[0] * 1009 + (digits[1] if len(digits) > 1 else 0)
-    return PORT_BASE + key % PORT_SPAN
-
-
-def expand_hostlist(nodelist: str) -> list[str]:
-    """``"n[1-2],gpu03"`` -> ``["n1", "n2", "gpu03"]`` (scontrol if available, else submitit's parser)."""
-    if not nodelist:
-        return []
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    from submitit.slurm.slurm import _parse_node_list
-
-    return _parse_node_list(nodelist)
-
-
-def node_address(node: str) -> str:
-    """``NodeAddr`` of a SLURM node (falls back to the node name when scontrol cannot tell)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, timeout=30)
-        match = re.search(r"\bNodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
-        if match:
-            return match.group(1)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return node
+# one implementation, shared with ``srun python pipeline/train.py`` (pipeline.distributed.detect_env)
+from pipeline.distributed import (  # noqa: F401 - re-exported for callers of this module
+    PORT_BASE, PORT_SPAN, expand_hostlist, node_address, port_for_job, slurm_master_addr, slurm_master_port)
 
 
 def torch_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The rendezvous variables for the current task (does not modify the environment)."""
     env = os.environ if environ is None else environ
     if "SLURM_PROCID" in env and "SLURM_JOB_ID" in env and env.get("SUBMITIT_EXECUTOR", "slurm") == "slurm":
-        nodes = expand_hostlist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
-        master = node_address(nodes[0]) if nodes else "127.0.0.1"
-        job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}"
         return dict(
-            MASTER_ADDR=master,
-            MASTER_PORT=str(port_for_job(job_id or env["SLURM_JOB_ID"])),
+            MASTER_ADDR=slurm_master_addr(env),
+            MASTER_PORT=str(slurm_master_port(env)),
             RANK=env["SLURM_PROCID"],
             WORLD_SIZE=env.get("SLURM_NTASKS", "1"),
             LOCAL_RANK=env.get("SLURM_LOCALID", "0"),

@@ -9,6 +9,8 @@ One task per GPU (``--gpus-per-node``; on CPU nodes ``--tasks-per-node``). Each 
 torch.distributed rendezvous variables from SLURM (:mod:`launchers.dist_env`) and runs
 ``pipeline.train.main`` with ``--resume auto`` (:mod:`launchers.train_job`): on the time-limit/preemption signal
 the run checkpoints and requeues itself, at most ``--max-requeues`` times, continuing the same MLflow run.
+That run is created at submission (in the store the job writes to) and its id printed with the job id; the job
+continues it. ``--dry-run`` creates nothing.
 
 Everything that can be checked is checked before submission, each failure one line (exit code 2): node/task
 counts, the SLURM time format, the model name (timm registry), the data folder, the whole training config and
@@ -58,6 +60,8 @@ class Plan:
     tracking_uri: str
     experiment: str
     checks: list[str] = field(default_factory=list)
+    run_name: str | None = None  # MLflow run name; None: tracking disabled
+    mlflow_run_id: str | None = None  # set by submit(): the run created for this job
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -261,7 +265,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     return Plan(cluster=args.cluster, executor_params=params, train_argv=train_argv, run_dir=run_dir,
                 folder=folder, world_size=world, max_requeues=args.max_requeues, config_yaml=cfg.to_yaml(),
                 deepspeed=ds, tracking_uri=default_uri(run_dir, cfg.tracking.uri) if cfg.tracking.enabled else
-                "(tracking disabled)", experiment=cfg.tracking.experiment, checks=checks)
+                "(tracking disabled)", experiment=cfg.tracking.experiment, checks=checks,
+                run_name=(cfg.tracking.run_name or run_dir.name) if cfg.tracking.enabled else None)
 
 
 def _flag_overrides(args) -> list[str]:
@@ -276,7 +281,8 @@ def describe(p: Plan) -> str:
 
     lines = [f"cluster: {p.cluster}", f"run dir: {p.run_dir}", f"submitit folder: {p.folder}",
              f"world size: {p.world_size}", f"max requeues: {p.max_requeues}",
-             f"MLflow: {p.tracking_uri} (experiment {p.experiment!r})", "checks:"]
+             f"MLflow: {p.tracking_uri} (experiment {p.experiment!r}; the run is created at submission)",
+             "checks:"]
     lines += [f"  {c}" for c in p.checks]
     lines.append("executor parameters: " + json.dumps(p.executor_params, sort_keys=True))
     if p.cluster == "slurm" and shutil.which("sbatch"):
@@ -292,17 +298,55 @@ def describe(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def create_mlflow_run(p: Plan) -> str | None:
+    """Create the job's MLflow run now, on the submitting host, in the store the job will write to."""
+    if p.run_name is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(p.tracking_uri)
+    exp = client.get_experiment_by_name(p.experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(p.experiment)
+    run_id = client.create_run(exp_id, run_name=p.run_name, tags={"launcher.cluster": p.cluster}).info.run_id
+    client.update_run(run_id, status="SCHEDULED")  # queued; the trainer marks it RUNNING when it starts
+    return run_id
+
+
+def end_mlflow_run(p: Plan, status: str) -> None:
+    """Mark the submitted run ended (the job failed or was never submitted) unless the trainer already did."""
+    if p.mlflow_run_id is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(p.tracking_uri)
+    if client.get_run(p.mlflow_run_id).info.status in ("RUNNING", "SCHEDULED"):
+        client.set_terminated(p.mlflow_run_id, status=status)
+
+
 def submit(p: Plan):
-    """Submit the plan; returns the submitit job (one task per rank)."""
+    """Create the MLflow run (``p.mlflow_run_id``), submit the plan; returns the submitit job (one task per rank).
+
+    The job continues that run (``TrainJob`` passes its id as ``MLFLOW_RUN_ID``), requeued runs too."""
     from launchers.executor import make_executor
     from launchers.train_job import TrainJob
 
     p.run_dir.mkdir(parents=True, exist_ok=True)
     executor = make_executor(p.folder, p.cluster, **p.executor_params)
-    job = executor.submit(TrainJob(p.train_argv, str(p.run_dir), p.max_requeues))
+    p.mlflow_run_id = create_mlflow_run(p)
+    task = TrainJob(p.train_argv, str(p.run_dir), p.max_requeues, mlflow_run_id=p.mlflow_run_id,
+                    tracking_uri=p.tracking_uri if p.mlflow_run_id else None)
+    try:
+        job = executor.submit(task)
+    except BaseException:
+        end_mlflow_run(p, "FAILED")
+        raise
+    if p.mlflow_run_id is not None:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(p.tracking_uri).set_tag(p.mlflow_run_id, "launcher.job_id", job.job_id)
     record = {"job_id": job.job_id, "cluster": p.cluster, "folder": str(p.folder), "time": time.time(),
               "train_argv": p.train_argv, "executor_params": p.executor_params,
-              "tracking_uri": p.tracking_uri, "experiment": p.experiment}
+              "tracking_uri": p.tracking_uri, "experiment": p.experiment, "mlflow_run_id": p.mlflow_run_id}
     with open(p.run_dir / "submissions.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return job
@@ -325,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     if job.num_tasks > 1:
         print(f"logs (rank k): {str(first.stdout).replace('_0_log', '_<k>_log')}")
     print(f"run dir: {p.run_dir}")
-    print(f"MLflow: {p.tracking_uri} experiment {p.experiment!r}; run id in {p.run_dir}/final_metrics.json "
-          f"(mlflow_run_id) once the run ends, and in every checkpoint")
+    if p.mlflow_run_id is not None:
+        print(f"MLflow: {p.tracking_uri} experiment {p.experiment!r} run {p.mlflow_run_id}")
+    else:
+        print("MLflow: tracking disabled")
     if not args.wait:
         return 0
     from launchers.executor import JobFailedError, wait_for
@@ -335,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         results = wait_for(job)
     except JobFailedError as e:
         print(f"job {job.job_id} failed:\n{e.text}", file=sys.stderr)
+        end_mlflow_run(p, "FAILED")
         return 1
     summary = results[0] if isinstance(results, list) else results
     print(f"finished: global_step={summary.get('global_step')} MLflow run {summary.get('mlflow_run_id')}")

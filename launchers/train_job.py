@@ -2,7 +2,8 @@
 
 :class:`TrainJob` is a :class:`submitit.helpers.Checkpointable`: its :meth:`TrainJob.checkpoint` returns a
 ``DelayedSubmission`` of itself that resumes (``--resume auto``), so a requeued job continues from the newest
-complete checkpoint and keeps the same MLflow run (the trainer stores the run id in the checkpoint).
+complete checkpoint and keeps the same MLflow run (the trainer stores the run id in the checkpoint; before the
+first checkpoint, the run the launcher created at submission is passed as ``MLFLOW_RUN_ID``).
 
 Signals (SLURM sends them to every task of the job):
 
@@ -81,22 +82,35 @@ def with_resume_auto(argv: list[str]) -> list[str]:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """``TrainJob(argv, run_dir, max_requeues)()`` runs ``pipeline.train.main(argv)`` in one task of a job."""
+    """``TrainJob(argv, run_dir, max_requeues)()`` runs ``pipeline.train.main(argv)`` in one task of a job.
 
-    def __init__(self, argv: list[str], run_dir: str, max_requeues: int = 3):
+    ``mlflow_run_id`` / ``tracking_uri``: the MLflow run the launcher created at submission and its store; the
+    task exports them as ``MLFLOW_RUN_ID`` / ``MLFLOW_TRACKING_URI`` so the trainer continues that run (a
+    checkpoint's run id, the same one, takes precedence on resume) instead of creating its own.
+    """
+
+    def __init__(self, argv: list[str], run_dir: str, max_requeues: int = 3, mlflow_run_id: str | None = None,
+                 tracking_uri: str | None = None):
         self.argv = list(argv)
         self.run_dir = str(run_dir)
         self.max_requeues = int(max_requeues)
+        self.mlflow_run_id = mlflow_run_id
+        self.tracking_uri = tracking_uri
 
     # submitit calls this (through our own handler below) to get what the requeued job should run
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(TrainJob(with_resume_auto(self.argv), self.run_dir,
-                                                           self.max_requeues))
+                                                           self.max_requeues, self.mlflow_run_id,
+                                                           self.tracking_uri))
 
     def __call__(self) -> dict[str, Any]:
         from pipeline import train
 
         dist = setup_torch_dist_env()
+        if self.mlflow_run_id:
+            os.environ["MLFLOW_RUN_ID"] = self.mlflow_run_id
+        if self.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
         rank = int(dist["RANK"])
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if rank == 0:
@@ -112,7 +126,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         # asks the trainer to checkpoint at the next step (a collective), then rank 0 requeues
         for name in (*REQUEUE_SIGNALS, "SIGTERM"):  # the trainer re-installs TERM/USR1 itself later
             signal.signal(getattr(signal, name), train.request_stop)
-        summary = train.main(with_resume_auto(self.argv))
+        summary = train.main(with_resume_auto(self.argv))  # if it raises, the trainer ended its MLflow run FAILED
         if summary.get("exit_code") != train.EXIT_PREEMPTED:
             return summary
         self._after_preemption(rank, summary)

@@ -2,13 +2,22 @@
 
 ``deepspeed`` must not be imported before :func:`prepare_accelerator_env` has run: on machines without CUDA it
 selects DeepSpeed's CPU accelerator (gloo backend) through ``DS_ACCELERATOR``.
+
+Under ``srun python pipeline/train.py`` (no torchrun, no submitit) ranks come from ``SLURM_PROCID`` /
+``SLURM_NTASKS`` / ``SLURM_LOCALID``, ``MASTER_ADDR`` is the ``NodeAddr`` of the step's first node and
+``MASTER_PORT`` is derived from the job id (:func:`slurm_master_addr`, :func:`slurm_master_port`; the submitit
+launcher in ``launchers/dist_env.py`` uses the same functions). Exported ``MASTER_ADDR`` / ``MASTER_PORT`` win.
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import os
+import re
 import socket
+import subprocess
 from dataclasses import dataclass
+from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -41,23 +50,80 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
-    if not nodelist:
-        return "127.0.0.1"
-    try:  # scontrol expands "node[01-04]" properly when available
-        import subprocess
+# ----------------------------------------------------------------------------------------- SLURM rendezvous
+# The one implementation of "where does rank 0 of a SLURM step listen": used by ``srun python pipeline/train.py``
+# (``detect_env`` below) and by the submitit launcher (:mod:`launchers.dist_env`).
+PORT_BASE = 20000
+PORT_SPAN = 20000
 
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
+
+def port_for_job(job_id: str | int, step: int | None = None) -> int:
+    """Deterministic rendezvous port in [PORT_BASE, PORT_BASE + PORT_SPAN) from a (possibly array) job id.
+
+    Every task of a step computes the same port without talking to the others; two jobs (or array elements, or
+    two concurrent steps of one job) sharing a node get different ports (modulo rare hash collisions)."""
+    digits = [int(x) for x in re.findall(r"\d+", str(job_id))] or [0]
+    key = digits[0] * 1009 + (digits[1] if len(digits) > 1 else 0) + 4001 * (step or 0)
+    return PORT_BASE + key % PORT_SPAN
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """``"n[1-2],gpu03"`` -> ``["n1", "n2", "gpu03"]`` (``scontrol show hostnames``, else submitit's parser)."""
+    if not nodelist:
+        return []
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()
     except (OSError, subprocess.SubprocessError):
         pass
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
-    return head
+    try:
+        from submitit.slurm.slurm import _parse_node_list
+    except ImportError:  # the trainer does not need submitit: the first entry is all we use anyway
+        head = nodelist.split(",")[0]
+        if "[" in head:
+            prefix, rest = head.split("[", 1)
+            head = prefix + re.split(r"[-,\]]", rest)[0]
+        return [head]
+    return _parse_node_list(nodelist)
+
+
+def node_address(node: str) -> str:
+    """``NodeAddr`` of a SLURM node (falls back to the node name when scontrol cannot tell).
+
+    Node names need not resolve (several slurmd "nodes" may share a host, or names are only known to SLURM)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, timeout=30)
+        match = re.search(r"\bNodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
+        if match:
+            return match.group(1)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return node
+
+
+@functools.lru_cache(maxsize=8)
+def _first_node_address(nodelist: str) -> str:
+    nodes = expand_hostlist(nodelist)
+    return node_address(nodes[0]) if nodes else "127.0.0.1"
+
+
+def slurm_master_addr(environ: Mapping[str, str] | None = None) -> str:
+    """Address of the first node of the current SLURM step (rank 0 runs there with block distribution)."""
+    env = os.environ if environ is None else environ
+    return _first_node_address(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "")
+
+
+def slurm_master_port(environ: Mapping[str, str] | None = None) -> int:
+    """Rendezvous port of the current SLURM step, from the (array) job id and the step id."""
+    env = os.environ if environ is None else environ
+    job_id = env.get("SLURM_JOB_ID", "0")
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', 0)}"
+    step = env.get("SLURM_STEP_ID", "")
+    # the batch/extern/interactive pseudo-steps have huge ids (0xfffffffa..): they count as step 0
+    return port_for_job(job_id, int(step) if step.isdigit() and int(step) < 2**31 else 0)
 
 
 def detect_env() -> DistEnv:
@@ -66,9 +132,16 @@ def detect_env() -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or _slurm_master_addr(), int(env.get("MASTER_PORT", 29500)), "slurm")
+    # srun python pipeline/train.py: only inside a job *step* -- a batch script or salloc shell also has
+    # SLURM_PROCID=0 and SLURM_NTASKS=N but runs a single process (it would wait for N - 1 absent ranks)
+    step_tasks = 1
+    if "SLURM_STEP_ID" in env:
+        step_tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if "SLURM_PROCID" in env and step_tasks > 1:
+        # MASTER_ADDR / MASTER_PORT win when set (e.g. exported in the batch script)
+        return DistEnv(int(env["SLURM_PROCID"]), step_tasks, int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR") or slurm_master_addr(env),
+                       int(env.get("MASTER_PORT") or slurm_master_port(env)), "slurm")
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 

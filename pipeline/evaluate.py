@@ -8,10 +8,20 @@ Standalone, over a DeepSpeed checkpoint (any ZeRO stage) or an exported ``.safet
 
     python -m pipeline.evaluate runs/demo --data runs/demo/data --resolutions 64 96 128
     torchrun --nproc_per_node 2 -m pipeline.evaluate runs/demo/export/model.safetensors --data DATA
+    deepspeed --num_gpus 2 pipeline/evaluate.py runs/demo --data DATA
+    python -m pipeline.evaluate runs/demo --ema          # the checkpoint's EMA weights (run.ema=true)
+
+The input pipeline is the one the trainer evaluated with, from the run's resolved config (the checkpoint's
+``train_config.yaml``, or the copy an export carries): ``aug.crop_pct``, ``aug.eval_interpolation``,
+``aug.mean``/``aug.std``, the ``data`` section (root, format, val split, eval batch size, workers, decoding
+options) and the resolutions (the final training resolution + ``eval.resolutions``); ``eval.max_batches`` is not
+applied (the whole val split is scored). Command-line flags override single settings; an export without a
+config uses the defaults. The settings used are printed first.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -65,8 +75,9 @@ def format_table(results: dict[int, dict[str, float]], train_res: int | None = N
     return "\n".join(lines)
 
 
-def load_model(path: str | Path):
-    """A plain fp32 timm model from an export (.safetensors) or a DeepSpeed checkpoint / run dir."""
+def load_model(path: str | Path, ema: bool = False):
+    """A plain fp32 timm model from an export (.safetensors) or a DeepSpeed checkpoint / run dir (``ema``: the
+    checkpoint's EMA weights)."""
     import timm
 
     import pipeline.models  # noqa: F401
@@ -74,45 +85,134 @@ def load_model(path: str | Path):
 
     path = Path(path)
     if path.suffix == ".safetensors":
+        if ema:
+            raise ValueError(f"--ema: {path} is an export; export the EMA weights with `python -m pipeline.export "
+                             f"RUN --ema` and evaluate that file")
         model, meta = export_mod.load_export(path)
         return model, meta["model"]
     ckpt = export_mod.resolve_checkpoint(path)
     name, kwargs = export_mod.checkpoint_model_spec(ckpt)
     model = timm.create_model(name, **kwargs)
-    model.load_state_dict(export_mod.consolidated_state_dict(ckpt))
+    model.load_state_dict(export_mod.ema_state_dict(ckpt) if ema else export_mod.consolidated_state_dict(ckpt))
     return model, name
+
+
+def stored_config(path: str | Path):
+    """(TrainConfig, where it was read) saved with the weights at ``path``: the checkpoint's ``train_config.yaml``
+    or the copy in an export's metadata; ``(None, why)`` when there is none."""
+    import yaml
+
+    from pipeline import export as export_mod
+    from pipeline.config import from_dict
+    from pipeline.recipe import TrainConfig
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        text, where = export_mod.read_meta(path).get("train_config"), f"{path} (export metadata)"
+    else:
+        yml = export_mod.resolve_checkpoint(path) / "train_config.yaml"
+        text, where = (yml.read_text() if yml.is_file() else None), str(yml)
+    if text is None:
+        return None, f"no training config stored with {path}"
+    return from_dict(TrainConfig, yaml.safe_load(text)), where
+
+
+def eval_settings(path: str | Path, data_flags: dict, aug_flags: dict, resolutions: Sequence[int] | None = None):
+    """(DataConfig, AugConfig, resolutions, where they came from) for evaluating the weights at ``path`` like the
+    trainer did: its run config's ``data``/``aug`` sections and final evaluation resolutions (without a config:
+    the defaults), each overridden by a flag that is not None (``data_flags``/``aug_flags``: field -> value)."""
+    from pipeline.config import ConfigError, validate
+    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.schedules import ResolutionSchedule
+
+    cfg, source = stored_config(path)
+    data_flags = {k: v for k, v in data_flags.items() if v is not None}
+    aug_flags = {k: v for k, v in aug_flags.items() if v is not None}
+    data_cfg = dataclasses.replace(cfg.data if cfg else DataConfig(eval_batch_size=128, num_workers=2), **data_flags)
+    aug_cfg = dataclasses.replace(cfg.aug if cfg else AugConfig(), **aug_flags)
+    validate(data_cfg, "data.")
+    validate(aug_cfg, "aug.")
+    if not data_cfg.root:
+        raise ConfigError(f"data.root: pass --data ({source})")
+    flags = [f"data.{k}" for k in data_flags if k != "root"] + [f"aug.{k}" for k in aug_flags]
+    if resolutions is not None:
+        flags.append("resolutions")
+    else:
+        resolutions = [160, 224, 288, 384]
+        if cfg is not None:  # what the trainer's final evaluation scored
+            final_res = ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs).at(cfg.run.epochs - 1)[0]
+            resolutions = [final_res, *cfg.eval.resolutions]
+    origin = f"from {source}" if cfg else f"defaults: {source}"
+    return data_cfg, aug_cfg, list(resolutions), origin + (f"; command line: {', '.join(flags)}" if flags else "")
+
+
+def describe_settings(data_cfg, aug_cfg, resolutions: Sequence[int]) -> str:
+    return (f"crop_pct={aug_cfg.crop_pct} interpolation={aug_cfg.eval_interpolation} mean={list(aug_cfg.mean)} "
+            f"std={list(aug_cfg.std)} resolutions={sorted(set(resolutions))} format={data_cfg.format} "
+            f"val_split={data_cfg.val_split} batch_size={data_cfg.eval_batch_size} dtype={data_cfg.dtype} "
+            f"channels_last={data_cfg.channels_last} jpeg_draft={data_cfg.jpeg_draft}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="export .safetensors, checkpoint folder (step_*) or run dir")
-    p.add_argument("--data", required=True, help="data_prep output root")
-    p.add_argument("--format", default="wds", choices=["wds", "ffcv"])
-    p.add_argument("--resolutions", type=int, nargs="+", default=[160, 224, 288, 384])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (run.ema=true)")
+    p.add_argument("--data", default=None, help="data_prep output root (default: the run's data.root)")
+    p.add_argument("--format", default=None, choices=["wds", "ffcv"], help="the run's data.format, else wds")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None,
+                   help="the run's final training resolution + eval.resolutions, else 160 224 288 384")
+    p.add_argument("--batch-size", type=int, default=None, help="the run's data.eval_batch_size, else 128")
+    p.add_argument("--workers", type=int, default=None, help="the run's data.num_workers, else 2")
+    p.add_argument("--crop-pct", type=float, default=None, help="the run's aug.crop_pct, else 0.875")
+    p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear"],
+                   help="the run's aug.eval_interpolation, else bicubic")
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="the run's aug.mean, else ImageNet's")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="the run's aug.std, else ImageNet's")
     p.add_argument("--json", default=None, help="also write the results here")
+    # the deepspeed launcher passes --local_rank=N (ranks come from the environment, see detect_env)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from pipeline.config import from_dict
-    from pipeline.data.config import DataConfig
+    from pipeline.config import ConfigError
 
-    data_cfg = from_dict(DataConfig, {"format": args.format, "root": args.data, "eval_batch_size": args.batch_size,
-                                      "num_workers": args.workers}, prefix="data.")
-    from pipeline.distributed import destroy, detect_env, device as current_device, init_distributed
+    data_flags = {"root": args.data, "format": args.format, "eval_batch_size": args.batch_size,
+                  "num_workers": args.workers}
+    aug_flags = {"crop_pct": args.crop_pct, "eval_interpolation": args.interpolation,
+                 "mean": args.mean and tuple(args.mean), "std": args.std and tuple(args.std)}
+    try:
+        data_cfg, aug_cfg, resolutions, origin = eval_settings(args.model, data_flags, aug_flags, args.resolutions)
+    except ConfigError as e:
+        p.error(str(e))
+
+    from pipeline.distributed import (destroy, detect_env, device as current_device, init_distributed,
+                                      prepare_accelerator_env)
 
     env = detect_env()  # torchrun / deepspeed / SLURM variables, or a single process
     rank, world_size = env.rank, env.world_size
+    prepare_accelerator_env()  # before a checkpoint load imports deepspeed
+    if rank == 0:
+        print(f"eval settings ({origin}): {describe_settings(data_cfg, aug_cfg, resolutions)}", flush=True)
+    # Load the model and import the loaders *before* the process group exists: torch modules that timm imports
+    # lazily (torch.distributed._shard, ...) take ``group=dist.group.WORLD`` as a default argument, so importing
+    # them afterwards pins the group; destroy() could not free it and gloo's worker threads would outlive the
+    # interpreter, now and then aborting it at exit ("terminate called without an active exception").
+    try:
+        model, name = load_model(args.model, ema=args.ema)
+    except ValueError as e:  # --ema without EMA weights
+        p.error(str(e))
+    from pipeline.data.loader import build_eval_loader  # noqa: F401
+    if data_cfg.format == "ffcv":
+        from pipeline.data.ffcv_loader import import_ffcv
+
+        import_ffcv()
     if world_size > 1:
         init_distributed()
     device = current_device()
-    model, name = load_model(args.model)
     model.to(device).eval()
-    results = evaluate(model, data_cfg, resolutions=args.resolutions, rank=rank, world_size=world_size,
-                       crop_pct=args.crop_pct, device=device)
+    results = evaluate(model, data_cfg, resolutions=resolutions, rank=rank, world_size=world_size,
+                       crop_pct=aug_cfg.crop_pct, device=device, aug_cfg=aug_cfg)
     if rank == 0:
-        print(f"{name} from {args.model}")
+        print(f"{name} from {args.model}" + (" (EMA weights)" if args.ema else ""))
         print(format_table(results))
         if args.json:
             Path(args.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))

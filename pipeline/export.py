@@ -1,9 +1,11 @@
 """Export a DeepSpeed checkpoint (ZeRO 1, 2 or 3) to one consolidated fp32 ``safetensors`` state dict that
 ``timm.create_model(name, **kwargs).load_state_dict(...)`` accepts; model name + kwargs go into the file's
-metadata and a ``.json`` next to it.
+metadata and a ``.json`` next to it, with the resolved training config (``pipeline.evaluate`` takes its eval
+settings from there). ``--ema`` exports the checkpoint's EMA weights (``run.ema``) instead, the same way.
 
     python -m pipeline.export runs/demo/checkpoints/step_00000120 --out runs/demo/export/model.safetensors
     python -m pipeline.export runs/demo            # newest complete checkpoint -> runs/demo/export/
+    python -m pipeline.export runs/demo --ema      # -> runs/demo/export/<model>_<tag>_ema.safetensors
 """
 from __future__ import annotations
 
@@ -49,15 +51,29 @@ def consolidated_state_dict(ckpt: str | Path) -> dict[str, "torch.Tensor"]:  # n
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in sd.items()}
 
 
-def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
+def ema_state_dict(ckpt: str | Path) -> dict[str, "torch.Tensor"]:  # noqa: F821
+    """The fp32 EMA weights the trainer saved in the checkpoint's client state (rank 0's model-states file)."""
+    import torch
+
+    ckpt = Path(ckpt)
+    files = [ckpt / f for f in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    state = torch.load(next((f for f in files if f.is_file()), files[0]), map_location="cpu", weights_only=False)
+    if state.get("ema") is None:
+        raise ValueError(f"{ckpt} holds no EMA weights (the run was trained without run.ema=true)")
+    return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state["ema"].items()}
+
+
+def export(ckpt: str | Path, out: str | Path | None = None, ema: bool = False) -> Path:
     from safetensors.torch import save_file
 
     ckpt = resolve_checkpoint(ckpt)
     name, kwargs = checkpoint_model_spec(ckpt)
-    out = Path(out) if out else ckpt.parent.parent / "export" / f"{name}_{ckpt.name}.safetensors"
+    suffix = "_ema" if ema else ""
+    out = Path(out) if out else ckpt.parent.parent / "export" / f"{name}_{ckpt.name}{suffix}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    sd = consolidated_state_dict(ckpt)
-    meta = {"model": name, "model_kwargs": kwargs, "checkpoint": str(ckpt.resolve())}
+    sd = ema_state_dict(ckpt) if ema else consolidated_state_dict(ckpt)
+    meta = {"model": name, "model_kwargs": kwargs, "checkpoint": str(ckpt.resolve()),
+            "weights": "ema" if ema else "model", "train_config": (ckpt / "train_config.yaml").read_text()}
     tmp = out.with_name(out.name + ".tmp")
     save_file(sd, str(tmp), metadata={"cpvt": json.dumps(meta)})
     tmp.replace(out)
@@ -65,16 +81,22 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata :func:`export` stored in a ``.safetensors`` file (model name, kwargs, source, config)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["cpvt"])
+
+
 def load_export(path: str | Path):
     """Build the timm model recorded in an export and load its weights (strict)."""
     import timm
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     import pipeline.models  # noqa: F401 - registers cpvt_* in timm
 
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["cpvt"])
+    meta = read_meta(path)
     kwargs = dict(meta["model_kwargs"])
     kwargs["peg_positions"] = tuple(kwargs.get("peg_positions", (0,)))
     model = timm.create_model(meta["model"], **kwargs)
@@ -85,9 +107,15 @@ def load_export(path: str | Path):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint folder (step_*), checkpoints folder or run dir (newest complete)")
-    p.add_argument("--out", default=None, help="output .safetensors (default: <run_dir>/export/<model>_<tag>.safetensors)")
+    p.add_argument("--out", default=None,
+                   help="output .safetensors (default: <run_dir>/export/<model>_<tag>[_ema].safetensors)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with run.ema=true)")
     args = p.parse_args(argv)
-    out = export(args.checkpoint, args.out)
+    try:
+        out = export(args.checkpoint, args.out, ema=args.ema)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 

@@ -2,17 +2,23 @@
 
 Default store: ``sqlite:///<run_dir>/mlflow.db`` (``MLFLOW_TRACKING_URI`` or ``tracking.uri`` override it);
 ``make ui`` serves it. Other ranks get a :class:`NullTracker` and never create runs.
+Without a run id from a checkpoint, ``MLFLOW_RUN_ID`` (MLflow's own variable; the SLURM launcher creates the
+run at submission and passes its id this way) names an existing run to continue instead of creating one.
+A run whose trainer raised ends FAILED (KILLED on Ctrl-C) with the error in its ``error`` tag, see
+:func:`end_run_after_error`.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.config import flatten
 
 _MAX_PARAM_LEN = 6000
+_MAX_TAG_LEN = 5000   # MLflow's limit on a tag value
 
 
 def default_uri(run_dir: str | Path, uri: str | None = None) -> str:
@@ -73,10 +79,25 @@ class MLflowTracker(NullTracker):
         self.mlflow.end_run(status=status)
 
 
+def end_run_after_error(exc: BaseException) -> None:
+    """End the MLflow run this process has open after ``exc`` escaped the trainer: KILLED for a
+    KeyboardInterrupt, else FAILED, with ``"<type>: <message>"`` in the run's ``error`` tag (otherwise MLflow's
+    atexit hook would end it FINISHED). No-op without an open run (other ranks, tracking off, already ended)."""
+    mlflow = sys.modules.get("mlflow")  # imported by MLflowTracker only
+    if mlflow is None or mlflow.active_run() is None:
+        return
+    try:
+        mlflow.set_tag("error", (type(exc).__name__ + (f": {exc}" if str(exc) else ""))[:_MAX_TAG_LEN])
+    except Exception as e:  # noqa: BLE001 - the training error is the one to report
+        print(f"warning: could not record the error in MLflow: {e}", file=sys.stderr)
+    mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+
+
 def make_tracker(cfg, *, rank: int, run_id: str | None) -> NullTracker:
     """``cfg`` is the TrainConfig; returns a no-op tracker off rank 0 or when tracking is disabled."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
     return MLflowTracker(cfg.run.run_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                          run_name=cfg.tracking.run_name or Path(cfg.run.run_dir).name, run_id=run_id,
                          system_metrics=cfg.tracking.system_metrics)

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- training
 def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    from pipeline import tracking
     from pipeline.distributed import detect_env, init_distributed
 
     if ds_config is None:
@@ -91,11 +92,22 @@ def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None) -> dict[str, 
 
         ds_config = resolve_deepspeed_config(cfg, detect_env().world_size)
     num_classes = read_num_classes(cfg)
+    # timm (and the cpvt_* registry) before the process group exists, as in pipeline/evaluate.py: torch modules
+    # that timm imports lazily (torch.distributed._shard, ...) take ``group=dist.group.WORLD`` as a default
+    # argument, so importing them afterwards pins the group and gloo's threads can outlive destroy() and abort
+    # the process at exit
+    import timm  # noqa: F401
+
+    import pipeline.models  # noqa: F401
+
     env = init_distributed()
     install_stop_handlers()
     import deepspeed  # noqa: F401 - after init_distributed picked the accelerator
     try:
         return _train(cfg, ds_config, env, num_classes)
+    except (Exception, KeyboardInterrupt) as e:
+        tracking.end_run_after_error(e)  # FAILED / KILLED, not FINISHED by MLflow's atexit hook
+        raise
     finally:
         from pipeline.distributed import destroy
 
@@ -140,7 +152,9 @@ def _train(cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int) -
     if cfg.run.ema:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(engine.module, decay=cfg.run.ema_decay)
+        # fp32 EMA: a bf16/fp16 copy cannot hold (1 - decay) * (w - ema) updates (timm's bf16 fallback rounds them
+        # stochastically from a private RNG that a checkpoint would not restore, so resume would not be exact)
+        ema = ModelEmaV3(engine.module, decay=cfg.run.ema_decay, dtype=torch.float32)
     res_schedule = ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs)
     lr_scheduler = LRScheduler(LRSchedule(cfg.schedule.lr, cfg.run.epochs), engine.optimizer)
     if cfg.aug.mixup_active:
@@ -197,10 +211,11 @@ def _train(cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int) -
         results = evaluation.evaluate(engine, cfg.data, resolutions=(res, *cfg.eval.resolutions), rank=rank,
                                       world_size=world, crop_pct=cfg.aug.crop_pct, device=device,
                                       input_dtype=input_dtype, max_batches=cfg.eval.max_batches, aug_cfg=cfg.aug)
-        if ema is not None:  # the EMA weights at the training resolution
+        if ema is not None:  # the (fp32) EMA weights at the training resolution
             ema_res = evaluation.evaluate(ema.module.eval(), cfg.data, resolutions=(res,), rank=rank,
                                           world_size=world, crop_pct=cfg.aug.crop_pct, device=device,
-                                          input_dtype=input_dtype, max_batches=cfg.eval.max_batches, aug_cfg=cfg.aug)
+                                          input_dtype=torch.float32, max_batches=cfg.eval.max_batches,
+                                          aug_cfg=cfg.aug)
             tracker.log_metrics({"eval_ema/top1": ema_res[res]["top1"]}, step=global_step)
             log.line(f"EMA top-1 at {res}px: {ema_res[res]['top1']:.2f}")
         engine.train()

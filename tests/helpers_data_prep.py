@@ -65,3 +65,29 @@ def read_split_plain(out: Path, split: str) -> tuple[list[str], dict[str, int], 
             keys.append(key)
             labels[key] = int(s["cls"])
     return keys, labels, entry["shard_sha256"]
+
+
+def read_beton(path: Path) -> list[tuple[int, int, int, int, bytes]]:
+    """Every sample of a .beton as (label, image mode (0 raw, 1 jpg), width, height, stored image bytes), in
+    file order, through ffcv's own ``Reader`` (header, metadata, allocation table) and nothing else: the image
+    bytes are the allocation at the sample's ``data_ptr`` (raw pixels or the JPEG, exactly as stored)."""
+    import numpy as np
+    import torch
+
+    threads = torch.get_num_threads()
+    from ffcv.reader import Reader
+
+    torch.set_num_threads(threads)   # importing ffcv pins torch to one thread
+    r = Reader(str(path))
+    size_of = {(int(a["sample_id"]), int(a["ptr"])): int(a["size"]) for a in r.alloc_table}
+    raw = np.memmap(str(path), dtype=np.uint8, mode="r")
+    meta = {name: r.metadata[f"f{j}"] for j, name in enumerate(r.field_names)}   # columns are f0, f1, ...
+    out = []
+    for i in range(int(r.num_samples)):
+        img = meta["image"][i]
+        ptr = int(img["data_ptr"])
+        n = size_of[(i, ptr)]
+        out.append((int(meta["label"][i]), int(img["mode"]), int(img["width"]), int(img["height"]),
+                    bytes(raw[ptr:ptr + n])))
+    del raw
+    return out

@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 # 4 classes x 8 train images in 4 WebDataset shards of 8 (with 2 ranks each rank owns exactly 2 shards)
 NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SHARD = 4, 8, 4, 8
@@ -86,6 +87,19 @@ def run_train(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str = "ze
     return proc
 
 
+def run_job(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run any command of the pipeline (evaluate, export, a launcher) like a training job; fail on a non-zero exit."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd[:4])} ... failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def free_port() -> int:
+    return _free_port()
+
+
 def run_and_kill(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str, kill_at_step: int, *overrides: str,
                  timeout: int = 300) -> str:
     """Start a job and SIGKILL its whole process group once rank 0 printed ``step <kill_at_step>``."""
@@ -119,6 +133,12 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     ckpt = checkpointing.find_latest(run_dir / "checkpoints")
     assert ckpt is not None, f"no complete checkpoint in {run_dir}"
     return consolidated_state_dict(ckpt)
+
+
+def model_states(ckpt: Path) -> dict:
+    """DeepSpeed's model-states file of a checkpoint: ``module`` (the engine's working-precision weights) plus
+    the trainer's client state (``ema``, ``global_step``, ...)."""
+    return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
 
 
 def step_losses(stdout: str) -> list[float]:

@@ -23,6 +23,9 @@ def test_all_candidates_at_all_resolutions(result):
     assert set(payload["images_per_s"]) == keys == set(payload["spread"])
     assert all(v > 0 for v in payload["images_per_s"].values())
     assert doc["ratios"] == payload["ratios"] and doc["commit"]
+    ms = payload["transform_ms_per_image"]
+    assert set(ms) == {f"{p}@{r}" for p in ("timm", "ours") for r in bench_loaders.RESOLUTIONS}
+    assert all(v > 0 for v in ms.values())
 
 
 def test_ratios_and_verdicts_follow_from_the_rates(result):

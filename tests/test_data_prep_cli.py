@@ -14,7 +14,7 @@ import pytest
 from data_prep.__main__ import main
 from data_prep.verify import verify
 from data_prep.write_webdataset import write_webdataset
-from helpers_data_prep import PY, ROOT, read_split_plain, tiny_demo
+from helpers_data_prep import PY, ROOT, read_beton, read_split_plain, tiny_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -41,6 +41,8 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     (["wds", "--src", "{src}", "--out", "o", "--shard-max-count", "x"], "invalid int value: 'x'"),
     (["ffcv", "--src", "{src}", "--out", "o", "--write-mode", "png"], "error: --write-mode: 'png' is not one of"),
     (["ffcv", "--src", "{src}", "--out", "o", "--compress-probability", "2"], "--compress-probability: 2.0 must be"),
+    (["ffcv", "--src", "{src}", "--out", "o", "--cluster", "k8s"], "error: --cluster: 'k8s' is not one of"),
+    (["ffcv", "--src", "{src}", "--out", "o", "--cluster", "slurm", "--array-size", "0"], "--array-size: 0 must be"),
     (["make_demo_dataset", "--out", "o", "--val-layout", "kaggle"], "error: --val-layout: 'kaggle' is not one of"),
     (["verify", "/nonexistent"], "error: out: '/nonexistent' is not a directory"),
     (["convert"], "invalid choice: 'convert'"),
@@ -128,19 +130,46 @@ def test_wds_kill_and_resume_gives_a_clean_runs_shards(big_src, tmp_path):
     assert verify(out)["ok"]
 
 
+def _stamp(d: Path) -> dict:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(d.iterdir())}
+
+
 @pytest.mark.slow
-def test_ffcv_kill_and_rerun(big_src, tmp_path):
+def test_ffcv_kill_and_rerun(big_src, tmp_path, capsys):
+    """SIGKILL while val.beton is being written (train complete): the rerun keeps train.beton untouched, redoes
+    val, and both files hold exactly a clean run's samples (labels, sizes, stored image bytes, order)."""
     out = tmp_path / "out"
     args = ["ffcv", "--src", str(big_src), "--out", str(out), "--max-resolution", "64", "--workers", "2",
-            "--splits", "train"]
+            "--splits", "train,val"]
     fd = out / "ffcv"
     proc = _start(args, tmp_path / "run1.log")
-    _kill_when(proc, lambda: fd.is_dir() and any(".tmp." in p.name for p in fd.iterdir()))
+    _kill_when(proc, lambda: fd.is_dir() and any(p.name.startswith("val.beton.tmp.") for p in fd.iterdir()))
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "run1.log").read_text()[-2000:]
-    assert not (fd / "train.beton").exists() and not (fd / "train_manifest.json").exists()
+    assert (fd / "train.beton").exists() and (fd / "train_manifest.json").exists()
+    assert not (fd / "val.beton").exists() and not (fd / "val_manifest.json").exists()
     assert any(".tmp." in p.name for p in fd.iterdir())
+    train_stamp = _stamp(fd)["train.beton"]
+    capsys.readouterr()
     assert main([*args, "--no-progress"]) == 0   # rerun (the CLI entry point, in-process)
-    assert sorted(p.name for p in fd.iterdir()) == ["train.beton", "train_manifest.json"]
-    m = json.loads((fd / "train_manifest.json").read_text())
-    assert len(m["outputs"]["removed_stale"]) >= 1 and m["counts"]["written"] == 75 + 6 - 3
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["train"]["reused"] is True and summary["val"]["reused"] is False
+    assert sorted(p.name for p in fd.iterdir()) == ["train.beton", "train_manifest.json", "val.beton",
+                                                    "val_manifest.json"]
+    assert _stamp(fd)["train.beton"] == train_stamp   # the complete split was not rewritten
+    m = json.loads((fd / "val_manifest.json").read_text())
+    assert len(m["outputs"]["removed_stale"]) >= 1 and m["outputs"]["redo_reason"] == "no manifest"
+    assert json.loads((fd / "train_manifest.json").read_text())["counts"]["written"] == 75 + 6 - 3
+    # a clean run, through the array-job path of the CLI (submitit's in-process executor)
+    clean = tmp_path / "clean"
+    assert main([*args[:4], str(clean), *args[5:], "--cluster", "debug", "--no-progress"]) == 0
+    assert (clean / "logs" / "ffcv").is_dir()
+    for split in ("train", "val"):
+        got, ref = read_beton(fd / f"{split}.beton"), read_beton(clean / "ffcv" / f"{split}.beton")
+        assert len(got) == json.loads((fd / f"{split}_manifest.json").read_text())["counts"]["written"]
+        assert got == ref
     assert verify(out)["ok"]
+    before = _stamp(fd)
+    capsys.readouterr()
+    assert main([*args, "--no-progress"]) == 0   # a third run finds everything complete
+    assert all(v["reused"] for v in json.loads(capsys.readouterr().out).values())
+    assert _stamp(fd) == before

@@ -1,9 +1,11 @@
-"""FFCV writing on a tiny real dataset, read back with ffcv.loader.Loader only (no project code)."""
+"""FFCV writing on a tiny real dataset, read back with ffcv.loader.Loader and ffcv.reader.Reader only (no project
+code); reuse of complete splits, redo of incomplete ones, the submitit array path."""
 from __future__ import annotations
 
 import gc
 import json
 import shutil
+import time
 from collections import Counter
 
 import numpy as np
@@ -13,9 +15,10 @@ import torch
 from data_prep.demo_dataset import BAD_KINDS, SKIPPED_KINDS
 from data_prep.verify import verify
 from data_prep.write_ffcv import write_ffcv
-from helpers_data_prep import expected_labels, tiny_demo
+from helpers_data_prep import expected_labels, read_beton, tiny_demo
 
 RES = 48
+KW = dict(max_resolution=RES, write_mode="proportion", compress_probability=0.5, progress=False)
 # numba's dispatcher finaliser inside ffcv's Loader raises a harmless KeyError at garbage collection
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -27,8 +30,7 @@ def prepared(tmp_path_factory):
     desc = tiny_demo(src)
     out = base / "out"
     threads = torch.get_num_threads()
-    manifests = write_ffcv(src, out, max_resolution=RES, write_mode="proportion", compress_probability=0.5,
-                           workers=2, progress=False)
+    manifests = write_ffcv(src, out, workers=2, **KW)
     assert torch.get_num_threads() == threads   # importing ffcv must not pin torch to one thread
     return src, desc, out, manifests
 
@@ -104,7 +106,92 @@ def test_rerun_replaces_stale_temp_files(prepared, tmp_path):
     o = tmp_path / "o"
     (o / "ffcv").mkdir(parents=True)
     (o / "ffcv" / "val.beton.tmp.1.dead").write_bytes(b"partial")
+    (o / "ffcv" / "val_manifest.json.tmp.2.dead").write_text('{"outputs": {')   # killed writing the manifest
+    (o / "classes.json.tmp.3.dead").write_text("{")
     m = write_ffcv(src, o, splits=("val",), max_resolution=RES, write_mode="jpg", workers=1, progress=False)
-    assert m["val"]["outputs"]["removed_stale"] == ["val.beton.tmp.1.dead"]
+    assert m["val"]["outputs"]["removed_stale"] == ["val.beton.tmp.1.dead", "val_manifest.json.tmp.2.dead"]
+    assert m["val"]["reused"] is False and m["val"]["outputs"]["redo_reason"] == "no manifest"
     assert sorted(p.name for p in (o / "ffcv").iterdir()) == ["val.beton", "val_manifest.json"]
+    assert sorted(p.name for p in o.iterdir()) == ["classes.json", "ffcv"]
     assert verify(o)["ok"]
+
+
+def _stamp(d):
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(d.iterdir())}
+
+
+def test_rerun_after_a_complete_write_reuses_it_untouched(prepared, tmp_path):
+    src, _, out, manifests = prepared
+    o = tmp_path / "o"
+    shutil.copytree(out, o)
+    fd = o / "ffcv"
+    before = _stamp(fd)
+    # a complete .beton under a temp name (a run killed between its last write and the rename) is never taken
+    # for the output: it is only deleted
+    shutil.copy(fd / "val.beton", fd / "val.beton.tmp.7.dead")
+    t0 = time.perf_counter()
+    again = write_ffcv(src, o, workers=2, **KW)
+    elapsed = time.perf_counter() - t0
+    assert _stamp(fd) == before   # same inodes and mtimes: neither .beton nor manifest was rewritten
+    for split in ("train", "val"):
+        assert again[split]["reused"] is True
+        assert again[split]["counts"] == manifests[split]["counts"]
+        assert again[split]["outputs"]["sha256"] == manifests[split]["outputs"]["sha256"]
+    assert again["val"]["outputs"]["removed_stale"] == ["val.beton.tmp.7.dead"]
+    assert elapsed < 10, elapsed   # a check (listing + sha256 + header), no probe pass and no write
+    assert verify(o)["ok"]
+
+
+@pytest.mark.parametrize("damage", ["manifest_lost", "beton_corrupted", "beton_lost", "other_params"])
+def test_incomplete_or_inconsistent_split_is_redone(prepared, tmp_path, damage):
+    src, _, out, manifests = prepared
+    o = tmp_path / "o"
+    shutil.copytree(out, o)
+    fd = o / "ffcv"
+    kw = dict(KW)
+    if damage == "manifest_lost":      # killed after the .beton's rename, before its manifest was written
+        (fd / "val_manifest.json").unlink()
+    elif damage == "beton_corrupted":  # same size, one flipped byte: only the sha256 tells
+        data = bytearray((fd / "val.beton").read_bytes())
+        data[-100] ^= 0xFF
+        (fd / "val.beton").write_bytes(bytes(data))
+    elif damage == "beton_lost":       # ... and a complete copy under a temp name is not renamed into place
+        (fd / "val.beton").rename(fd / "val.beton.tmp.99.dead")
+    else:                              # another plan: the old file is no output of this one
+        kw["jpeg_quality"] = 80
+    train_before = _stamp(fd)["train.beton"]
+    m = write_ffcv(src, o, workers=1, **kw)
+    assert m["train"]["reused"] is (damage != "other_params")
+    assert (_stamp(fd)["train.beton"] == train_before) is (damage != "other_params")
+    reason = {"manifest_lost": "no manifest", "beton_corrupted": "val.beton sha256 differs from the manifest",
+              "beton_lost": "val.beton missing", "other_params": "manifest is for another plan"}[damage]
+    assert m["val"]["reused"] is False and m["val"]["outputs"]["redo_reason"] == reason
+    assert json.loads((fd / "val_manifest.json").read_text())["outputs"]["sha256"] == m["val"]["outputs"]["sha256"]
+    assert m["val"]["outputs"]["removed_stale"] == (["val.beton.tmp.99.dead"] if damage == "beton_lost" else [])
+    assert not list(fd.glob("*.tmp.*"))
+    if damage != "other_params":       # the redone split holds exactly the clean run's samples
+        assert read_beton(fd / "val.beton") == read_beton(out / "ffcv" / "val.beton")
+    assert verify(o)["ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["local", "debug"])
+def test_submitit_array_one_job_per_split(prepared, tmp_path, cluster):
+    """The same executor code as the WebDataset array (data_prep.tasks.run_tasks); local: a real subprocess job
+    (val only: each job pays ffcv's numba import, ~10 s), debug: both splits in this process."""
+    src, _, out, _ = prepared
+    o = tmp_path / "o"
+    splits = ("val",) if cluster == "local" else ("train", "val")
+    run = dict(cluster=cluster, folder=tmp_path / "logs", executor_params={"timeout_min": 10}, workers=1,
+               splits=splits, **KW)
+    m = write_ffcv(src, o, **run)
+    for split in splits:
+        assert m[split]["params"]["cluster"] == cluster and m[split]["reused"] is False
+        assert read_beton(o / "ffcv" / f"{split}.beton") == read_beton(out / "ffcv" / f"{split}.beton")
+    if cluster == "local":   # the split really was written by a job in its own subprocess
+        assert len(list((tmp_path / "logs").glob("*_result.pkl"))) == 1
+        assert m["val"]["timings"]["import_ffcv_s"] > 0.5   # a fresh interpreter (this one has ffcv loaded)
+    assert verify(o)["ok"]
+    before = _stamp(o / "ffcv")
+    again = write_ffcv(src, o, **run)   # the rerun's array tasks find their splits complete
+    assert all(again[s]["reused"] for s in splits) and _stamp(o / "ffcv") == before

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,68 @@ def test_webdataset_library_read_back(prepared):
         assert img.mode == "RGB"
         got[key] = cls
     assert got == expected_labels(src, desc, "val") and len(got) == info["num_samples"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_plain_tar_command_lists_and_extracts_the_shards(prepared, tmp_path, split):
+    """GNU/BSD ``tar -tf`` / ``tar -xf`` (the real commands) read every shard; members are ``<key>.cls`` and
+    ``<key>.jpg`` (train keys are ``<wnid>/<stem>``, so they extract into one folder per class) and the
+    extracted bytes are exactly what ``webdataset.WebDataset`` returns."""
+    _, _, out, _ = prepared
+    info = _info(out)["splits"][split]
+    for name, length in zip(info["filenames"], info["shard_lengths"]):
+        shard = out / "wds" / name
+        listing = subprocess.run(["tar", "-tf", str(shard)], check=True, capture_output=True,
+                                 text=True).stdout.splitlines()
+        samples = list(webdataset.WebDataset([str(shard)], shardshuffle=False, empty_check=False))
+        keys = [x["__key__"] for x in samples]
+        assert len(keys) == len(set(keys)) == length
+        assert listing == [f"{k}.{ext}" for k in keys for ext in ("cls", "jpg")]
+        dest = tmp_path / name
+        dest.mkdir()
+        subprocess.run(["tar", "-xf", str(shard), "-C", str(dest)], check=True, capture_output=True)
+        assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == sorted(listing)
+        for x in samples:
+            assert set(x) >= {"jpg", "cls"}
+            assert (dest / f"{x['__key__']}.jpg").read_bytes() == x["jpg"]
+            assert (dest / f"{x['__key__']}.cls").read_bytes() == x["cls"]
+            assert Image.open(dest / f"{x['__key__']}.jpg").format == "JPEG"
+            assert 0 <= int((dest / f"{x['__key__']}.cls").read_text()) < _info(out)["num_classes"]
+
+
+def test_leftover_index_temp_files_are_ignored_and_removed(prepared, tmp_path):
+    """A kill while writing ``_info.json`` / a manifest / a shard record / ``classes.json`` leaves a temp file
+    (written atomically: temp + fsync + rename). The rerun never reads one, deletes them all, reuses every shard
+    and ends with the clean run's index."""
+    src, _, out, _ = prepared
+    o = tmp_path / "o"
+    shutil.copytree(out, o)
+    wd = o / "wds"
+    clean_info, clean_classes = _info(o), (o / "classes.json").read_text()
+    bogus = {**clean_info, "splits": {"val": {**clean_info["splits"]["val"], "num_samples": 1}}}
+    planted = {
+        wd / "_info.json.tmp.4242.dead": json.dumps(bogus),          # complete but wrong: must not be used
+        wd / "_info.json.tmp.4243.dead": json.dumps(clean_info)[:50],  # cut short by the kill
+        wd / "val_manifest.json.tmp.4242.dead": "{",
+        wd / "_parts" / "val-000001.tar.json.tmp.4242.dead": "{",
+        o / "classes.json.tmp.4242.dead": '{"classes": ["x"]}',
+    }
+    for path, text in planted.items():
+        path.write_text(text)
+    # the first run's index was never renamed into place (killed before), the split's manifest neither
+    (wd / "_info.json").unlink()
+    (wd / "val_manifest.json").unlink()
+    m = write_webdataset(src, o, workers=1, **KW)
+    assert _info(o) == clean_info and (o / "classes.json").read_text() == clean_classes
+    assert not [p for p in o.rglob("*") if ".tmp." in p.name]
+    removed = m["train"]["outputs"]["removed_stale"] + m["val"]["outputs"]["removed_stale"]
+    assert sorted(removed) == sorted(["_info.json.tmp.4242.dead", "_info.json.tmp.4243.dead",
+                                      "classes.json.tmp.4242.dead", "val_manifest.json.tmp.4242.dead",
+                                      "_parts/val-000001.tar.json.tmp.4242.dead"])
+    for split in ("train", "val"):
+        assert m[split]["timings"]["shards_written"] == 0
+        assert json.loads((wd / f"{split}_manifest.json").read_text())["counts"] == m[split]["counts"]
+    assert verify(o, decode=True)["ok"]
 
 
 def test_rerun_reuses_every_shard_and_verify_passes(prepared):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,10 @@ def _submit(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-def test_dry_run_prints_sbatch_parameters_and_training_config(capsys, tiny_data, tiny_recipe, tmp_path):
+def test_dry_run_prints_sbatch_parameters_and_training_config(capsys, tiny_data, tiny_recipe, tmp_path,
+                                                             monkeypatch):
+    store = tmp_path / "store" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")  # an explicit store: still left untouched
     rc, out, err = _submit(capsys, "--nodes", "4", "--gpus-per-node", "8", "--partition", "p", "--account", "acc",
                            "--qos", "high", "--constraint", "a100", "--time", "72:00:00", "--cpus-per-task", "10",
                            "--mem", "480", "--recipe", str(tiny_recipe), "--model", "cpvt_b", "--data",
@@ -44,7 +48,9 @@ def test_dry_run_prints_sbatch_parameters_and_training_config(capsys, tiny_data,
     assert "name: cpvt_b" in out and "weight_decay: 0.02" in out  # the validated training config
     assert '"train_batch_size": 128' in out  # the resolved DeepSpeed config
     assert "--resume auto" in out
+    assert f"MLflow: sqlite:///{store} (experiment 'cpvt'; the run is created at submission)" in out
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    assert not (tmp_path / "store").exists()  # ... and creates no MLflow run
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -92,6 +98,32 @@ def test_local_cluster_trains_through_the_same_path(tiny_data, tiny_recipe, tmp_
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["world_size"] == 2 and final["global_step"] == 2
     assert f"finished: global_step=2 MLflow run {final['mlflow_run_id']}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_debug_cluster_trains_in_process(tiny_data, tiny_recipe, tmp_path):
+    """--cluster debug: submitit's in-process executor, one rank, same TrainJob and trainer, the printed run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
+        env.pop(k, None)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "launchers/slurm_submit.py", "--cluster", "debug", "--recipe",
+                           str(tiny_recipe), "--data", str(tiny_data), "--run-dir", str(run_dir), "--time", "15",
+                           "--wait", "run.max_steps=2"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "on debug (1 tasks)" in proc.stdout
+    run_id = re.search(rf"^MLflow: sqlite:///{re.escape(str(run_dir))}/mlflow.db experiment 'cpvt' run (\w+)$",
+                       proc.stdout, re.M).group(1)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert (final["world_size"], final["global_step"], final["exit_code"]) == (1, 2, 0)
+    assert final["mlflow_run_id"] == run_id
+    assert f"finished: global_step=2 MLflow run {run_id}" in proc.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("cpvt").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED" and run.data.params["world_size"] == "1"
 
 
 def test_parse_time():
@@ -148,3 +180,34 @@ def test_requeues_are_bounded_per_run(tmp_path, monkeypatch):
         TrainJob(["--data", str(tmp_path)], str(tmp_path / "run"), max_requeues=2)()
     state = read_state(tmp_path / "run")
     assert state["requeues"] == 3 and state["events"][0]["restarts"] == 3
+
+
+def test_self_requeue_stops_at_max_requeues(tmp_path, monkeypatch):
+    """TrainJob's own requeue (USR2 -> checkpoint -> requeue): the bound is checked before anything is requeued.
+
+    The state is what two earlier runs of this job wrote (each requeued itself once); this run was stopped by
+    USR2 at step 7 and the trainer returned EXIT_PREEMPTED: a third requeue would exceed max_requeues=2."""
+    import signal
+
+    from launchers.train_job import RequeueLimitError, TrainJob, _write_state, read_state
+    from pipeline import train
+
+    run_dir = tmp_path / "run"
+    events = [{"event": e, "job_id": "41"} for e in ("start", "stopped", "requeue", "start", "stopped", "requeue",
+                                                      "start")]
+    _write_state(run_dir, {"requeues": 2, "events": events})
+    monkeypatch.setitem(train._STOP, "requested", True)  # what the USR2 handler recorded
+    monkeypatch.setitem(train._STOP, "signal", signal.SIGUSR2)
+    summary = {"exit_code": train.EXIT_PREEMPTED, "global_step": 7, "checkpoint": str(run_dir / "ckpt/step_7")}
+    job = TrainJob(["--data", str(tmp_path)], str(run_dir), max_requeues=2)
+    with pytest.raises(RequeueLimitError, match=r"ckpt/step_7 after 2 requeues \(max_requeues=2\); the "
+                                                r"checkpoint is saved: resubmit with --resume auto"):
+        job._after_preemption(0, summary)
+    state = read_state(run_dir)
+    assert state["requeues"] == 2  # not requeued again
+    assert state["events"][-1]["event"] == "stopped" and state["events"][-1]["signal"] == "SIGUSR2"
+    assert [e["event"] for e in state["events"]].count("requeue") == 2
+    # the requeued submission would carry the same MLflow run and resume automatically
+    nxt = TrainJob(["--resume", "none"], str(run_dir), 2, mlflow_run_id="abc", tracking_uri="sqlite:///x.db")
+    again = nxt.checkpoint().function
+    assert (again.argv, again.mlflow_run_id, again.tracking_uri) == (["--resume", "auto"], "abc", "sqlite:///x.db")

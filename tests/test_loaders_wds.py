@@ -92,11 +92,11 @@ def test_determinism_and_skip_with_workers(root):
 
 
 def test_skip_does_not_decode_skipped_samples(root, monkeypatch):
-    import pipeline.data.webdataset_loader as wl
+    import pipeline.data.transforms as T
 
     calls = []
-    real = wl.open_image
-    monkeypatch.setattr(wl, "open_image", lambda data: calls.append(1) or real(data))
+    real = T.open_image
+    monkeypatch.setattr(T, "open_image", lambda data: calls.append(1) or real(data))
     loader = _train(root)
     loader.set_epoch(0, 32, skip_batches=4)
     assert len(list(loader)) == len(loader) - 4
@@ -120,6 +120,29 @@ def test_resolution_and_batch_size_follow_set_epoch(root):
         assert len(shapes) == len(loader) == 48 // bs
         assert set(shapes) == {(bs, 3, res, res)}
     assert loader.dataloader is dataloader   # same objects, nothing rebuilt
+
+
+def test_persistent_workers_follow_set_epoch_and_match_a_fresh_loader(root):
+    """Workers are forked once; each epoch's settings (resolution, batch size, skip) still reach them, and a
+    long-lived loader's epoch equals a freshly built loader's epoch (nothing stale is carried over)."""
+    loader = _train(root, num_workers=2)
+    pids = None
+    for epoch, (res, bs, skip) in enumerate([(32, 8, 0), (48, 4, 0), (64, 8, 2), (32, 12, 1)]):
+        loader.set_epoch(epoch, res, batch_size=bs, skip_batches=skip)
+        batches = list(loader)
+        workers = loader.dataloader._iterator._workers
+        pids = pids or [w.pid for w in workers]
+        assert [w.pid for w in workers] == pids and all(w.is_alive() for w in workers)
+        assert [tuple(x.shape) for x, _ in batches] == [(bs, 3, res, res)] * (48 // bs - skip)
+        fresh = _train(root, num_workers=2)
+        fresh.set_epoch(epoch, res, batch_size=bs, skip_batches=skip)
+        assert _same(batches, list(fresh)), epoch
+    loader.set_epoch(9, 32)
+    next(iter(loader))                       # abandon an epoch midway: the next one starts clean
+    loader.set_epoch(10, 32)
+    fresh = _train(root, num_workers=2)
+    fresh.set_epoch(10, 32)
+    assert _same(list(loader), list(fresh))
 
 
 def test_odd_batch_with_mixup_rejected(root):

@@ -1,21 +1,29 @@
-"""Training through launchers/slurm_submit.py on a real local SLURM cluster: 2 nodes x 1 task (gloo, bf16, the
-shared tiny dataset), and a requeue mid-training that resumes the same run."""
+"""Training on a real local SLURM cluster: through launchers/slurm_submit.py 2 nodes x 1 task (gloo, bf16, the
+shared tiny dataset), a requeue mid-training that resumes the same run, a job that fails; and plain
+``srun python pipeline/train.py`` without submitit."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import submitit
 
 from helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures (shared tiny dataset)
 from launchers import slurm_submit
 from launchers.executor import job_infos, wait_for
 from launchers.train_job import read_state
+from pipeline.distributed import port_for_job
 from tests.slurm.fixtures import slurm_cluster  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # 32 train images / (batch 4 x 2 ranks)
 
 
@@ -27,12 +35,23 @@ def job_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-def _submit(tiny_data, tiny_recipe, run_dir: Path, *overrides: str):
-    plan = slurm_submit.plan(["--cluster", "slurm", "--nodes", "2", "--time", "20", "--signal-delay-s", "30",
-                              "--recipe", str(tiny_recipe), "--data", str(tiny_data), "--run-dir", str(run_dir),
-                              "--deepspeed-config", "deepspeed_configs/zero2_bf16.json", *overrides])
+def _submit(capsys, tiny_data, tiny_recipe, run_dir: Path, *overrides: str):
+    """``slurm_submit.py`` as its command line runs it; returns the plan, the job and the MLflow run id it printed."""
+    argv = ["--cluster", "slurm", "--nodes", "2", "--time", "20", "--signal-delay-s", "30", "--recipe",
+            str(tiny_recipe), "--data", str(tiny_data), "--run-dir", str(run_dir), "--deepspeed-config",
+            "deepspeed_configs/zero2_bf16.json", *overrides]
+    plan = slurm_submit.plan(argv)  # what main() resolves (side-effect free), for the checks below
     assert plan.world_size == 2
-    return plan, slurm_submit.submit(plan)
+    capsys.readouterr()
+    assert slurm_submit.main(argv) == 0
+    out = capsys.readouterr().out
+    job_id = re.search(r"^submitted job (\d+) on slurm \(2 tasks\)$", out, re.M).group(1)
+    run_id = re.search(rf"^MLflow: {re.escape(plan.tracking_uri)} experiment 'cpvt' run (\w+)$", out, re.M).group(1)
+    # the run exists from submission on, in the store the job writes to
+    _, runs = _mlflow_runs(plan)
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].data.tags["launcher.job_id"] == job_id
+    assert runs[0].info.status in ("SCHEDULED", "RUNNING")  # RUNNING once the trainer continued it
+    return plan, submitit.SlurmJob(plan.folder, job_id, tasks=(0, 1)), run_id
 
 
 def _mlflow_runs(plan):
@@ -43,15 +62,16 @@ def _mlflow_runs(plan):
     return client, client.search_runs([exp.experiment_id])
 
 
-def test_two_node_training_logs_one_mlflow_run(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path):
-    plan, job = _submit(tiny_data, tiny_recipe, tmp_path / "run", "run.epochs=2")
+def test_two_node_training_logs_one_mlflow_run(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path, capsys):
+    plan, job, run_id = _submit(capsys, tiny_data, tiny_recipe, tmp_path / "run", "run.epochs=2")
     summaries = wait_for(job, timeout=480)
     assert [s["world_size"] for s in summaries] == [2, 2]
     assert [s["global_step"] for s in summaries] == [2 * STEPS_PER_EPOCH] * 2
     assert summaries[0]["exit_code"] == 0
     client, runs = _mlflow_runs(plan)
+    # the job continued the run created (and printed) at submission: exactly one run
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].info.run_id == summaries[0]["mlflow_run_id"]
+    assert runs[0].info.run_id == summaries[0]["mlflow_run_id"] == run_id
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     assert runs[0].data.params["world_size"] == "2"
@@ -87,11 +107,12 @@ def _start_requeued_now(cluster, job, timeout: float = 120) -> None:
     cluster.run("scontrol", "update", f"JobId={job.job_id}", "StartTime=now")
 
 
-def test_preemption_and_requeue_resume_the_same_run(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path):
+def test_preemption_and_requeue_resume_the_same_run(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path,
+                                                    capsys):
     epochs = 8
     total = epochs * STEPS_PER_EPOCH
-    plan, job = _submit(tiny_data, tiny_recipe, tmp_path / "run", f"run.epochs={epochs}",
-                        "checkpoint.every_steps=2", "checkpoint.keep_last=2")
+    plan, job, run_id = _submit(capsys, tiny_data, tiny_recipe, tmp_path / "run", f"run.epochs={epochs}",
+                                "checkpoint.every_steps=2", "checkpoint.keep_last=2")
     ckpt_dir = plan.run_dir / "checkpoints"
     # 1) the time-limit / preemption notice (#SBATCH --signal=USR2@...): checkpoint, the job requeues itself
     _wait_for_checkpoint_after(job, ckpt_dir, 0)
@@ -121,8 +142,106 @@ def test_preemption_and_requeue_resume_the_same_run(slurm_cluster, job_env, tiny
     for stop in (events[1], events[4]):  # each run resumed from the checkpoint its predecessor saved on the signal
         assert f"(global {stop['global_step']})" in log
     client, runs = _mlflow_runs(plan)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == run_id
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, total + 1))  # continuous: nothing lost, nothing logged twice
     final = json.loads((plan.run_dir / "final_metrics.json").read_text())
     assert final["mlflow_run_id"] == runs[0].info.run_id and final["global_step"] == total
+
+
+def _srun(cluster, *cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``srun --nodes=2 --ntasks-per-node=1 --label CMD`` from a checkout (the job is cancelled if it hangs)."""
+    name = f"srun-test-{time.time_ns()}"
+    try:
+        return subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=1", "--time=5", f"--job-name={name}",
+                               "--kill-on-bad-exit=1", "--label", *cmd], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        cluster.run("scancel", f"--name={name}", check=False)
+
+
+RENDEZVOUS = ("import json, os; from pipeline.distributed import detect_env; "
+              "print(json.dumps({**detect_env().__dict__, 'job': os.environ['SLURM_JOB_ID'], "
+              "'node': os.environ['SLURMD_NODENAME']}))")
+
+
+def _rendezvous(text: str) -> list[dict]:
+    return sorted((json.loads(line.split(": ", 1)[1]) for line in text.splitlines() if ": {" in line),
+                  key=lambda e: e["rank"])
+
+
+def test_srun_rendezvous_uses_the_first_node_address_and_a_job_port(slurm_cluster, job_env, monkeypatch, tmp_path):
+    """``srun python ...`` without submitit: the same NodeAddr lookup as the launcher (node names "n1"/"n2" do
+    not resolve here), a port from the job id; an exported MASTER_PORT wins; a batch script is one process."""
+    proc = _srun(slurm_cluster, sys.executable, "-c", RENDEZVOUS, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    envs = _rendezvous(proc.stdout)
+    assert [(e["rank"], e["world_size"], e["local_rank"], e["source"]) for e in envs] == [(0, 2, 0, "slurm"),
+                                                                                           (1, 2, 0, "slurm")]
+    assert {e["node"] for e in envs} == {"n1", "n2"}
+    assert {e["master_addr"] for e in envs} == {"127.0.0.1"}
+    assert {e["master_port"] for e in envs} == {port_for_job(envs[0]["job"])}
+
+    monkeypatch.setenv("MASTER_PORT", "23456")
+    proc = _srun(slurm_cluster, sys.executable, "-c", RENDEZVOUS, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {e["master_port"] for e in _rendezvous(proc.stdout)} == {23456}
+    monkeypatch.delenv("MASTER_PORT")
+
+    # the batch script itself (no srun) sees SLURM_PROCID=0 SLURM_NTASKS=2 but is a single process
+    out = tmp_path / "batch.out"
+    script = tmp_path / "batch.sh"
+    script.write_text(f"#!/bin/bash\n{sys.executable} -c \"{RENDEZVOUS}\" | sed 's/^/0: /'\n")
+    slurm_cluster.run("sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", "--time=5", f"--chdir={ROOT}",
+                      f"--output={out}", str(script), timeout=120)
+    [batch] = _rendezvous(out.read_text())
+    assert (batch["rank"], batch["world_size"], batch["source"]) == (0, 1, "single"), out.read_text()
+
+
+def test_srun_train_py_two_nodes(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path):
+    """``srun python pipeline/train.py`` (no submitit): 2 nodes x 1 task, gloo, bf16 ZeRO-2, one epoch."""
+    run_dir = tmp_path / "run"
+    proc = _srun(slurm_cluster, sys.executable, "pipeline/train.py", "--recipe", str(tiny_recipe), "--data",
+                 str(tiny_data), "--run-dir", str(run_dir), "--deepspeed_config",
+                 "deepspeed_configs/zero2_bf16.json", "run.epochs=1")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "0: model cpvt_ti" in proc.stdout and "world=2 precision=bf16 zero=2" in proc.stdout
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert (final["world_size"], final["global_step"], final["exit_code"]) == (2, STEPS_PER_EPOCH, 0)
+    # both ranks joined: each saved its own ZeRO optimizer partition and RNG state in the final checkpoint
+    ckpt = Path(final["checkpoint"])
+    for rank in (0, 1):
+        assert (ckpt / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+        assert (ckpt / f"rng_rank{rank}.pt").is_file()
+    assert not (ckpt / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("cpvt").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    assert run.info.run_id == final["mlflow_run_id"]
+
+
+def test_failing_training_job_surfaces_its_error(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path):
+    """``slurm_submit.py --wait``: a data folder that passes every check before submission but whose shards are
+    missing (only the job finds out) -> the job's error text on stderr, exit code 1, the MLflow run FAILED."""
+    bad = tmp_path / "data"
+    (bad / "wds").mkdir(parents=True)
+    shutil.copy(tiny_data / "classes.json", bad)
+    for index in (tiny_data / "wds").glob("*.json"):  # _info.json lists shards that are not there
+        shutil.copy(index, bad / "wds")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "launchers/slurm_submit.py", "--cluster", "slurm", "--time", "10",
+                           "--recipe", str(tiny_recipe), "--data", str(bad), "--run-dir", str(run_dir), "--wait",
+                           "run.epochs=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    job_id = re.search(r"^submitted job (\d+) on slurm \(1 tasks\)$", proc.stdout, re.M).group(1)
+    run_id = re.search(r"^MLflow: .* run (\w+)$", proc.stdout, re.M).group(1)
+    assert f"job {job_id} failed:\n[task 0] raised:\n" in proc.stderr
+    assert (f"pipeline.config.ConfigError: data.root: shard {bad}/wds/train-000000.tar listed in _info.json does "
+            f"not exist") in proc.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("cpvt").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FAILED"

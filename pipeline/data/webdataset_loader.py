@@ -9,7 +9,8 @@ Training (resampled, every rank the same number of batches)
       its own shards first and then keeps *resampling* (with replacement, ``wds.ResampledShards``) from them,
       or from all shards when it was dealt none. Uneven shard counts therefore never starve a rank: every
       rank stops after exactly ``len(loader)`` batches (``islice``), with no collective needed;
-    * ``wds.tarfile_to_samples`` -> [``aug.repeats`` copies of each sample: DeiT's repeated augmentation]
+    * tar members -> samples (:func:`pipeline.data.tar_samples.tar_samples`, webdataset's sample format from a
+      leaner header reader) -> [``aug.repeats`` copies of each sample: DeiT's repeated augmentation]
       -> ``wds.shuffle`` (buffer seeded by the stream) -> skip -> decode/augment
       -> batch. Each batch's per-sample augmentation runs under a seed derived from the stream and the batch
       index, so the epoch is a pure function of (seed, epoch, rank, num_workers).
@@ -23,9 +24,10 @@ Validation (exact)
     ``_info.json`` locate it, so a rank opens only the shards it needs), split into contiguous blocks of
     batches per worker, padded to full batches and to the same batch count on every rank (label -1).
 
-JPEGs are decoded with PIL draft mode at the smallest DCT scale that still covers the target size: for
-training, the size of the sampled RandomResizedCrop box (:class:`pipeline.data.transforms.DraftRandomResizedCrop`),
-for validation the resize-before-center-crop size.
+JPEGs are decoded at the smallest DCT scale that still covers the target size: for training, the size of the
+sampled RandomResizedCrop box (:class:`pipeline.data.transforms.DraftRandomResizedCrop`, which decodes the
+bytes with OpenCV and resizes the crop with torchvision's uint8 kernel), for validation the
+resize-before-center-crop size (PIL draft mode).
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ from pipeline.data.base import EvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig
 from pipeline.data.mixup import make_seed, seeded
 from pipeline.data.shard_index import SplitIndex
-from pipeline.data.transforms import (decode_image, eval_scale_size, eval_transform, open_image,
-                                      train_transform_from_bytes)
+from pipeline.data.tar_samples import tar_samples
+from pipeline.data.transforms import decode_image, eval_scale_size, eval_transform, train_transform_from_bytes
 
 
 def _worker() -> tuple[int, int]:
@@ -94,27 +96,30 @@ def repeat_each(k: int):
 
 
 class _TrainStream(IterableDataset):
-    """Yields this rank's uint8 batches for the configured epoch (see module docstring)."""
+    """Yields this rank's uint8 batches for the configured epoch (see module docstring).
+
+    The epoch's settings live in a shared-memory tensor, so the DataLoader's persistent workers (forked once,
+    at the first epoch) see each :meth:`configure` made in the trainer's process before the next iteration."""
 
     def __init__(self, index: SplitIndex, data: DataConfig, aug: AugConfig, *, rank: int, world_size: int,
                  seed: int):
         super().__init__()
         self.index, self.data, self.aug = index, data, aug
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch, self.resolution, self.batch_size, self.num_batches, self.skip = 0, 224, 1, 0, 0
+        # epoch, resolution, batch size, batches in the epoch, batches to skip
+        self.settings = torch.tensor([0, 224, 1, 0, 0], dtype=torch.int64).share_memory_()
 
     def configure(self, *, epoch: int, resolution: int, batch_size: int, num_batches: int, skip: int) -> None:
-        self.epoch, self.resolution, self.batch_size = epoch, resolution, batch_size
-        self.num_batches, self.skip = num_batches, skip
+        self.settings.copy_(torch.tensor([epoch, resolution, batch_size, num_batches, skip], dtype=torch.int64))
 
-    def raw_samples(self, logical: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    def raw_samples(self, epoch: int, logical: int, num_workers: int) -> Iterator[dict[str, Any]]:
         """The still-encoded sample stream of one logical worker (shuffled, before skipping)."""
         stream = self.rank * num_workers + logical
-        stream_seed = make_seed(self.seed, self.epoch, self.rank, logical, num_workers)
+        stream_seed = make_seed(self.seed, epoch, self.rank, logical, num_workers)
         pipeline = wds.DataPipeline(
-            lambda: stream_shards(list(self.index.urls), seed=self.seed, epoch=self.epoch, stream=stream,
+            lambda: stream_shards(list(self.index.urls), seed=self.seed, epoch=epoch, stream=stream,
                                   num_streams=self.world_size * num_workers),
-            wds.tarfile_to_samples(),
+            tar_samples,
             *([repeat_each(self.aug.repeats)] if self.aug.repeats > 1 else []),
             wds.shuffle(self.data.shuffle_buffer, initial=self.data.shuffle_initial,
                         rng=random.Random(stream_seed)),
@@ -123,16 +128,17 @@ class _TrainStream(IterableDataset):
 
     def __iter__(self):
         worker, num_workers = _worker()
-        logical = (worker + self.skip) % num_workers
-        mine = range(logical, self.num_batches, num_workers)          # batch indices of the rank's epoch
-        skipped = len(range(logical, self.skip, num_workers))
-        bs, res = self.batch_size, self.resolution
-        stream_seed = make_seed(self.seed, self.epoch, self.rank, logical, num_workers)
-        samples = itertools.islice(self.raw_samples(logical, num_workers), skipped * bs, None)  # no decoding
+        epoch, res, bs, num_batches, skip = self.settings.tolist()
+        logical = (worker + skip) % num_workers
+        mine = range(logical, num_batches, num_workers)               # batch indices of the rank's epoch
+        skipped = len(range(logical, skip, num_workers))
+        stream_seed = make_seed(self.seed, epoch, self.rank, logical, num_workers)
+        raw = self.raw_samples(epoch, logical, num_workers)
+        samples = itertools.islice(raw, skipped * bs, None)          # skipped batches: never decoded
         transform = train_transform_from_bytes(self.aug, res, draft=self.data.jpeg_draft)
         for b in range(skipped, len(mine)):
             with seeded(make_seed(stream_seed, b)):   # per batch: skipping is whole batches, so this is exact
-                images, labels, keys = _decode_batch(samples, bs, lambda jpg: transform(open_image(jpg)))
+                images, labels, keys = _decode_batch(samples, bs, transform)
             if len(images) < bs:
                 raise RuntimeError(f"WebDataset stream ran dry after {b} batches (empty shards?)")
             yield _collate(images, labels, keys)
@@ -148,15 +154,16 @@ class WdsTrainLoader(TrainLoader):
         self.index = index
         self.dataset = _TrainStream(index, data, aug, rank=rank, world_size=world_size, seed=seed)
         nw = data.num_workers
-        # the DataLoader draws its workers' base seed from this generator, not from the trainer's global RNG
-        self.generator = torch.Generator()
+        # workers are forked once and kept across epochs (the epoch's settings reach them through shared
+        # memory); their base seed comes from this generator, not from the trainer's global RNG (augmentation
+        # is seeded per batch from (seed, epoch, rank, batch) anyway)
+        self.generator = torch.Generator().manual_seed(make_seed(seed, rank, 0xD1))
         self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=nw,
                                      prefetch_factor=data.prefetch_factor if nw > 0 else None,
                                      pin_memory=data.pin_memory and self.device.type == "cuda",
-                                     persistent_workers=False, generator=self.generator)
+                                     persistent_workers=nw > 0, generator=self.generator)
 
     def _configure(self) -> None:
-        self.generator.manual_seed(make_seed(self.seed, self.epoch, self.rank, 0xD1))
         self.dataset.configure(epoch=self.epoch, resolution=self.resolution, batch_size=self.batch_size,
                                num_batches=len(self), skip=self.skip_batches)
 
@@ -188,7 +195,7 @@ class _EvalStream(IterableDataset):
         first = max(i for i in range(len(self.index.urls)) if offsets[i] <= lo)
         last = min(i for i in range(len(self.index.urls)) if offsets[i + 1] >= hi)
         urls = list(self.index.urls[first:last + 1])
-        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), tar_samples)
         n = 0
         for sample in itertools.islice(iter(pipeline), lo - offsets[first], hi - offsets[first]):
             n += 1
