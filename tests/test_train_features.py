@@ -405,12 +405,19 @@ def test_interrupted_run_ends_killed(tmp_path):
     from pipeline import tracking
 
     tracking.end_run_after_error(KeyboardInterrupt())  # no run open: a no-op
+    previous_uri = mlflow.get_tracking_uri()
+    # a fresh store, and an explicit experiment in it: earlier tests in this process may have left another
+    # store's experiment id as MLflow's process-wide default
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    run_id = mlflow.start_run().info.run_id
     try:
-        tracking.end_run_after_error(KeyboardInterrupt())
+        experiment_id = mlflow.create_experiment("interrupted")
+        run_id = mlflow.start_run(experiment_id=experiment_id).info.run_id
+        try:
+            tracking.end_run_after_error(KeyboardInterrupt())
+        finally:
+            if mlflow.active_run() is not None:
+                mlflow.end_run()
+        run = mlflow.get_run(run_id)
     finally:
-        if mlflow.active_run() is not None:
-            mlflow.end_run()
-    run = mlflow.get_run(run_id)
+        mlflow.set_tracking_uri(previous_uri)
     assert run.info.status == "KILLED" and run.data.tags["error"] == "KeyboardInterrupt"
