@@ -28,7 +28,9 @@ def cpvt_ti():
     ('cpvt_ti', 5_681_512),
     ('cpvt_ti_gap', 5_681_320),
     ('cpvt_s', 21_978_856),
+    ('cpvt_s_gap', 21_978_472),
     ('cpvt_b', 86_424_040),
+    ('cpvt_b_gap', 86_423_272),
 ])
 def test_parameter_counts_match_paper(name, expected):
     with torch.device('meta'):  # shapes only: no memory, no init cost
