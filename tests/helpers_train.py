@@ -141,6 +141,18 @@ def model_states(ckpt: Path) -> dict:
     return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
 
 
+def data_without_shards(data: Path, dest: Path) -> Path:
+    """A copy of ``data``'s class list and WebDataset index without the shards: it passes every check made before
+    a job starts (``_info.json`` exists), and only the job, when it opens the first shard, finds out."""
+    import shutil
+
+    (dest / "wds").mkdir(parents=True)
+    shutil.copy(data / "classes.json", dest)
+    for index in (data / "wds").glob("*.json"):
+        shutil.copy(index, dest / "wds")
+    return dest
+
+
 def step_losses(stdout: str) -> list[float]:
     return [float(line.split("loss=")[1].split()[0]) for line in stdout.splitlines()
             if line.startswith("step ") and "loss=" in line]

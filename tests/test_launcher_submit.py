@@ -82,12 +82,18 @@ def test_missing_data_path_fails_before_submission(capsys, tiny_recipe, tmp_path
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow
-def test_local_cluster_trains_through_the_same_path(tiny_data, tiny_recipe, tmp_path):
-    """The script from a checkout, --cluster local: 2 submitit tasks, same TrainJob, rendezvous and trainer."""
+def _launcher_env() -> dict[str, str]:
+    """This process's environment without any rendezvous or MLflow settings, one OpenMP thread per rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
         env.pop(k, None)
+    return env
+
+
+@pytest.mark.slow
+def test_local_cluster_trains_through_the_same_path(tiny_data, tiny_recipe, tmp_path):
+    """The script from a checkout, --cluster local: 2 submitit tasks, same TrainJob, rendezvous and trainer."""
+    env = _launcher_env()
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "launchers/slurm_submit.py", "--cluster", "local", "--tasks-per-node",
                            "2", "--recipe", str(tiny_recipe), "--data", str(tiny_data), "--run-dir", str(run_dir),
@@ -103,9 +109,7 @@ def test_local_cluster_trains_through_the_same_path(tiny_data, tiny_recipe, tmp_
 @pytest.mark.slow
 def test_debug_cluster_trains_in_process(tiny_data, tiny_recipe, tmp_path):
     """--cluster debug: submitit's in-process executor, one rank, same TrainJob and trainer, the printed run."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
-        env.pop(k, None)
+    env = _launcher_env()
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "launchers/slurm_submit.py", "--cluster", "debug", "--recipe",
                            str(tiny_recipe), "--data", str(tiny_data), "--run-dir", str(run_dir), "--time", "15",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import submitit
 
+from helpers_train import data_without_shards
 from helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures (shared tiny dataset)
 from launchers import slurm_submit
 from launchers.executor import job_infos, wait_for
@@ -225,11 +225,7 @@ def test_srun_train_py_two_nodes(slurm_cluster, job_env, tiny_data, tiny_recipe,
 def test_failing_training_job_surfaces_its_error(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path):
     """``slurm_submit.py --wait``: a data folder that passes every check before submission but whose shards are
     missing (only the job finds out) -> the job's error text on stderr, exit code 1, the MLflow run FAILED."""
-    bad = tmp_path / "data"
-    (bad / "wds").mkdir(parents=True)
-    shutil.copy(tiny_data / "classes.json", bad)
-    for index in (tiny_data / "wds").glob("*.json"):  # _info.json lists shards that are not there
-        shutil.copy(index, bad / "wds")
+    bad = data_without_shards(tiny_data, tmp_path / "data")
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "launchers/slurm_submit.py", "--cluster", "slurm", "--time", "10",
                            "--recipe", str(tiny_recipe), "--data", str(bad), "--run-dir", str(run_dir), "--wait",

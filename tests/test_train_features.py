@@ -31,8 +31,8 @@ import torch
 
 from pipeline import checkpointing
 from tests.helpers_train import (DEEPSPEED, NUM_CLASSES, PY, ROOT, TORCHRUN, TRAIN_PER_CLASS, VAL_PER_CLASS,
-                                 final_params, free_port, job_env, model_states, run_job, run_train, step_losses,
-                                 tiny_data, tiny_recipe, train_cmd)  # noqa: F401
+                                 data_without_shards, final_params, free_port, job_env, model_states, run_job,
+                                 run_train, step_losses, tiny_data, tiny_recipe, train_cmd)  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -380,11 +380,7 @@ def test_crashed_training_ends_its_mlflow_run_failed(tiny_data, tiny_recipe, tmp
 
     from pipeline.train import EXIT_CONFIG
 
-    bad = tmp_path / "data"
-    (bad / "wds").mkdir(parents=True)
-    shutil.copy(tiny_data / "classes.json", bad)
-    for index in (tiny_data / "wds").glob("*.json"):  # _info.json lists shards that are not there
-        shutil.copy(index, bad / "wds")
+    bad = data_without_shards(tiny_data, tmp_path / "data")
     run_dir = tmp_path / "run"
     cmd = train_cmd(1, tiny_recipe, bad, run_dir, "zero2_bf16")
     proc = subprocess.run([PY, "-c", _CRASH_PROBE, *cmd[2:]], cwd=ROOT, env=job_env(), capture_output=True,
