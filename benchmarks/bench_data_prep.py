@@ -170,7 +170,8 @@ def run(n_images: int, n_large: int) -> dict:
 
 def print_table(r: dict) -> None:
     print(f"\ndata prep, {r['setup']['images']} ImageNet-sized JPEGs ({r['setup']['source_mb']:.1f} MiB), 1 worker "
-          f"(per core); load avg {r['machine'].get('load_avg_1m', float('nan')):.1f} on {r['machine']['cpu_count']} cpus")
+          f"(per core); load avg {r['machine'].get('load_avg_1m', float('nan')):.1f} "
+          f"on {r['machine']['cpu_count']} cpus")
     print(f"{'stage':<14}{'wall s':>9}{'cpu s':>9}{'img/s (wall)':>15}{'img/cpu-s':>12}")
     for k, v in r["per_core"].items():
         print(f"{k:<14}{v['wall_s']:>9.2f}{v['cpu_s']:>9.2f}{v['images_per_s']:>15.1f}{v['images_per_cpu_s']:>12.1f}")

@@ -73,11 +73,11 @@ def build_candidates(base: Path, *, batch_size: int, workers: int) -> tuple[dict
     from torchvision.datasets import ImageFolder
 
     from pipeline.data.config import AugConfig, DataConfig
-    from pipeline.data.ffcv_loader import import_ffcv
+    from pipeline.data.ffcv_pipelines import ffcv_label_pipeline, ffcv_train_image_pipeline
     from pipeline.data.loader import build_train_loader
     from pipeline.data.mixup import BatchAugment
-    from pipeline.data.transforms import (BatchNormalizer, ffcv_label_pipeline, ffcv_train_image_pipeline,
-                                          train_transform)
+    from pipeline.data.transforms import BatchNormalizer, train_transform
+    from pipeline.ffcv_compat import import_ffcv, keep_torch_threads
 
     root = base / "out"
     deit = AugConfig()
@@ -96,14 +96,14 @@ def build_candidates(base: Path, *, batch_size: int, workers: int) -> tuple[dict
     import_ffcv()
     from ffcv.loader import Loader, OrderOption
 
-    threads = torch.get_num_threads()
+    threads = keep_torch_threads()
 
     def bare_loader(normalize: bool):
-        decoder, ops = ffcv_train_image_pipeline(ffcv_aug, RESOLUTIONS[0], normalize=normalize)
-        loader = Loader(str(root / "ffcv" / "train.beton"), batch_size=batch_size, num_workers=workers,
-                        os_cache=True, order=OrderOption.RANDOM, seed=0, drop_last=True, batches_ahead=3,
-                        pipelines={"image": ops, "label": ffcv_label_pipeline()})
-        torch.set_num_threads(threads)
+        with threads:
+            decoder, ops = ffcv_train_image_pipeline(ffcv_aug, RESOLUTIONS[0], normalize=normalize)
+            loader = Loader(str(root / "ffcv" / "train.beton"), batch_size=batch_size, num_workers=workers,
+                            os_cache=True, order=OrderOption.RANDOM, seed=0, drop_last=True, batches_ahead=3,
+                            pipelines={"image": ops, "label": ffcv_label_pipeline()})
         return decoder, loader
 
     # ImageFolder baseline: same per-sample transform, same batch ops; one persistent-worker DataLoader per
@@ -137,15 +137,16 @@ def build_candidates(base: Path, *, batch_size: int, workers: int) -> tuple[dict
         def fn(res: int) -> int:
             decoder.output_size = (res, res)
             n = 0
-            for _ in range(FFCV_EPOCHS_PER_CALL):
-                for images, _labels in loader:
-                    n += images.shape[0]
-            torch.set_num_threads(threads)
+            with threads:
+                for _ in range(FFCV_EPOCHS_PER_CALL):
+                    for images, _labels in loader:
+                        n += images.shape[0]
             return n
         return fn
 
     candidates = {"wds": run_loader(wds), "wds_nodraft": run_loader(wds_nodraft), "imagefolder": run_folder,
-                  "ffcv": run_loader(ffcv_ours, FFCV_EPOCHS_PER_CALL), "ffcv_bare": run_bare(*bare_loader(normalize=True)),
+                  "ffcv": run_loader(ffcv_ours, FFCV_EPOCHS_PER_CALL),
+                  "ffcv_bare": run_bare(*bare_loader(normalize=True)),
                   "ffcv_bare_u8": run_bare(*bare_loader(normalize=False))}
     configs = {"batch_size": batch_size, "workers": workers, "deit_aug": vars(deit), "ffcv_aug": vars(ffcv_aug),
                "train_images": len(folders[RESOLUTIONS[0]].dataset)}
@@ -158,7 +159,7 @@ def per_image_ms(base: Path, *, images: int, rounds: int) -> dict[str, float]:
     baseline runs per sample), ``ours@R`` = the WebDataset loader's transform (crop-aware decode + torchvision
     resize, then the same flip / RandAugment)."""
     from pipeline.data.config import AugConfig
-    from pipeline.data.mixup import seeded
+    from pipeline.rng import seeded
     from pipeline.data.transforms import decode_image, train_transform, train_transform_from_bytes
 
     files = sorted(p for p in (base / "src" / "train").rglob("*") if p.is_file())[:images]

@@ -1,9 +1,9 @@
 """ZeRO memory: measured per-rank bytes of parameters, gradients and optimizer states, beside DeepSpeed's estimate.
 
-For ZeRO stage 0/1/2/3 (the project's ``deepspeed_configs/zero*_bf16.json``, AdamW) and 1 and 2 ranks (CPU + gloo, ranks started with
-``torch.multiprocessing``), each rank builds a DeepSpeed engine around CPVT-Ti, runs one training step (so
-Adam's moments exist) and a second forward/backward (so gradients are live), then walks the engine's own
-objects and adds up the bytes of every distinct tensor storage it holds, in four classes:
+For ZeRO stage 0/1/2/3 (the project's ``deepspeed_configs/zero*_bf16.json``, AdamW) and 1 and 2 ranks (CPU +
+gloo, ranks started with ``torch.multiprocessing``), each rank builds a DeepSpeed engine around CPVT-Ti, runs one
+training step (so Adam's moments exist) and a second forward/backward (so gradients are live), then walks the
+engine's own objects and adds up the bytes of every distinct tensor storage it holds, in four classes:
 
 * ``params``     - the 16-bit model weights this rank keeps (for ZeRO-3 the ``ds_tensor`` partitions),
 * ``grads``      - gradient tensors/buffers (``param.grad`` and every optimizer attribute named ``*grad*``),
@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from benchmarks.common import ROOT, add_common_args, format_table, write_result
+from pipeline.deepspeed_compat import inner_optimizer, model_states_estimate, zero3_partition
 
 CLASSES = ("params", "grads", "optim", "buffers")
 
@@ -52,7 +53,8 @@ def _walk(obj: Any, path: str, depth: int, seen_objs: set[int]) -> Iterator[tupl
         return
     if depth <= 0 or id(obj) in seen_objs or isinstance(obj, (str, bytes, int, float, bool, type(None))):
         return
-    if isinstance(obj, (torch.nn.Module, torch.distributed.ProcessGroup)) or callable(obj) and not hasattr(obj, "__dict__"):
+    if isinstance(obj, (torch.nn.Module, torch.distributed.ProcessGroup)) \
+            or callable(obj) and not hasattr(obj, "__dict__"):
         return
     seen_objs.add(id(obj))
     if isinstance(obj, dict):
@@ -81,9 +83,9 @@ def measure_engine(engine: Any) -> dict[str, Any]:
 
     module_params = list(engine.module.parameters())
     for p in module_params:  # ZeRO-3: the rank's partition is p.ds_tensor; p.data is empty between forwards
-        add(getattr(p, "ds_tensor", None), "params")
+        add(zero3_partition(p), "params")
         add(p.data, "params")
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW inside DeepSpeed's wrapper
+    inner = inner_optimizer(engine)  # the torch AdamW inside DeepSpeed's wrapper
     for group in inner.param_groups:
         for p in group["params"]:
             add(p.data, "optim")  # fp32 master weights / fp32 partitions
@@ -105,20 +107,6 @@ def measure_engine(engine: Any) -> dict[str, Any]:
     return out
 
 
-def estimate(model: torch.nn.Module, stage: int, world_size: int) -> int:
-    """DeepSpeed's own per-device estimate of model-state bytes (no offload)."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params as m2p3
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs, model_to_params
-
-    if stage == 3:
-        total, largest = m2p3(model)
-        return estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=world_size,
-                                                     cpu_offload=False, cpu_offload_params=False)[1]
-    total = model_to_params(model)
-    return estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=world_size if stage else 1,
-                                                 cpu_offload=False)[1]
-
-
 def ds_config(stage: int, micro_batch: int) -> dict[str, Any]:
     """The project's own ``deepspeed_configs/zero{1,2,3}_bf16.json`` (stage 0: the ZeRO-1 file with stage 0),
     batch sizes filled in as pipeline/train.py does, and torch's AdamW (no fused-op compile on CPU)."""
@@ -133,8 +121,8 @@ def ds_config(stage: int, micro_batch: int) -> dict[str, Any]:
 
 def _worker(rank: int, world_size: int, port: int, model_name: str, model_kwargs: dict[str, Any], stages: list[int],
             res: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import deepspeed
     import timm
@@ -145,8 +133,9 @@ def _worker(rank: int, world_size: int, port: int, model_name: str, model_kwargs
     results = []
     for stage in stages:
         torch.manual_seed(0)
-        model = timm.create_model(model_name, pretrained=False, **dict({"num_classes": 1000, "img_size": res}, **model_kwargs))
-        est = estimate(model, stage, world_size)
+        model = timm.create_model(model_name, pretrained=False,
+                                  **dict({"num_classes": 1000, "img_size": res}, **model_kwargs))
+        est = model_states_estimate(model, stage, world_size)
         n_params = sum(p.numel() for p in model.parameters())
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(stage, 2))
         x = torch.randn(2, 3, res, res, dtype=torch.bfloat16)
@@ -179,7 +168,8 @@ def measure(model_name: str, stages: Sequence[int], world_size: int, res: int = 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(world_size, _free_port(), model_name, dict(model_kwargs or {}), list(stages), res, tmp),
+        mp.start_processes(_worker, args=(world_size, _free_port(), model_name, dict(model_kwargs or {}), list(stages),
+                                          res, tmp),
                            nprocs=world_size, join=True, start_method="spawn")
         rows = []
         for rank in range(world_size):
@@ -213,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{r['model_states'] / mib:.1f} vs {r['estimate'] / mib:.1f}"
         base = rank0.get((0, ws))
         if base and stage:
-            summary[f"zero{stage} x{ws} / zero0 x{ws} model states"] = round(r["model_states"] / base["model_states"], 3)
+            summary[f"zero{stage} x{ws} / zero0 x{ws} model states"] = round(r["model_states"]
+                                                                               / base["model_states"], 3)
     payload = {"model": args.model, "rows": rows, "summary": summary}
     path = write_result("bench_zero_memory" + ("_quick" if args.quick else ""), payload, args.results_dir)
     print(f"wrote {path}")

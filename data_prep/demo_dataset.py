@@ -2,8 +2,9 @@
 
 Classes differ by a shape or texture (disc, square, triangle, stripes in 3 orientations, checkerboard, ring,
 cross, dots, ...) drawn in a class colour (jittered; or a random colour with ``class_colours=False``) at a
-random place and scale over a noisy gradient background; images have varied sizes and aspect ratios (a few are larger than the default ``--max-side`` so the
-downscale path is exercised). Above 10 classes the patterns repeat with a shifted colour palette.
+random place and scale over a noisy gradient background; images have varied sizes and aspect ratios (a few are
+larger than the default ``--max-side`` so the downscale path is exercised). Above 10 classes the patterns repeat
+with a shifted colour palette.
 
 Layout (like ILSVRC2012 / Kaggle)::
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .layout import Sample
 
@@ -80,9 +80,3 @@ def make_tasks(split: str, samples: list[Sample], out_dir: str, *, max_count: in
         tasks.append(ShardTask(split, i, tuple(group), str(out_dir), max_side, quality,
                                plan_id(split, i, group, params)))
     return tasks
-
-
-def task_summary(task: ShardTask) -> dict:
-    d = asdict(task)
-    d["samples"] = len(task.samples)
-    return d

@@ -48,7 +48,8 @@ def verify_wds(out: str | Path, decode: bool = False) -> dict:
                 errors.append(f"{where}: shard {name} is missing")
                 continue
             if p.stat().st_size != entry["shard_bytes"][i]:
-                errors.append(f"{where}: shard {name} has {p.stat().st_size} bytes, index says {entry['shard_bytes'][i]}")
+                errors.append(f"{where}: shard {name} has {p.stat().st_size} bytes, "
+                              f"index says {entry['shard_bytes'][i]}")
             if sha256_file(p) != entry["shard_sha256"][i]:
                 errors.append(f"{where}: shard {name} sha256 mismatch (corrupted or rewritten)")
             samples: dict[str, dict[str, bytes]] = {}

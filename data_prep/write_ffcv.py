@@ -54,16 +54,10 @@ FIELDS = ("image", "label")
 
 
 def import_ffcv():
-    """Import ffcv without letting it pin torch to one thread (it calls torch.set_num_threads(1))."""
-    import torch
+    """Import ffcv's writer without letting it pin torch to one thread (it calls torch.set_num_threads(1))."""
+    from pipeline.ffcv_compat import import_ffcv as import_keeping_threads
 
-    n = torch.get_num_threads()
-    import ffcv  # noqa: F401
-    import ffcv.fields  # noqa: F401
-    import ffcv.writer  # noqa: F401
-
-    torch.set_num_threads(n)
-    return ffcv
+    return import_keeping_threads(("ffcv.fields", "ffcv.writer"))
 
 
 def _probe_group(args: tuple[list[Sample], int]) -> list[tuple[str, str | None]]:

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import submitit
-from submitit.core import utils as submitit_utils
 
+from launchers.submitit_compat import UncompletedJobError, load_result, sbatch_header
 from pipeline.config import ConfigError, check_choice, check_positive
 
 Cluster = Literal["slurm", "local", "debug"]
@@ -120,11 +120,7 @@ def make_executor(
 
 def sbatch_preview(executor: submitit.AutoExecutor) -> str:
     """The ``#SBATCH`` header the executor would submit (for ``--dry-run``)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    inner = executor._executor
-    params = dict(inner.parameters)
-    return _make_sbatch_string(command="<submitit task>", folder=inner.folder, **params)
+    return sbatch_header(executor)
 
 
 # ----------------------------------------------------------------------------------------------- job state
@@ -185,18 +181,8 @@ def job_infos(job_ids: Iterable[str]) -> dict[str, JobInfo]:
     return {j: seen.get(j, JobInfo("GONE")) for j in job_ids}
 
 
-def job_state(job: submitit.Job) -> str:
-    """Current state of one job: the controller's for SLURM jobs, submitit's own for local/debug jobs."""
-    if isinstance(job, submitit.SlurmJob):
-        try:
-            return job_infos([job.job_id])[job.job_id].state
-        except (RuntimeError, subprocess.SubprocessError, OSError):
-            return "UNKNOWN"
-    return str(job.state)
-
-
 def _tasks(job: submitit.Job) -> list[submitit.Job]:
-    return list(job._sub_jobs) or [job]
+    return [job.task(k) for k in range(job.num_tasks)]   # a single-task job is its own task 0
 
 
 def _results_ready(job: submitit.Job) -> bool:
@@ -207,7 +193,7 @@ def _task_failed(job: submitit.Job) -> bool:
     for t in _tasks(job):
         if t.paths.result_pickle.exists():
             try:
-                if submitit_utils.pickle_load(t.paths.result_pickle)[0] == "error":
+                if load_result(t.paths.result_pickle)[0] == "error":
                     return True
             except Exception:  # noqa: BLE001 - being written; looked at again next round
                 pass
@@ -229,7 +215,7 @@ def _error_text(job: submitit.Job, state: str) -> str:
         rp = t.paths.result_pickle
         if rp.exists():
             try:
-                outcome, value = submitit_utils.pickle_load(rp)
+                outcome, value = load_result(rp)
             except Exception as e:  # noqa: BLE001 - a torn pickle is reported, not raised
                 parts.append(f"[task {t.task_id}] unreadable result pickle {rp}: {e}")
                 continue
@@ -245,11 +231,11 @@ def _collect(job: submitit.Job) -> Any:
     """Results of a finished SLURM job from its pickles (one value, or a list for multi-task jobs)."""
     values = []
     for t in _tasks(job):
-        outcome, value = submitit_utils.pickle_load(t.paths.result_pickle)
+        outcome, value = load_result(t.paths.result_pickle)
         if outcome != "success":
             raise JobFailedError(job.job_id, "FAILED", _error_text(job, "FAILED"))
         values.append(value)
-    return values if job._sub_jobs else values[0]
+    return values if job.num_tasks > 1 else values[0]
 
 
 def _wait_other(job: submitit.Job, deadline: float | None, poll: float) -> Any:
@@ -260,8 +246,8 @@ def _wait_other(job: submitit.Job, deadline: float | None, poll: float) -> Any:
                 raise TimeoutError(f"job {job.job_id} still running after timeout")
             time.sleep(poll)
     try:
-        return job.results() if job._sub_jobs else job.result()
-    except submitit_utils.UncompletedJobError as e:  # FailedJobError included
+        return job.results() if job.num_tasks > 1 else job.result()
+    except UncompletedJobError as e:  # FailedJobError included
         raise JobFailedError(job.job_id, str(job.state), str(e)) from None
 
 
@@ -328,8 +314,3 @@ def wait_for(jobs: submitit.Job | Sequence[submitit.Job], timeout: float | None 
         raise
     ordered = [results[i] for i in range(len(job_list))]
     return ordered[0] if single else ordered
-
-
-def cancel(jobs: submitit.Job | Sequence[submitit.Job]) -> None:
-    for job in [jobs] if isinstance(jobs, submitit.Job) else jobs:
-        job.cancel(check=False)

@@ -197,30 +197,22 @@ class LRScheduler:
     def __init__(self, schedule: LRSchedule, optimizer: Any = None):
         self.schedule = schedule
         self.optimizer = optimizer
-        self.progress = 0.0
-        self.global_batch = 0
-        self.samples_seen = 0
         self.last_lr = 0.0
 
     def step(self, epoch: int, step: int, steps_in_epoch: int, global_batch: int) -> float:
-        self.progress = epoch_progress(epoch, step, steps_in_epoch)
-        self.global_batch = global_batch
-        self.last_lr = self.schedule(self.progress, global_batch)
-        self.samples_seen += global_batch
+        self.last_lr = self.schedule(epoch_progress(epoch, step, steps_in_epoch), global_batch)
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.last_lr * group.get("lr_scale", 1.0)
         return self.last_lr
 
     def state_dict(self) -> dict[str, Any]:
-        return {"progress": self.progress, "global_batch": self.global_batch,
-                "samples_seen": self.samples_seen, "last_lr": self.last_lr}
+        """The lr of the last step: the schedule is a pure function of (progress, global batch), which the trainer
+        passes to :meth:`step` again after a resume."""
+        return {"last_lr": self.last_lr}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.progress = float(state["progress"])
-        self.global_batch = int(state["global_batch"])
-        self.samples_seen = int(state["samples_seen"])
-        self.last_lr = float(state["last_lr"])
+        self.last_lr = float(state["last_lr"])   # (checkpoints before this also hold progress/samples_seen)
 
 
 __all__ = ["LRSchedule", "LRScheduleConfig", "LRScheduler", "ResolutionSchedule", "ResolutionScheduleConfig",

@@ -72,12 +72,12 @@ def read_beton(path: Path) -> list[tuple[int, int, int, int, bytes]]:
     file order, through ffcv's own ``Reader`` (header, metadata, allocation table) and nothing else: the image
     bytes are the allocation at the sample's ``data_ptr`` (raw pixels or the JPEG, exactly as stored)."""
     import numpy as np
-    import torch
 
-    threads = torch.get_num_threads()
+    from pipeline.ffcv_compat import import_ffcv
+
+    import_ffcv(("ffcv.reader",))   # importing ffcv pins torch to one thread
     from ffcv.reader import Reader
 
-    torch.set_num_threads(threads)   # importing ffcv pins torch to one thread
     r = Reader(str(path))
     size_of = {(int(a["sample_id"]), int(a["ptr"])): int(a["size"]) for a in r.alloc_table}
     raw = np.memmap(str(path), dtype=np.uint8, mode="r")

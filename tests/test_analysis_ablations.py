@@ -32,8 +32,9 @@ def test_every_row_recipe_validates_and_builds_its_model():
     assert list(cfgs) == [r.name for r in ROWS]
     files = {p.stem for p in ablations.RECIPE_DIR.glob("*.yaml")} - {"_base"}
     assert files == {r.run_row for r in ROWS}  # no orphan recipe, no row without one
-    expect = {"peg_pos_m1": ((-1,), 3, "none"), "peg_pos_10": ((10,), 3, "none"), "pegs_0_4": ((0, 1, 2, 3, 4), 3, "none"),
-              "kernel_1": ((0,), 1, "none"), "kernel_3": ((0,), 3, "none"), "kernel_7": ((0,), 7, "none"),
+    expect = {"peg_pos_m1": ((-1,), 3, "none"), "peg_pos_10": ((10,), 3, "none"),
+              "pegs_0_4": ((0, 1, 2, 3, 4), 3, "none"), "kernel_1": ((0,), 1, "none"), "kernel_3": ((0,), 3, "none"),
+              "kernel_7": ((0,), 7, "none"),
               "no_peg": ((), 3, "none"), "learned_pe": ((), 3, "learned")}
     for name, (pos, k, pe) in expect.items():
         m = cfgs[name].model
@@ -51,7 +52,8 @@ def test_every_row_recipe_validates_and_builds_its_model():
 def test_train_argv_points_every_row_at_one_store(tmp_path):
     argv = train_argv(ablations.get_row("kernel_3"), data="D", root=tmp_path, tracking_uri="sqlite:///x.db",
                       overrides=["run.epochs=2"])
-    assert argv[:4] == ["--recipe", str(ablations.RECIPE_DIR / "peg_pos_0.yaml"), "--run-dir", str(tmp_path / "peg_pos_0")]
+    assert argv[:4] == ["--recipe", str(ablations.RECIPE_DIR / "peg_pos_0.yaml"), "--run-dir",
+                        str(tmp_path / "peg_pos_0")]
     assert argv[4:] == ["--data", "D", "tracking.uri=sqlite:///x.db", "tracking.experiment=cpvt-ablations",
                         "tracking.run_name=ablation-peg_pos_0", "run.epochs=2"]
     with pytest.raises(ValueError, match="row: 'nope' is not one of"):
@@ -115,7 +117,8 @@ def test_row_run_summary_resolution_and_attention_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     uri = f"sqlite:///{root.resolve()}/mlflow.db"
-    table = ablations.main(["summarise", "--root", str(root), "--tracking-uri", uri, "--json", str(tmp_path / "abl.json")])
+    table = ablations.main(["summarise", "--root", str(root), "--tracking-uri", uri,
+                            "--json", str(tmp_path / "abl.json")])
     row = {r["row"]: r for r in table}["peg_pos_0"]
     assert row["run_id"] and 0.0 <= row["top1"] <= 100.0 and sorted(row["top1_by_res"]) == [32, 48]
     assert mlflow.MlflowClient(uri).get_run(row["run_id"]).info.run_name == "ablation-peg_pos_0"

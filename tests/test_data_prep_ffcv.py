@@ -16,6 +16,7 @@ from data_prep.demo_dataset import BAD_KINDS, SKIPPED_KINDS
 from data_prep.verify import verify
 from data_prep.write_ffcv import write_ffcv
 from helpers_data_prep import expected_labels, read_beton, tiny_demo
+from pipeline.ffcv_compat import import_ffcv
 
 RES = 48
 KW = dict(max_resolution=RES, write_mode="proportion", compress_probability=0.5, progress=False)
@@ -36,12 +37,11 @@ def prepared(tmp_path_factory):
 
 
 def _load_all(path, res=32):
-    n = torch.get_num_threads()
+    import_ffcv()
     from ffcv.fields.decoders import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    torch.set_num_threads(n)
     loader = Loader(str(path), batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [CenterCropRGBImageDecoder((res, res), 1.0)], "label": [IntDecoder()]})
     images, labels = [], []

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.data.loader import build_eval_loader, build_train_loader
+from pipeline.ffcv_compat import keep_torch_threads
 from tests.helpers_loaders import NUM_CLASSES, aug_cfg, data_cfg, loader_dataset
 
 # numba's dispatcher finalizer can race FFCV's worker thread when FFCV drops the per-epoch dispatchers it
@@ -22,10 +23,9 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield THREADS
-    torch.set_num_threads(before)
+    with keep_torch_threads():
+        torch.set_num_threads(THREADS)
+        yield THREADS
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,15 @@ def test_eval_exact_and_padded(root, threads):
     assert len(set(counts)) == 1 and counts[0] == len(ev) == 2
     assert sorted(map(int, seen)) == list(range(20))
     assert torch.get_num_threads() == threads
+
+
+def test_keep_torch_threads_puts_the_count_back_on_errors_and_after_import():
+    from pipeline.ffcv_compat import import_ffcv
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"), keep_torch_threads() as kept:
+        torch.set_num_threads(1)
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before == kept.threads
+    import_ffcv()   # (already imported by the loaders: FFCV's module-level set_num_threads(1) ran then)
+    assert torch.get_num_threads() == before

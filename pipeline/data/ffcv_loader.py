@@ -19,8 +19,8 @@ per-sample crop/flip draws come from numba's thread-local RNGs inside FFCV and a
 Validation: rank ``r`` reads the contiguous range ``[r*N/R, (r+1)*N/R)`` in ``SEQUENTIAL`` order through
 ``indices=``; batches are padded to full size and to the same count on every rank (label -1).
 
-Importing ffcv (and every Loader construction/iteration) calls ``torch.set_num_threads``; :func:`import_ffcv`
-and the loaders put the caller's thread count back.
+Importing ffcv (and every Loader construction/iteration) calls ``torch.set_num_threads``; the loaders put the
+caller's thread count back (:mod:`pipeline.ffcv_compat`).
 """
 from __future__ import annotations
 
@@ -32,24 +32,9 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.base import EvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig
-from pipeline.data.mixup import make_seed
-from pipeline.data.transforms import ffcv_eval_image_pipeline, ffcv_label_pipeline, ffcv_train_image_pipeline
-
-
-def import_ffcv():
-    """Import ffcv and the submodules used here, restoring torch's intra-op thread count afterwards."""
-    threads = torch.get_num_threads()
-    try:
-        import ffcv
-        import ffcv.fields.basics  # noqa: F401
-        import ffcv.fields.rgb_image  # noqa: F401
-        import ffcv.loader  # noqa: F401
-        import ffcv.pipeline.allocation_query  # noqa: F401
-        import ffcv.pipeline.operation  # noqa: F401
-        import ffcv.transforms  # noqa: F401
-    finally:
-        torch.set_num_threads(threads)
-    return ffcv
+from pipeline.rng import make_seed
+from pipeline.data.ffcv_pipelines import ffcv_eval_image_pipeline, ffcv_label_pipeline, ffcv_train_image_pipeline
+from pipeline.ffcv_compat import import_ffcv, keep_torch_threads
 
 
 def repeated_aug_order(num_samples: int, *, repeats: int, seed: int, epoch: int, rank: int,
@@ -91,13 +76,13 @@ class FfcvTrainLoader(TrainLoader):
 
     def __init__(self, path: str, data: DataConfig, aug: AugConfig, *, num_classes: int, rank: int,
                  world_size: int, seed: int, device=None):
-        ffcv = import_ffcv()
+        import_ffcv()
         from ffcv.loader import Loader, OrderOption
 
         if data.ffcv_order == "quasi_random" and world_size > 1:
             raise ConfigError("data.ffcv_order: 'quasi_random' is not supported by FFCV with world_size > 1; "
                               "allowed: ['random']")
-        threads = torch.get_num_threads()
+        threads = keep_torch_threads()
         # on CPU, normalising inside FFCV's parallel pipeline is cheaper than a separate pass in this thread;
         # for an accelerator, uint8 batches travel and are normalised on the device
         # (not after the non-JIT RandAugment op: FFCV's stage grouping never terminates on jit->python->jit)
@@ -108,12 +93,11 @@ class FfcvTrainLoader(TrainLoader):
                              os_cache=data.os_cache, order=order, distributed=world_size > 1, seed=seed,
                              pipelines={"image": image_ops, "label": ffcv_label_pipeline()}, drop_last=True,
                              batches_ahead=data.ffcv_batches_ahead)
-        torch.set_num_threads(threads)
+        threads.restore()
         self._threads = threads
         self.order = _EpochOrder(self.loader.traversal_order, num_samples=int(self.loader.reader.num_samples),
                                  repeats=aug.repeats, seed=seed, rank=rank, world_size=world_size)
         self.loader.traversal_order = self.order
-        del ffcv
         super().__init__(data, aug, num_classes=num_classes, rank=rank, world_size=world_size, seed=seed,
                          num_samples=int(self.loader.reader.num_samples), device=device)
 
@@ -133,11 +117,11 @@ class FfcvTrainLoader(TrainLoader):
         try:
             for k, (images, labels) in enumerate(it):
                 if k == 0:   # FFCV's worker thread has set its thread count by now: put ours back
-                    torch.set_num_threads(self._threads)
+                    self._threads.restore()
                 yield images, labels.reshape(-1).clone()   # FFCV's Squeeze makes a 1-sample batch 0-d
         finally:
             it.close()
-            torch.set_num_threads(self._threads)
+            self._threads.restore()
 
 
 class FfcvEvalLoader(EvalLoader):
@@ -152,7 +136,7 @@ class FfcvEvalLoader(EvalLoader):
         num_samples = int(Reader(path).num_samples)
         super().__init__(data, aug, resolution=resolution, crop_pct=crop_pct, rank=rank, world_size=world_size,
                          num_samples=num_samples, device=device)
-        threads = torch.get_num_threads()
+        threads = keep_torch_threads()
         self.loader = None
         if self.stop > self.start:
             _, image_ops = ffcv_eval_image_pipeline(self.resolution, self.crop_pct)
@@ -161,7 +145,7 @@ class FfcvEvalLoader(EvalLoader):
                                  indices=np.arange(self.start, self.stop), drop_last=False,
                                  pipelines={"image": image_ops, "label": ffcv_label_pipeline()},
                                  batches_ahead=data.ffcv_batches_ahead)
-        torch.set_num_threads(threads)
+        threads.restore()
         self._threads = threads
 
     def _iter_raw(self):
@@ -171,7 +155,7 @@ class FfcvEvalLoader(EvalLoader):
             pos = self.start
             try:
                 for images, labels in it:
-                    torch.set_num_threads(self._threads)
+                    self._threads.restore()
                     b = images.shape[0]
                     keys = [str(i) for i in range(pos, pos + b)]
                     pos += b
@@ -179,9 +163,9 @@ class FfcvEvalLoader(EvalLoader):
                     yield self._pad(images, labels.reshape(-1).clone(), keys)
             finally:
                 it.close()
-                torch.set_num_threads(self._threads)
+                self._threads.restore()
         for _ in range(n, len(self)):
             yield self._padding_batch()
 
 
-__all__ = ["FfcvEvalLoader", "FfcvTrainLoader", "import_ffcv", "repeated_aug_order"]
+__all__ = ["FfcvEvalLoader", "FfcvTrainLoader", "repeated_aug_order"]

@@ -1,53 +1,16 @@
 """Batch-level augmentation: timm's RandomErasing and Mixup/CutMix (+ label smoothing into soft targets).
 
-Both draw from Python's, NumPy's and torch's global RNGs. :func:`seeded` runs them under a seed derived from
-(seed, epoch, rank, batch index) and restores the caller's RNG state afterwards, so batches are reproducible
-(and a resumed epoch that skips k batches sees the same augmentation as an uninterrupted one) without
-disturbing the trainer's own random streams (dropout, drop-path).
+Both draw from Python's, NumPy's and torch's global RNGs. :func:`pipeline.rng.seeded` runs them under a seed
+derived from (seed, epoch, rank, batch index) and restores the caller's RNG state afterwards, so batches are
+reproducible (and a resumed epoch that skips k batches sees the same augmentation as an uninterrupted one)
+without disturbing the trainer's own random streams (dropout, drop-path).
 """
 from __future__ import annotations
 
-import random
-from contextlib import contextmanager
-from typing import Iterator
-
-import numpy as np
 import torch
 
 from pipeline.data.config import AugConfig
-
-
-def make_seed(*parts: int) -> int:
-    """Mix non-negative integers into a 63-bit seed (stable across processes, unlike ``hash``)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
-
-
-@contextmanager
-def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
-    """Seed ``random``, ``numpy.random`` and torch's CPU generator (plus ``device``'s generator when it is a
-    CUDA device) for the block, then restore their states. (``torch.manual_seed`` is avoided on purpose: it
-    also queues a seed for every CUDA device, which costs milliseconds per call.)"""
-    cpu = torch.random.default_generator
-    gen = None
-    if device is not None and torch.device(device).type == "cuda":
-        d = torch.device(device)
-        gen = torch.cuda.default_generators[d.index if d.index is not None else torch.cuda.current_device()]
-    py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), cpu.get_state()
-    gen_state = gen.get_state() if gen is not None else None
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    cpu.manual_seed(seed)
-    if gen is not None:
-        gen.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        cpu.set_state(cpu_state)
-        if gen is not None:
-            gen.set_state(gen_state)
+from pipeline.rng import seeded
 
 
 def build_mixup(aug: AugConfig, num_classes: int):
@@ -96,4 +59,4 @@ class BatchAugment:
         return images, labels
 
 
-__all__ = ["BatchAugment", "build_mixup", "build_random_erasing", "make_seed", "seeded"]
+__all__ = ["BatchAugment", "build_mixup", "build_random_erasing"]

@@ -1,0 +1,108 @@
+"""FFCV pipelines (decoder + operations) for the loaders in :mod:`pipeline.data.ffcv_loader`: the FFCV
+counterparts of :mod:`pipeline.data.transforms` (RandomResizedCrop, flip, timm's RandAugment, optional
+in-pipeline normalisation; center crop for evaluation; the label pipeline).
+
+Each builder imports ffcv through :func:`pipeline.ffcv_compat.import_ffcv` (torch's thread count is kept).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from pipeline.data.config import AugConfig
+from pipeline.data.transforms import timm_auto_augment
+from pipeline.ffcv_compat import import_ffcv
+
+
+def ffcv_timm_augment_op(aug: AugConfig) -> Any:
+    """An FFCV Operation applying timm's auto-augment (RandAugment) to each uint8 HWC image of the batch.
+
+    FFCV has no RandAugment; this runs timm's PIL implementation outside numba (FFCV allows non-JIT stages).
+    The op is resolution-agnostic: timm's translate constant is derived from the image size it receives, so
+    changing the decoder's output size between epochs needs no rebuild.
+    """
+    import_ffcv()
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.operation import Operation
+    from timm.data.transforms import str_to_pil_interp
+
+    spec = aug.auto_augment
+    mean = tuple(min(255, round(255 * m)) for m in aug.mean)
+
+    class _TimmAugment(Operation):
+        def __init__(self):
+            super().__init__()
+            self._by_size: dict[int, Callable] = {}
+
+        def transform_for(self, size: int) -> Callable:
+            if size not in self._by_size:
+                hp: dict[str, Any] = {"translate_const": int(size * 0.45), "img_mean": mean}
+                if aug.train_interpolation != "random":
+                    hp["interpolation"] = str_to_pil_interp(aug.train_interpolation)
+                self._by_size[size] = timm_auto_augment(spec, hp)
+            return self._by_size[size]
+
+        def generate_code(self) -> Callable:
+            def apply(images, dst):
+                tf = self.transform_for(min(images.shape[1], images.shape[2]))
+                for i in range(images.shape[0]):
+                    dst[i] = np.asarray(tf(Image.fromarray(images[i])))
+                return dst[: images.shape[0]]
+
+            return apply
+
+        def declare_state_and_memory(self, previous_state):
+            return (replace(previous_state, jit_mode=False),
+                    AllocationQuery(previous_state.shape, previous_state.dtype))
+
+    return _TimmAugment()
+
+
+def ffcv_train_image_pipeline(aug: AugConfig, resolution: int, normalize: bool = False) -> tuple[Any, list]:
+    """(decoder, ops): RandomResizedCrop decoder -> flip -> [RandAugment] -> [normalise] -> NCHW (channels-last
+    memory) tensor, uint8 or, with ``normalize``, float32 normalised inside FFCV's parallel compiled pipeline
+    (``NormalizeImage``: one lookup-table pass per image on FFCV's threads; for CPU training).
+
+    The decoder's ``output_size`` is what the loader changes between epochs (as FFCV's ImageNet example does).
+    """
+    import_ffcv()
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), scale=tuple(aug.scale),
+                                               ratio=tuple(aug.ratio))
+    ops: list = [decoder]
+    if aug.hflip > 0:
+        ops.append(RandomHorizontalFlip(aug.hflip))
+    if aug.auto_augment:
+        ops.append(ffcv_timm_augment_op(aug))
+    if normalize:
+        from ffcv.transforms import NormalizeImage
+
+        ops.append(NormalizeImage(np.array(aug.mean) * 255, np.array(aug.std) * 255, np.float32))
+    ops += [ToTensor(), ToTorchImage(channels_last=True)]
+    return decoder, ops
+
+
+def ffcv_eval_image_pipeline(resolution: int, crop_pct: float) -> tuple[Any, list]:
+    """Center crop of ``crop_pct`` of the shorter side resized to ``resolution`` (= resize + center crop)."""
+    import_ffcv()
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_pct)
+    return decoder, [decoder, ToTensor(), ToTorchImage(channels_last=True)]
+
+
+def ffcv_label_pipeline() -> list:
+    import_ffcv()
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Squeeze, ToTensor
+
+    return [IntDecoder(), ToTensor(), Squeeze()]
+
+
+__all__ = ["ffcv_eval_image_pipeline", "ffcv_label_pipeline", "ffcv_timm_augment_op", "ffcv_train_image_pipeline"]
