@@ -13,6 +13,12 @@ PIP := $(BIN)/pip --disable-pip-version-check -q
 # pip prints a warning per missing local index folder on this image; hide those lines only.
 QUIET := { grep -v -e "is ignored" -e "BuildBackendWarning" || true; }
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Where the torch wheels come from. Default: the configured package index, whose torch 2.14.1 is a CUDA 13 build
+# (needs an NVIDIA driver >= 580). A site with an older driver picks the PyTorch wheel index for its CUDA on a
+# fresh set-up, e.g.  rm -rf .venv && make setup TORCH_INDEX_URL=<PyTorch's cu126 wheel index>
+# (same pins; a job that SLURM gave GPUs this torch cannot use stops with the driver and wheel CUDA versions).
+TORCH_INDEX_URL ?=
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 DEEPSPEED_PIN := deepspeed==0.19.8
 FFCV_PIN := ffcv==1.0.2
 SYSTEM_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
@@ -47,7 +53,7 @@ system-test-deps:
 $(STAMP): pyproject.toml requirements.lock | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel 2>&1 | $(QUIET)
-	$(PIP) install $(TORCH_PINS) 2>&1 | $(QUIET)
+	$(PIP) install $(TORCH_PIP_ARGS) $(TORCH_PINS) 2>&1 | $(QUIET)
 	$(BIN)/python -c "import torch, torchvision"
 	$(PIP) install -r requirements.lock 2>&1 | $(QUIET)
 	$(PIP) install --no-build-isolation $(DEEPSPEED_PIN) $(FFCV_PIN) 2>&1 | $(QUIET)
@@ -63,6 +69,7 @@ demo: setup
 	$(BIN)/python -m pipeline.demo --run-dir $(RUN_DIR)
 
 test: setup-test
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
@@ -73,3 +80,16 @@ ui: setup
 
 clean:
 	rm -rf $(VENV) .cache runs build *.egg-info
+
+# GPU proof (benchmarks/gpu_check.py): one GPU, <= 8 min, JSON + table; one line and exit 0 without CUDA.
+# No set-up dependency: on a GPU machine without this .venv it runs under python3 (wheels from gpu-wheelhouse on
+# PYTHONPATH). gpu-wheelhouse: the wheels that machine lacks (Python 3.12, manylinux x86_64) into $(WHEELHOUSE).
+.PHONY: gpu-check gpu-wheelhouse
+WHEELHOUSE ?= .whl
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+
+gpu-check:
+	@$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-wheelhouse: setup
+	$(BIN)/python -m benchmarks.gpu_check wheelhouse --dir $(WHEELHOUSE) --deepspeed-pin $(DEEPSPEED_PIN)

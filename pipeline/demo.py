@@ -33,11 +33,10 @@ def prepare_data(run_dir: Path, workers: int) -> Path:
     if not (data / "wds" / "_info.json").is_file():
         write_webdataset(src, data, cluster="pool", workers=workers, progress=False, shard_max_count=250)
     if not (data / "ffcv" / "val.beton").is_file():
-        import torch
+        from pipeline.ffcv_compat import keep_torch_threads
 
-        threads = torch.get_num_threads()
-        write_ffcv(src, data, workers=workers, progress=False)
-        torch.set_num_threads(threads)
+        with keep_torch_threads():
+            write_ffcv(src, data, workers=workers, progress=False)
     return data
 
 
@@ -49,10 +48,6 @@ def train(run_dir: Path, data: Path, recipe: str, nproc: int, extra: list[str]) 
         shutil.rmtree(run_dir / "mlruns", ignore_errors=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    import torch
-
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(nproc), "--master_port",
            str(_free_port()), "pipeline/train.py", "--recipe", recipe, "--data", str(data), "--run-dir",
            str(run_dir), "tracking.system_metrics=true", "run.progress_bar=false", *extra]
@@ -73,10 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--recipe", default=str(ROOT / "pipeline" / "recipes" / "demo.yaml"))
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="training ranks (default 2 on CPU; on GPUs one per GPU, at most 2: NCCL needs a GPU per rank)")
     p.add_argument("--workers", type=int, default=2, help="data-prep processes")
     p.add_argument("overrides", nargs="*", help="extra section.field=value for the training run")
     args = p.parse_args(argv)
+    if args.nproc is None:
+        import torch
+
+        from pipeline.device import select_device
+
+        gpus = torch.cuda.device_count() if select_device().kind == "cuda" else 0
+        args.nproc = min(2, gpus) if gpus else 2
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -85,14 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(run_dir, args.workers)
     t_data = time.time() - t0
 
-    print("== 2/4 DeepSpeed training (2 ranks, bf16, ZeRO-2, progressive resolution)", flush=True)
+    print(f"== 2/4 DeepSpeed training ({args.nproc} ranks, ZeRO-2, precision auto, progressive resolution)",
+          flush=True)
     final = train(run_dir, data, args.recipe, args.nproc, args.overrides)
     t_train = time.time() - t0 - t_data
 
     print("== 3/4 export + evaluation of the export (FFCV val split)", flush=True)
     from pipeline.config import from_dict
     from pipeline.data.config import DataConfig
-    from pipeline.evaluate import evaluate, format_table, load_model
+    from pipeline.evaluate import evaluate, load_model
     from pipeline.export import export
 
     import torch
@@ -125,7 +129,7 @@ plot                 {run_dir / 'resolution_vs_accuracy.png'}
 MLflow run           {final['mlflow_run_id']} in {uri}
 MLflow UI            make ui   (or: mlflow ui --host 127.0.0.1 --backend-store-uri {uri})
 evaluate again       python -m pipeline.evaluate {out} --data {data} --resolutions {' '.join(map(str, resolutions))}
-""", flush=True)
+""", flush=True)  # noqa: E501 - a table printed as it reads
     (run_dir / "demo_summary.json").write_text(json.dumps({"train": final, "export_eval": export_eval,
                                                             "export": str(out), "seconds": time.time() - t0},
                                                            indent=2, default=str))

@@ -1,7 +1,8 @@
 """Process-group set-up from the launcher's environment: torchrun / deepspeed launcher, SLURM, or a single process.
 
-``deepspeed`` must not be imported before :func:`prepare_accelerator_env` has run: on machines without CUDA it
-selects DeepSpeed's CPU accelerator (gloo backend) through ``DS_ACCELERATOR``.
+Device, backend and DeepSpeed accelerator come from one rule, :func:`pipeline.device.select_device`;
+:func:`init_distributed` applies it (``DS_ACCELERATOR``, ``LOCAL_RANK`` = the CUDA ordinal) before ``deepspeed`` is
+imported, so ``deepspeed`` must not be imported earlier.
 
 Under ``srun python pipeline/train.py`` (no torchrun, no submitit) ranks come from ``SLURM_PROCID`` /
 ``SLURM_NTASKS`` / ``SLURM_LOCALID``, ``MASTER_ADDR`` is the ``NodeAddr`` of the step's first node and
@@ -17,7 +18,14 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+from pipeline.device import NODE_LOCAL_RANK
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.device import DeviceChoice
 
 
 @dataclass(frozen=True)
@@ -29,20 +37,6 @@ class DistEnv:
     master_port: int
     source: str  # "torchrun" | "slurm" | "single"
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def prepare_accelerator_env() -> str:
-    """Pick DeepSpeed's accelerator before it is imported; returns ``"cuda"`` or ``"cpu"``."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return "cpu"
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -53,7 +47,9 @@ def _free_port() -> int:
 # ----------------------------------------------------------------------------------------- SLURM rendezvous
 # The one implementation of "where does rank 0 of a SLURM step listen": used by ``srun python pipeline/train.py``
 # (``detect_env`` below) and by the submitit launcher (:mod:`launchers.dist_env`).
-PORT_BASE = 20000
+# [12000, 32000): below Linux's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by default), so a port
+# picked here is never one the kernel handed out to an outgoing connection on the node
+PORT_BASE = 12000
 PORT_SPAN = 20000
 
 
@@ -79,14 +75,14 @@ def expand_hostlist(nodelist: str) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         pass
     try:
-        from submitit.slurm.slurm import _parse_node_list
+        from launchers.submitit_compat import parse_node_list
     except ImportError:  # the trainer does not need submitit: the first entry is all we use anyway
         head = nodelist.split(",")[0]
         if "[" in head:
             prefix, rest = head.split("[", 1)
             head = prefix + re.split(r"[-,\]]", rest)[0]
         return [head]
-    return _parse_node_list(nodelist)
+    return parse_node_list(nodelist)
 
 
 def node_address(node: str) -> str:
@@ -130,7 +126,9 @@ def detect_env() -> DistEnv:
     """Read rank/world from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, ...)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+        # the node-local rank, also after apply_device made LOCAL_RANK the CUDA ordinal
+        local_rank = int(env.get(NODE_LOCAL_RANK) or env.get("LOCAL_RANK") or 0)
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank,
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
     # srun python pipeline/train.py: only inside a job *step* -- a batch script or salloc shell also has
     # SLURM_PROCID=0 and SLURM_NTASKS=N but runs a single process (it would wait for N - 1 absent ranks)
@@ -145,29 +143,46 @@ def detect_env() -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 
-def init_distributed(timeout_s: int = 1800) -> DistEnv:
-    """Export the standard variables and initialise DeepSpeed's process group (nccl on GPU, gloo on CPU)."""
+_CHOICE: DeviceChoice | None = None   # the choice init_distributed (or use_device) applied in this process
+
+
+def init_distributed(choice: DeviceChoice | None = None, timeout_s: int = 600) -> DistEnv:
+    """Export the rendezvous variables, apply the device ``choice`` (default :func:`select_device`) and initialise
+    DeepSpeed's process group on ``choice.backend``; ``timeout_s`` bounds every collective (a dead peer fails the
+    job after that long instead of stalling every GPU)."""
+    from pipeline.device import apply_device, select_device
+
     dist_env = detect_env()
     os.environ.update(RANK=str(dist_env.rank), WORLD_SIZE=str(dist_env.world_size),
                       LOCAL_RANK=str(dist_env.local_rank), MASTER_ADDR=dist_env.master_addr,
                       MASTER_PORT=str(dist_env.master_port))
-    device = prepare_accelerator_env()
-    import deepspeed  # after DS_ACCELERATOR is set
-    import torch
+    global _CHOICE
+    _CHOICE = choice if choice is not None else select_device()
+    apply_device(_CHOICE)
+    import deepspeed  # after apply_device exported DS_ACCELERATOR and LOCAL_RANK
 
-    if device == "cuda":
-        torch.cuda.set_device(dist_env.local_rank % torch.cuda.device_count())
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
+    deepspeed.init_distributed(dist_backend=_CHOICE.backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return dist_env
 
 
-def device() -> "torch.device":  # noqa: F821 - string annotation keeps torch import lazy
-    import torch
+def use_device(choice: DeviceChoice) -> None:
+    """Record and apply ``choice`` in a process without a process group (single-process evaluation)."""
+    from pipeline.device import apply_device
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    global _CHOICE
+    _CHOICE = choice
+    apply_device(choice)
+
+
+def device() -> torch.device:
+    """The device this process computes on: the applied choice, else :func:`pipeline.device.select_device`'s."""
+    from pipeline.device import select_device
+
+    global _CHOICE
+    if _CHOICE is None:
+        _CHOICE = select_device()
+    return _CHOICE.torch_device
 
 
 def barrier() -> None:

@@ -17,13 +17,14 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pipeline.checkpointing import CheckpointConfig
-from pipeline.config import ConfigError, check_choice, check_positive, check_range, load_config, to_dict
+from pipeline.config import ConfigError, check_positive, check_range, load_config, to_dict
 from pipeline.data.config import AugConfig, DataConfig, check_data_aug
 from pipeline.optim import OptimConfig, deepspeed_optimizer_section
 from pipeline.schedules import LRSchedule, LRScheduleConfig, ResolutionSchedule, ResolutionScheduleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = Path(__file__).resolve().parent / "recipes"
+DS_DTYPES = ("fp32", "bf16", "fp16")
 MODEL_NAMES = ["cpvt_ti", "cpvt_s", "cpvt_b", "cpvt_ti_gap", "cpvt_s_gap", "cpvt_b_gap"]
 
 
@@ -83,8 +84,14 @@ class RunConfig:
     epochs: int = 300
     max_steps: Optional[int] = None     # stop after this many optimizer steps in total (smoke tests)
     log_every: int = 50
-    deepspeed_config: str = "deepspeed_configs/zero2_bf16.json"
+    deepspeed_config: str = "deepspeed_configs/zero2.json"
+    # auto: bf16 on a CUDA GPU with bf16 or a CPU with native bf16, else fp32; an explicit value wins over the
+    # JSON's bf16/fp16 sections (pipeline.device.finalize_deepspeed_config)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False               # torch.compile the model (one graph per input resolution)
+    dist_timeout_s: int = 600           # process-group timeout: a dead peer fails the job after this long
     nonfinite_patience: int = 10        # stop after this many non-finite losses in a row
+    stop_check_steps: int = 10          # ranks agree on a preemption signal every N steps (1 rank: every step)
     ema: bool = False
     ema_decay: float = 0.9998
     progress_bar: Optional[bool] = None   # None: tqdm on a TTY, plain lines otherwise
@@ -93,7 +100,9 @@ class RunConfig:
         check_positive("epochs", self.epochs)
         check_positive("log_every", self.log_every)
         check_positive("nonfinite_patience", self.nonfinite_patience)
+        check_positive("stop_check_steps", self.stop_check_steps)
         check_range("ema_decay", self.ema_decay, 0.0, 1.0)
+        check_positive("dist_timeout_s", self.dist_timeout_s)
         if self.max_steps is not None:
             check_positive("max_steps", self.max_steps)
 
@@ -181,12 +190,12 @@ def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any
     fp16 = bool(ds.get("fp16", {}).get("enabled", False))
     if bf16 and fp16:
         raise ConfigError(f"{where}: bf16.enabled and fp16.enabled are both true; allowed: one of them or neither")
-    if fp16:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{where}: fp16.enabled: DeepSpeed refuses fp16 on CPU; allowed here: "
-                              f"bf16 configs (deepspeed_configs/zero{{1,2,3}}_bf16.json)")
+    # whether this machine can run the precision is the trainer's check (pipeline.device), not the config's:
+    # an fp16 job is validated and submitted from a login node without a GPU
+    for key, value in (("communication_data_type", ds.get("communication_data_type")),
+                       ("data_types.grad_accum_dtype", ds.get("data_types", {}).get("grad_accum_dtype"))):
+        if value is not None and value not in DS_DTYPES:
+            raise ConfigError(f"{where}: {key}: {value!r} is not one of {list(DS_DTYPES)}")
     micro = cfg.data.batch_size
     accum = cfg.optim.grad_accum
     want = micro * accum * world_size
@@ -216,6 +225,7 @@ def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any
 
 
 def precision(ds: dict[str, Any]) -> str:
+    """The precision a (finalized) DeepSpeed dict trains in."""
     if ds.get("bf16", {}).get("enabled"):
         return "bf16"
     if ds.get("fp16", {}).get("enabled"):
@@ -243,6 +253,5 @@ def load_train_config(recipe: str | Path | None, overrides: list[str] = (), worl
     if recipe is not None and not Path(recipe).is_file() and (RECIPES / f"{recipe}.yaml").is_file():
         recipe = RECIPES / f"{recipe}.yaml"
     cfg = load_config(TrainConfig, recipe, overrides)
-    check_choice("model.name", cfg.model.name, MODEL_NAMES)
     ds = resolve_deepspeed_config(cfg, world_size)
     return cfg, ds

@@ -33,7 +33,8 @@ def test_stage2_partitions_grads_and_optimizer_states(rows):
         r = rows[(2, rank)]
         assert r["params"] == pytest.approx(2 * n, rel=0.01)  # ZeRO-2 keeps full 16-bit weights (flat, padded)
         assert r["optim"] == pytest.approx(6 * n, rel=0.02)  # half of 12 bytes/param (+ alignment padding)
-        assert 0.95 * n <= r["grads"] < 1.5 * n  # ~half of the 2n bytes of bf16 grads (+ bucket remainders)
+        # ~half of the 4n bytes of gradients (zero2_bf16.json accumulates them in fp32), + bucket remainders
+        assert 1.9 * n <= r["grads"] < 3 * n
     assert rows[(2, 0)]["estimate"] == 2 * n + 9 * n
 
 

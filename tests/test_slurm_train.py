@@ -1,5 +1,5 @@
-"""Training on a real local SLURM cluster: through launchers/slurm_submit.py 2 nodes x 1 task (gloo, bf16, the
-shared tiny dataset), a requeue mid-training that resumes the same run, a job that fails; and plain
+"""Training on a real local SLURM cluster: through launchers/slurm_submit.py 2 nodes x 1 task (gloo, precision
+auto, the shared tiny dataset), a requeue mid-training that resumes the same run, a job that fails; and plain
 ``srun python pipeline/train.py`` without submitit."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixture
 from launchers import slurm_submit
 from launchers.executor import job_infos, wait_for
 from launchers.train_job import read_state
+from pipeline.device import cpu_has_native_bf16
 from pipeline.distributed import port_for_job
 from tests.slurm.fixtures import slurm_cluster  # noqa: F401 - fixture
 
@@ -39,7 +40,7 @@ def _submit(capsys, tiny_data, tiny_recipe, run_dir: Path, *overrides: str):
     """``slurm_submit.py`` as its command line runs it; returns the plan, the job and the MLflow run id it printed."""
     argv = ["--cluster", "slurm", "--nodes", "2", "--time", "20", "--signal-delay-s", "30", "--recipe",
             str(tiny_recipe), "--data", str(tiny_data), "--run-dir", str(run_dir), "--deepspeed-config",
-            "deepspeed_configs/zero2_bf16.json", *overrides]
+            "deepspeed_configs/zero2.json", *overrides]
     plan = slurm_submit.plan(argv)  # what main() resolves (side-effect free), for the checks below
     assert plan.world_size == 2
     capsys.readouterr()
@@ -199,21 +200,23 @@ def test_srun_rendezvous_uses_the_first_node_address_and_a_job_port(slurm_cluste
 
 
 def test_srun_train_py_two_nodes(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path):
-    """``srun python pipeline/train.py`` (no submitit): 2 nodes x 1 task, gloo, bf16 ZeRO-2, one epoch."""
+    """``srun python pipeline/train.py`` (no submitit): 2 nodes x 1 task, gloo, ZeRO-2 (precision auto), one epoch."""
     run_dir = tmp_path / "run"
     proc = _srun(slurm_cluster, sys.executable, "pipeline/train.py", "--recipe", str(tiny_recipe), "--data",
                  str(tiny_data), "--run-dir", str(run_dir), "--deepspeed_config",
-                 "deepspeed_configs/zero2_bf16.json", "run.epochs=1")
+                 "deepspeed_configs/zero2.json", "run.epochs=1")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    assert "0: model cpvt_ti" in proc.stdout and "world=2 precision=bf16 zero=2" in proc.stdout
+    prec = "bf16" if cpu_has_native_bf16() else "fp32"   # run.precision auto on these CPU nodes
+    assert "0: model cpvt_ti" in proc.stdout and f"world=2 precision={prec} zero=2" in proc.stdout
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert (final["world_size"], final["global_step"], final["exit_code"]) == (2, STEPS_PER_EPOCH, 0)
     # both ranks joined: each saved its own ZeRO optimizer partition and RNG state in the final checkpoint
     ckpt = Path(final["checkpoint"])
     for rank in (0, 1):
-        assert (ckpt / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+        prefix = "bf16_" if prec == "bf16" else ""
+        assert (ckpt / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
         assert (ckpt / f"rng_rank{rank}.pt").is_file()
-    assert not (ckpt / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt").exists()
+    assert not list(ckpt.glob("*zero_pp_rank_2_mp_rank_00_optim_states.pt"))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")

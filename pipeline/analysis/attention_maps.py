@@ -18,8 +18,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from pipeline.analysis.common import (add_mlflow_args, denormalize, eval_batches, load_model, log_to_mlflow,
-                                      run_labels)
+from pipeline.analysis.common import (add_mlflow_args, analysis_device, denormalize, eval_batches, load_model,
+                                      log_to_mlflow, run_labels)
+from pipeline.device import autocast
 
 
 @torch.no_grad()
@@ -102,7 +103,8 @@ def attention_stats(maps: Mapping[int, np.ndarray]) -> dict[int, dict[str, float
         ent = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=(-2, -1))
         yy, xx = np.mgrid[0:gh, 0:gw]
         dist = np.sqrt((yy - (gh - 1) / 2) ** 2 + (xx - (gw - 1) / 2) ** 2)
-        stats[int(layer)] = {"entropy": float(ent.mean()), "mean_dist_from_centre": float((p * dist).sum(axis=(-2, -1)).mean())}
+        stats[int(layer)] = {"entropy": float(ent.mean()),
+                             "mean_dist_from_centre": float((p * dist).sum(axis=(-2, -1)).mean())}
     return stats
 
 
@@ -124,10 +126,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                        max_batches=1)))
     images = images[: args.num_images].float()
     runs, stats = {}, {}
+    device = analysis_device()
     for i, ckpt in enumerate(args.checkpoint):
-        model, meta = load_model(ckpt)
+        model, meta = load_model(ckpt, device)
         label = labels[i] if labels else f"{meta['model']}#{i}"
-        runs[label] = patch_attention(model, images, args.layers)
+        with autocast(device):
+            runs[label] = patch_attention(model, images.to(device), args.layers)
         stats[label] = attention_stats(runs[label])
     out = Path(args.out)
     plotted = plot_attention_comparison(denormalize(images).numpy(), runs, out,

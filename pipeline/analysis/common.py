@@ -11,12 +11,20 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(fp32 model in eval mode, {"model": timm name, "source": path}) via :func:`pipeline.evaluate.load_model`."""
+def analysis_device() -> torch.device:
+    """The device the analysis commands compute on: the trainer's rule (:func:`pipeline.device.select_device`)."""
+    from pipeline.distributed import device
+
+    return device()
+
+
+def load_model(path: str | Path, device: torch.device | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(fp32 model in eval mode on ``device``, {"model": timm name, "source": path}) via
+    :func:`pipeline.evaluate.load_model`."""
     from pipeline.evaluate import load_model as _load
 
     model, name = _load(path)
-    return model.eval(), {"model": name, "source": str(path)}
+    return model.to(device or torch.device("cpu")).eval(), {"model": name, "source": str(path)}
 
 
 def eval_batches(data_root: str | Path, resolution: int, *, fmt: str = "wds", batch_size: int = 64,

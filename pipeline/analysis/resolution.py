@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from pipeline.analysis.common import add_mlflow_args, load_model, log_to_mlflow, run_labels
+from pipeline.analysis.common import add_mlflow_args, analysis_device, load_model, log_to_mlflow, run_labels
 
 # Paper (ImageNet, trained at 224, no fine-tuning; secondary source): top-1 per test resolution.
 PAPER_TOP1 = {
@@ -37,6 +37,7 @@ def evaluate_resolutions(model: torch.nn.Module, data_root: str | Path, resoluti
     trainer's own :func:`pipeline.evaluate.evaluate` so the numbers match the ones logged during training."""
     from pipeline.config import from_dict
     from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.device import autocast_forward
     from pipeline.evaluate import evaluate
 
     patch = getattr(model, "patch_size", 16)
@@ -46,9 +47,10 @@ def evaluate_resolutions(model: torch.nn.Module, data_root: str | Path, resoluti
     data_cfg = from_dict(DataConfig, {"format": fmt, "root": str(data_root), "eval_batch_size": batch_size,
                                       "num_workers": num_workers}, prefix="data.")
     model.eval()
-    results = evaluate(model, data_cfg, resolutions=resolutions, rank=0, world_size=1,
+    device = next(model.parameters()).device
+    results = evaluate(autocast_forward(model, device), data_cfg, resolutions=resolutions, rank=0, world_size=1,
                        crop_pct=AugConfig().crop_pct if crop_pct is None else crop_pct,
-                       device=next(model.parameters()).device, max_batches=max_batches)
+                       device=device, max_batches=max_batches)
     return {int(r): results[int(r)] for r in resolutions}
 
 
@@ -117,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     labels = run_labels(p, args.label, args.checkpoint)
 
     curves: dict[str, dict[int, dict[str, float]]] = {}
+    device = analysis_device()
     for i, ckpt in enumerate(args.checkpoint):
-        model, meta = load_model(ckpt)
+        model, meta = load_model(ckpt, device)
         label = labels[i] if labels else meta["model"] + (f"#{i}" if len(args.checkpoint) > 1 else "")
         curves[label] = evaluate_resolutions(model, args.data, args.resolutions, fmt=args.format,
                                              batch_size=args.batch_size, num_workers=args.workers,
