@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core import utils as submitit_utils
 
 from launchers.dist_env import setup_torch_dist_env
+from launchers.submitit_compat import replace_submission
 
 STATE_FILE = "launcher_state.json"
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
@@ -155,11 +155,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if env.cluster != "slurm":
             raise RequeueLimitError(f"stopped by a signal on cluster {env.cluster!r}, which cannot requeue; "
                                     f"checkpoint saved, rerun with --resume auto")
-        current = submitit.helpers.DelayedSubmission.load(env.paths.submitted_pickle)
-        ckpt = self.checkpoint()
-        ckpt.set_timeout(current._timeout_min, current._timeout_countdown)
-        with submitit_utils.temporary_save_path(env.paths.submitted_pickle) as tmp:
-            ckpt.dump(tmp)
+        replace_submission(env.paths.submitted_pickle, self.checkpoint())
         state["requeues"] += 1
         _write_state(self.run_dir, state)
         _record(self.run_dir, "requeue", job_id=env.job_id, requeues=state["requeues"])
@@ -168,10 +164,9 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 def train_stop_signal() -> int | None:
     """The signal that made the trainer stop (None if it was asked without one)."""
-    from pipeline import train
+    from pipeline import preemption
 
-    getter = getattr(train, "stop_signal", None)
-    return getter() if callable(getter) else getattr(train, "_STOP", {}).get("signal")
+    return preemption.stop_signal()
 
 
 def _sig_name(signum: int | None) -> str | None:

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline import distributed as dist_utils
 from pipeline.config import check_positive
+from pipeline.rng import rng_state, set_rng_state
 
 MARKER = "COMPLETE"
 _TAG_RE = re.compile(r"^step_(\d+)$")
@@ -78,22 +77,6 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
     if not is_complete(path):
         raise FileNotFoundError(f"checkpoint.resume: {resume} is not a complete checkpoint (no {MARKER} marker)")
     return path
-
-
-# ----------------------------------------------------------------------------------------- RNG state
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------- save / load
@@ -156,3 +139,48 @@ def _update_best_and_prune(ckpt_dir: Path, new: Path, metric: float | None, keep
         m = _TAG_RE.match(p.name)
         if p.is_dir() and m and int(m.group(1)) < newest and not is_complete(p):
             shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- the trainer's component
+class Checkpointer:
+    """Owns the checkpoint cadence and collects the trainer's stateful parts.
+
+    ``components`` maps a client-state key to anything with ``state_dict()`` / ``load_state_dict()`` (the loop
+    position, the LR schedule, the EMA weights); the DeepSpeed engine saves model and optimizer shards itself.
+    ``maybe_save(step, at_epoch_end)`` saves every ``checkpoint.every_steps`` optimizer steps inside an epoch
+    (the epoch end always saves, after evaluation, through :meth:`save`)."""
+
+    def __init__(self, engine, ckpt_dir: str | Path, cfg: CheckpointConfig, *, rank: int, config_yaml: str,
+                 components: dict[str, Any], log=print):
+        self.engine, self.dir, self.cfg, self.rank = engine, Path(ckpt_dir), cfg, rank
+        self.config_yaml, self.components, self.log = config_yaml, components, log
+        self.last_saved_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.components.items()}
+
+    def maybe_save(self, step: int, at_epoch_end: bool) -> Path | None:
+        every = self.cfg.every_steps
+        if every and step % every == 0 and not at_epoch_end and step != self.last_saved_step:
+            return self.save(step)
+        return None
+
+    def save(self, step: int, metric: float | None = None) -> Path:
+        path = save(self.engine, self.dir, step, self.state_dict(), rank=self.rank, config_yaml=self.config_yaml,
+                    keep_last=self.cfg.keep_last, metric=metric, keep_best=self.cfg.keep_best)
+        self.last_saved_step = step
+        self.log(f"checkpoint {path}")
+        return path
+
+    def resume(self) -> Path | None:
+        """Load ``checkpoint.resume`` (``auto``: the newest complete checkpoint) into the engine and components;
+        returns the checkpoint folder, or None when starting fresh."""
+        path = resolve_resume(self.cfg.resume, self.dir)
+        if path is None:
+            return None
+        state = load(self.engine, path, rank=self.rank)
+        for name, part in self.components.items():
+            if name in state:
+                part.load_state_dict(state[name])
+        self.last_saved_step = None
+        return path

@@ -34,36 +34,72 @@ import torch
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resolutions: Sequence[int],
              rank: int, world_size: int, crop_pct: float, device: torch.device,
              input_dtype: torch.dtype = torch.float32, max_batches: int | None = None,
-             aug_cfg=None) -> dict[int, dict[str, float]]:
-    """``{resolution: {"top1": %, "top5": %, "loss": mean CE, "n": samples}}`` summed over all ranks."""
-    from pipeline.data.loader import build_eval_loader
-    from pipeline.distributed import all_reduce_sum
+             aug_cfg=None, loaders: dict | None = None) -> dict[int, dict[str, float]]:
+    """``{resolution: {"top1": %, "top5": %, "loss": mean CE, "n": samples}}`` summed over all ranks.
 
+    Counts stay on the device and are reduced and read once per resolution. ``loaders``: a dict that caches the
+    eval loader of each resolution across calls (the trainer evaluates every few epochs)."""
+    from pipeline.data.loader import build_eval_loader
+
+    loaders = {} if loaders is None else loaders
     results: dict[int, dict[str, float]] = {}
     for res in sorted(set(int(r) for r in resolutions)):
-        loader = build_eval_loader(data_cfg, resolution=res, rank=rank, world_size=world_size, crop_pct=crop_pct,
-                                   aug_cfg=aug_cfg)
-        sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss_sum, count
+        if res not in loaders:
+            loaders[res] = build_eval_loader(data_cfg, resolution=res, rank=rank, world_size=world_size,
+                                             crop_pct=crop_pct, aug_cfg=aug_cfg, device=device)
+        loader = loaders[res]
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
         for i, (images, labels) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             images = images.to(device=device, dtype=input_dtype, non_blocking=True)
-            labels = labels.to(device)
-            logits = forward(images).float()
-            keep = labels >= 0
-            if keep.any():
-                lg, lb = logits[keep], labels[keep]
-                top5 = lg.topk(min(5, lg.shape[1]), dim=1).indices
-                hit = top5 == lb[:, None]
-                sums += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(),
-                                      torch.nn.functional.cross_entropy(lg, lb, reduction="sum").item(),
-                                      keep.sum().item()], dtype=torch.float64)
-        c1, c5, loss, n = all_reduce_sum(sums.tolist())
+            labels = labels.to(device, non_blocking=True)
+            sums += _batch_counts(forward(images).float(), labels)
+        c1, c5, loss, n = _all_reduce_sum(sums).tolist()
         if max_batches is None and int(n) != int(loader.num_samples):
             raise RuntimeError(f"eval at {res}px counted {int(n)} samples, the val split has {loader.num_samples}")
         results[res] = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
                         "loss": loss / max(n, 1), "n": int(n)}
     return results
+
+
+def _batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, CE sum, samples] of one batch as a device tensor; padding (label -1) is masked
+    out without a host round trip (timm's ``accuracy`` returns host floats, so it is not used here)."""
+    keep = labels >= 0
+    safe = labels.clamp(min=0)
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = (top5 == safe[:, None]) & keep[:, None]
+    ce = torch.nn.functional.cross_entropy(logits, safe, reduction="none") * keep
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), ce.sum(), keep.sum()]).double()
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+class Evaluator:
+    """The trainer's evaluation component: its own cadence (``eval.every_epochs`` and the last epoch), eval
+    loaders built once per resolution and reused, the EMA weights scored at the training resolution."""
+
+    def __init__(self, cfg, *, rank: int, world_size: int, device: torch.device, input_dtype: torch.dtype):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device, self.input_dtype = device, input_dtype
+        self._loaders: dict[int, object] = {}
+
+    def should_eval(self, epoch: int, last: bool) -> bool:
+        every = self.cfg.eval.every_epochs
+        return last or bool(every and (epoch + 1) % every == 0)
+
+    def __call__(self, forward, resolutions: Sequence[int], input_dtype: torch.dtype | None = None):
+        return evaluate(forward, self.cfg.data, resolutions=resolutions, rank=self.rank, world_size=self.world_size,
+                        crop_pct=self.cfg.aug.crop_pct, device=self.device,
+                        input_dtype=self.input_dtype if input_dtype is None else input_dtype,
+                        max_batches=self.cfg.eval.max_batches, aug_cfg=self.cfg.aug, loaders=self._loaders)
 
 
 def format_table(results: dict[int, dict[str, float]], train_res: int | None = None) -> str:
@@ -184,13 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         p.error(str(e))
 
-    from pipeline.distributed import (destroy, detect_env, device as current_device, init_distributed,
-                                      prepare_accelerator_env)
+    from pipeline.device import DeviceError, autocast_forward, select_device
+    from pipeline.distributed import destroy, detect_env, init_distributed, use_device
 
     env = detect_env()  # torchrun / deepspeed / SLURM variables, or a single process
     rank, world_size = env.rank, env.world_size
-    prepare_accelerator_env()  # before a checkpoint load imports deepspeed
+    try:
+        choice = select_device()  # the trainer's rule: device, backend, DeepSpeed accelerator
+    except DeviceError as e:
+        p.exit(1, f"error: {e}\n")
+    use_device(choice)  # before a checkpoint load imports deepspeed
     if rank == 0:
+        print(f"device: {choice.reason}", flush=True)
         print(f"eval settings ({origin}): {describe_settings(data_cfg, aug_cfg, resolutions)}", flush=True)
     # Load the model and import the loaders *before* the process group exists: torch modules that timm imports
     # lazily (torch.distributed._shard, ...) take ``group=dist.group.WORLD`` as a default argument, so importing
@@ -202,15 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     from pipeline.data.loader import build_eval_loader  # noqa: F401
     if data_cfg.format == "ffcv":
-        from pipeline.data.ffcv_loader import import_ffcv
+        from pipeline.ffcv_compat import import_ffcv
 
         import_ffcv()
     if world_size > 1:
-        init_distributed()
-    device = current_device()
+        init_distributed(choice)
+    device = choice.torch_device
     model.to(device).eval()
-    results = evaluate(model, data_cfg, resolutions=resolutions, rank=rank, world_size=world_size,
-                       crop_pct=aug_cfg.crop_pct, device=device, aug_cfg=aug_cfg)
+    results = evaluate(autocast_forward(model, device), data_cfg, resolutions=resolutions, rank=rank,
+                       world_size=world_size, crop_pct=aug_cfg.crop_pct, device=device, aug_cfg=aug_cfg)
     if rank == 0:
         print(f"{name} from {args.model}" + (" (EMA weights)" if args.ema else ""))
         print(format_table(results))

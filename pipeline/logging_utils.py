@@ -99,3 +99,29 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+class LossMeter:
+    """Sums of the finite training losses kept on the device (no host sync per step); :meth:`mean` reduces them
+    over ranks in one collective and reads them once, at logging time."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self._sums = torch.zeros(2, dtype=torch.float64, device=device)   # loss sum, finite count
+
+    def add(self, loss) -> None:
+        import torch
+
+        finite = torch.isfinite(loss)
+        self._sums += torch.stack([torch.where(finite, loss, 0.0).double(), finite.double()])
+
+    def mean(self) -> float:
+        import torch.distributed as dist
+
+        sums = self._sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        total, n = sums.tolist()
+        self._sums.zero_()
+        return total / n if n else float("nan")

@@ -1,52 +1,40 @@
-"""Train a CPVT model with DeepSpeed (ZeRO 1/2/3, bf16/fp16) on WebDataset or FFCV shards.
+"""Train a CPVT model with DeepSpeed (ZeRO 1/2/3; bf16, fp16 or fp32) on WebDataset or FFCV shards.
 
-    deepspeed pipeline/train.py --deepspeed_config deepspeed_configs/zero2_bf16.json \
+    deepspeed pipeline/train.py --deepspeed_config deepspeed_configs/zero2.json \
         --recipe pipeline/recipes/cpvt_ti.yaml --model cpvt_ti --data DATA [section.field=value ...]
     torchrun --nproc_per_node 8 pipeline/train.py ...        # or srun python pipeline/train.py ... (SLURM vars)
 
-The whole config (recipe YAML <- CLI overrides) and the DeepSpeed batch arithmetic are validated before any data
-is read or a process group exists. ``--resume auto`` continues from the newest *complete* checkpoint under
-``<run_dir>/checkpoints`` and the same MLflow run. SIGUSR1/SIGTERM: save a checkpoint at the next step boundary
-(all ranks agree) and exit with :data:`EXIT_PREEMPTED` so a launcher can requeue.
+The whole config (recipe YAML <- CLI overrides), the DeepSpeed batch arithmetic, the device and the precision are
+validated before any data is read or a process group exists. ``--resume auto`` continues from the newest
+*complete* checkpoint under ``<run_dir>/checkpoints`` and the same MLflow run. SIGUSR1/SIGTERM: save a checkpoint
+at a step boundary all ranks agree on and exit with :data:`EXIT_PREEMPTED` so a launcher can requeue.
+
+The loop: :class:`Trainer` builds the parts once (engine, EMA, schedules, loader, evaluator, checkpointer,
+tracker); each part owns its cadence and state. :meth:`Trainer.train_step` runs one optimizer step and never
+waits on the host: losses are summed on the device and read when logging; a step whose gradients are not finite
+is skipped by DeepSpeed itself (its overflow check, global over ranks), and the trainer only reads the flag
+DeepSpeed already brought to the host.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import signal
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 if __package__ in (None, ""):  # `deepspeed pipeline/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.recipe import TrainConfig, load_train_config, precision, read_num_classes  # noqa: E402
+from pipeline.preemption import install_stop_handlers, request_stop, stop_signal  # noqa: E402,F401
+from pipeline.recipe import TrainConfig, load_train_config, read_num_classes  # noqa: E402
 
 EXIT_PREEMPTED = 75   # checkpoint saved after SIGUSR1/SIGTERM; requeue me (EX_TEMPFAIL)
 EXIT_NONFINITE = 65   # too many non-finite losses in a row
-EXIT_CONFIG = 2       # one-line ConfigError, nothing was started
-
-_STOP = {"requested": False, "signal": None}
-
-
-# ----------------------------------------------------------------------------------------- preemption hook
-def request_stop(signum: int | None = None, frame: Any = None) -> None:
-    """Ask the training loop to checkpoint and exit at the next step boundary (signal-handler safe)."""
-    _STOP["requested"], _STOP["signal"] = True, signum
-
-
-def install_stop_handlers(signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
-    """Route ``signals`` to :func:`request_stop` (launchers may call this themselves)."""
-    for s in signals:
-        signal.signal(s, request_stop)
-
-
-def stop_requested() -> bool:
-    return _STOP["requested"]
+EXIT_CONFIG = 2       # one-line ConfigError / DeviceError, nothing was started
+EXIT_CODES = {None: 0, "max_steps": 0, "stop": EXIT_PREEMPTED, "nonfinite": EXIT_NONFINITE}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,298 +60,385 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Validate everything, then train; returns the final metrics (rank 0: the full dict)."""
+    """Validate everything (config, data folder, device, precision), then train; returns the final summary."""
     from pipeline.distributed import detect_env
 
     recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    world_size = detect_env().world_size
-    cfg, ds_config = load_train_config(recipe, overrides, world_size)
+    cfg, ds_config = load_train_config(recipe, overrides, detect_env().world_size)
     read_num_classes(cfg)  # classes.json must exist: fail now, not after the process group is up
     return run(cfg, ds_config)
 
 
-# ----------------------------------------------------------------------------------------- training
-def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    from pipeline import tracking
-    from pipeline.distributed import detect_env, init_distributed
+def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None, *, train_loader=None) -> dict[str, Any]:
+    """Train ``cfg``. ``train_loader``: any object with the TrainLoader contract (benchmarks feed in-memory
+    batches); by default the recipe's WebDataset/FFCV loader."""
+    from pipeline import device as devices, tracking
+    from pipeline.distributed import destroy, detect_env, init_distributed
+    from pipeline.recipe import resolve_deepspeed_config
 
     if ds_config is None:
-        from pipeline.recipe import resolve_deepspeed_config
-
         ds_config = resolve_deepspeed_config(cfg, detect_env().world_size)
     num_classes = read_num_classes(cfg)
-    # timm (and the cpvt_* registry) before the process group exists, as in pipeline/evaluate.py: torch modules
-    # that timm imports lazily (torch.distributed._shard, ...) take ``group=dist.group.WORLD`` as a default
-    # argument, so importing them afterwards pins the group and gloo's threads can outlive destroy() and abort
-    # the process at exit
+    choice = devices.select_device()
+    ds_config, prec, prec_line = devices.finalize_deepspeed_config(ds_config, cfg, choice)
+    # timm (and the cpvt_* registry) before the process group exists: torch modules that timm imports lazily take
+    # ``group=dist.group.WORLD`` as a default argument, and importing them afterwards pins the group (gloo's
+    # threads then outlive destroy() and abort the process at exit)
     import timm  # noqa: F401
 
     import pipeline.models  # noqa: F401
 
-    env = init_distributed()
+    env = init_distributed(choice, timeout_s=cfg.run.dist_timeout_s)
     install_stop_handlers()
-    import deepspeed  # noqa: F401 - after init_distributed picked the accelerator
     try:
-        return _train(cfg, ds_config, env, num_classes)
+        trainer = Trainer(cfg, ds_config, env, num_classes, choice, prec, train_loader=train_loader)
+        trainer.log.line(f"device {choice.reason}; {prec_line}")
+        return trainer.fit()
     except (Exception, KeyboardInterrupt) as e:
         tracking.end_run_after_error(e)  # FAILED / KILLED, not FINISHED by MLflow's atexit hook
         raise
     finally:
-        from pipeline.distributed import destroy
-
         destroy()
 
 
-def _train(cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int) -> dict[str, Any]:
-    import deepspeed
-    import timm
+# ----------------------------------------------------------------------------------------- the parts
+@dataclass
+class TrainState:
+    """Where the loop is; saved in every checkpoint. ``step_in_epoch`` counts data steps (a skipped step consumed
+    its batches too), ``global_step`` counts optimizer steps that were applied."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_top1: float | None = None
+    nonfinite_total: int = 0
+    mlflow_run_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+@dataclass
+class StepResult:
+    applied: bool          # DeepSpeed applied the optimizer step
+    nonfinite: bool        # skipped because a loss or a gradient was not finite (not an fp16 loss-scale overflow)
+
+
+def _criterion(aug):
     import torch
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    import pipeline.models  # noqa: F401 - registers cpvt_* in timm
-    from pipeline import checkpointing, evaluate as evaluation, tracking
-    from pipeline.config import to_dict
-    from pipeline.data.loader import build_train_loader
-    from pipeline.distributed import all_reduce_max, all_reduce_sum, device as get_device
-    from pipeline.logging_utils import ProgressLog, StepTimer
-    from pipeline.optim import build_optimizer, param_groups
-    from pipeline.schedules import LRSchedule, LRScheduler, ResolutionSchedule
+    if aug.mixup_active:
+        return SoftTargetCrossEntropy()
+    return LabelSmoothingCrossEntropy(aug.smoothing) if aug.smoothing > 0 else torch.nn.CrossEntropyLoss()
 
-    rank, world = env.rank, env.world_size
-    run_dir = cfg.run_dir
-    ckpt_dir = run_dir / "checkpoints"
-    log = ProgressLog(rank, cfg.run.progress_bar)
-    device = get_device()
-    prec = precision(ds_config)
-    input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[prec]
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.yaml").write_text(cfg.to_yaml())
 
-    # ---- model, optimizer, DeepSpeed engine (same init on every rank)
-    torch.manual_seed(cfg.run.seed)
-    model = timm.create_model(cfg.model.name, **cfg.model.create_kwargs(num_classes))
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg.optim)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None)
-    ema = None
-    if cfg.run.ema:
-        from timm.utils import ModelEmaV3
+def _micro_batches(batches: Iterator, n: int) -> Iterator[list]:
+    """Groups of ``n`` micro-batches (one optimizer step each); a short tail is yielded as is."""
+    group: list = []
+    for item in batches:
+        group.append(item)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
 
-        # fp32 EMA: a bf16/fp16 copy cannot hold (1 - decay) * (w - ema) updates (timm's bf16 fallback rounds them
-        # stochastically from a private RNG that a checkpoint would not restore, so resume would not be exact)
-        ema = ModelEmaV3(engine.module, decay=cfg.run.ema_decay, dtype=torch.float32)
-    res_schedule = ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs)
-    lr_scheduler = LRScheduler(LRSchedule(cfg.schedule.lr, cfg.run.epochs), engine.optimizer)
-    if cfg.aug.mixup_active:
-        criterion = SoftTargetCrossEntropy()
-    elif cfg.aug.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(cfg.aug.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-    accum = cfg.optim.grad_accum
 
-    seed_everything(cfg.run.seed + rank)  # per-rank streams for drop-path etc. (a resume restores them)
+class Trainer:
+    """Builds the parts once; :meth:`fit` runs the epochs. Each part owns its cadence: the checkpointer
+    (``checkpoint.every_steps`` and epoch ends), the evaluator (``eval.every_epochs``), the metrics
+    (``run.log_every``), the stop agreement (``run.stop_check_steps``)."""
 
-    # ---- resume (model/optimizer shards, RNG, loop position, MLflow run id)
-    start_epoch, start_step, global_step, run_id, best = 0, 0, 0, None, None
-    resume_path = checkpointing.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
-    if resume_path is not None:
-        state = checkpointing.load(engine, resume_path, rank=rank)
-        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        run_id, best = state.get("mlflow_run_id"), state.get("best_top1")
-        lr_scheduler.load_state_dict(state["lr_schedule"])
-        if ema is not None and "ema" in state:
-            ema.module.load_state_dict(state["ema"])
-        log.line(f"resumed from {resume_path} at epoch {start_epoch} step {start_step} (global {global_step})")
+    def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int, choice, precision: str,
+                 train_loader=None):
+        import torch
 
-    tracker = tracking.make_tracker(cfg, rank=rank, run_id=run_id)
-    if resume_path is None:
-        tracker.log_params({**to_dict(cfg), "world_size": world, "precision": prec, "num_params": n_params,
-                            "num_classes": num_classes, "deepspeed": ds_config})
-        tracker.log_text(cfg.to_yaml(), "config/train_config.yaml")
-        tracker.log_dict(ds_config, "config/deepspeed_config.json")
+        from pipeline.checkpointing import Checkpointer
+        from pipeline.data.loader import build_train_loader
+        from pipeline.evaluate import Evaluator
+        from pipeline.logging_utils import LossMeter, ProgressLog, StepTimer
+        from pipeline.preemption import StopAgreement
+        from pipeline.rng import seed_everything
+        from pipeline.schedules import LRSchedule, LRScheduler, ResolutionSchedule
 
-    loader = build_train_loader(cfg.data, cfg.aug, num_classes=num_classes, rank=rank, world_size=world,
-                                seed=cfg.run.seed)
-    log.line(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params) world={world} precision={prec} "
-             f"zero={engine.zero_optimization_stage()} run_dir={run_dir}")
+        self.cfg, self.ds_config, self.precision = cfg, ds_config, precision
+        self.rank, self.world, self.device = env.rank, env.world_size, choice.torch_device
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        self.accum = cfg.optim.grad_accum
+        self.log = ProgressLog(self.rank, cfg.run.progress_bar)
+        if self.rank == 0:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "train_config.yaml").write_text(cfg.to_yaml())
 
-    def client_state(epoch: int, step_in_epoch: int) -> dict[str, Any]:
-        out = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-               "lr_schedule": lr_scheduler.state_dict(), "mlflow_run_id": tracker.run_id, "best_top1": best,
-               "loader": {"epoch": epoch, "batches_done": step_in_epoch * accum},
-               "resolution": res_schedule.at(epoch)[0]}
-        if ema is not None:
-            out["ema"] = ema.module.state_dict()
-        return out
+        self.engine, self.ema, self.num_params = self._build_engine(num_classes)
+        self.res_schedule = ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs)
+        self.lr_scheduler = LRScheduler(LRSchedule(cfg.schedule.lr, cfg.run.epochs), self.engine.optimizer)
+        self.criterion = _criterion(cfg.aug)
+        seed_everything(cfg.run.seed + self.rank)  # per-rank streams for drop-path etc. (a resume restores them)
+        self.state = TrainState()
+        parts = {"train_state": self.state, "lr_schedule": self.lr_scheduler}
+        if self.ema is not None:
+            parts["ema"] = self.ema.module
+        self.checkpointer = Checkpointer(self.engine, cfg.run_dir / "checkpoints", cfg.checkpoint, rank=self.rank,
+                                         config_yaml=cfg.to_yaml(), components=parts, log=self.log.line)
+        self.tracker = self._resume_and_track(num_classes)
+        self.loader = train_loader or build_train_loader(
+            cfg.data, cfg.aug, num_classes=num_classes, rank=self.rank, world_size=self.world, seed=cfg.run.seed,
+            device=self.device)
+        self.evaluator = Evaluator(cfg, rank=self.rank, world_size=self.world, device=self.device,
+                                   input_dtype=self.input_dtype)
+        self.stop = StopAgreement(self.world, self.device, cfg.run.stop_check_steps)
+        self.losses, self.timer, self.run_timer = LossMeter(self.device), StepTimer(), StepTimer()
+        self.overflow_skipped, self._nonfinite_run, self.last_res, self._steps = 0, 0, None, 0
+        self.results: dict[int, dict[str, float]] = {}
+        self.log.line(f"model {cfg.model.name} ({self.num_params / 1e6:.2f}M params) world={self.world} "
+                      f"precision={precision} zero={self.engine.zero_optimization_stage()} run_dir={cfg.run_dir}")
 
-    def save(epoch: int, step_in_epoch: int, metric: float | None = None) -> None:
-        path = checkpointing.save(engine, ckpt_dir, global_step, client_state(epoch, step_in_epoch), rank=rank,
-                                  config_yaml=cfg.to_yaml(), keep_last=cfg.checkpoint.keep_last, metric=metric,
-                                  keep_best=cfg.checkpoint.keep_best)
-        log.line(f"checkpoint {path}")
+    def _build_engine(self, num_classes: int):
+        """(DeepSpeed engine, fp32 EMA or None, parameter count): the same initial weights on every rank."""
+        import deepspeed
+        import timm
+        import torch
 
-    def run_eval(res: int, epoch: int, final: bool) -> dict[int, dict[str, float]]:
-        engine.eval()
-        results = evaluation.evaluate(engine, cfg.data, resolutions=(res, *cfg.eval.resolutions), rank=rank,
-                                      world_size=world, crop_pct=cfg.aug.crop_pct, device=device,
-                                      input_dtype=input_dtype, max_batches=cfg.eval.max_batches, aug_cfg=cfg.aug)
-        if ema is not None:  # the (fp32) EMA weights at the training resolution
-            ema_res = evaluation.evaluate(ema.module.eval(), cfg.data, resolutions=(res,), rank=rank,
-                                          world_size=world, crop_pct=cfg.aug.crop_pct, device=device,
-                                          input_dtype=torch.float32, max_batches=cfg.eval.max_batches,
-                                          aug_cfg=cfg.aug)
-            tracker.log_metrics({"eval_ema/top1": ema_res[res]["top1"]}, step=global_step)
-            log.line(f"EMA top-1 at {res}px: {ema_res[res]['top1']:.2f}")
-        engine.train()
-        tracker.log_metrics({f"eval/{k}_{r}px": v[k] for r, v in results.items() for k in ("top1", "top5", "loss")}
-                            | {"eval/top1": results[res]["top1"], "epoch": epoch}, step=global_step)
-        log.line(("final " if final else f"epoch {epoch} ") + "eval:\n" + evaluation.format_table(results, res))
+        from pipeline.optim import build_optimizer, param_groups
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)
+        model = timm.create_model(cfg.model.name, **cfg.model.create_kwargs(num_classes))
+        num_params = sum(p.numel() for p in model.parameters())
+        optimizer = build_optimizer(model, cfg.optim)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config,
+            model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None)
+        if cfg.run.compile:
+            engine.compile()   # torch.compile: recompiles for a new resolution, then marks the dims dynamic
+        ema = None
+        if cfg.run.ema:
+            from timm.utils import ModelEmaV3
+
+            # fp32 EMA: a bf16/fp16 copy cannot hold (1 - decay) * (w - ema) updates exactly
+            ema = ModelEmaV3(engine.module, decay=cfg.run.ema_decay, dtype=torch.float32)
+        return engine, ema, num_params
+
+    def _resume_and_track(self, num_classes: int):
+        """Resume from ``checkpoint.resume`` if there is one; the MLflow tracker continues the checkpoint's run."""
+        from pipeline import tracking
+        from pipeline.config import to_dict
+
+        cfg, s = self.cfg, self.state
+        resumed = self.checkpointer.resume()
+        if resumed is not None:
+            self.log.line(f"resumed from {resumed} at epoch {s.epoch} step {s.step_in_epoch} (global {s.global_step})")
+        tracker = tracking.make_tracker(cfg, rank=self.rank, run_id=s.mlflow_run_id)
+        s.mlflow_run_id = tracker.run_id
+        if resumed is None:
+            tracker.log_params({**to_dict(cfg), "world_size": self.world, "precision": self.precision,
+                                "num_params": self.num_params, "num_classes": num_classes,
+                                "deepspeed": self.ds_config})
+            tracker.log_text(cfg.to_yaml(), "config/train_config.yaml")
+            tracker.log_dict(self.ds_config, "config/deepspeed_config.json")
+        return tracker
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, micro_batches: list) -> StepResult:
+        """Forward/backward over ``accum`` micro-batches and one optimizer step; no host synchronisation except
+        the one DeepSpeed makes for its overflow check, and one more only when a step was skipped."""
+        for images, targets in micro_batches:
+            images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            loss = self.criterion(self.engine(images).float(), targets)
+            self.losses.add(loss.detach())
+            self.engine.backward(loss)
+            self.engine.step()
+        if self.engine.was_step_applied():
+            return StepResult(applied=True, nonfinite=False)
+        # skipped: fp16 loss-scale overflow (finite losses on every rank) is routine; anything else is non-finite
+        return StepResult(applied=False, nonfinite=self.precision != "fp16" or self._any_nonfinite_loss(loss))
+
+    def _any_nonfinite_loss(self, loss) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def after_step(self, result: StepResult, epoch: int, res: int, global_batch: int) -> None:
+        s = self.state
+        if result.applied:
+            s.global_step += 1
+            self._nonfinite_run = 0
+            if self.ema is not None:
+                self.ema.update(self.engine.module, step=s.global_step)
+            self.timer.step_done(global_batch // self.world)
+            self.run_timer.step_done(global_batch // self.world)
+            self.log.update()
+            if s.global_step % self.cfg.run.log_every == 0:
+                self.log_train_metrics(epoch, res, global_batch)
+        elif result.nonfinite:
+            s.nonfinite_total += 1
+            self._nonfinite_run += 1
+            self.log.line(f"non-finite loss at step {s.global_step}: skipped ({self._nonfinite_run} in a row)")
+            self.tracker.log_metrics({"train/nonfinite_skipped": s.nonfinite_total}, step=s.global_step)
+        else:
+            self.overflow_skipped += 1
+
+    def log_train_metrics(self, epoch: int, res: int, global_batch: int) -> None:
+        from pipeline import deepspeed_compat
+        from pipeline.distributed import all_reduce_sum
+
+        s = self.state
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {"train/loss": self.losses.mean(), "train/lr": self.lr_scheduler.last_lr,
+                   "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "train/resolution": res, "train/batch_global": global_batch, "train/epoch": epoch,
+                   "train/nonfinite_skipped": s.nonfinite_total, **self.timer.summary(self.world)}
+        if self.precision == "fp16":
+            metrics |= {"train/loss_scale": deepspeed_compat.loss_scale(self.engine),
+                        "train/overflow_skipped": all_reduce_sum([self.overflow_skipped])[0] / self.world}
+        metrics["throughput/img_s"] = all_reduce_sum([metrics["throughput/img_s_rank"]])[0]
+        self.tracker.log_metrics(metrics, step=s.global_step)
+        self.log.metrics(s.global_step, metrics)
+        self.timer.reset()
+        if s.global_step == self.cfg.run.log_every:   # steady state starts after the first window (warm-up)
+            self.run_timer.reset()
+
+    def stop_reason(self) -> str | None:
+        """The one exit check after every step: "nonfinite", "stop" (preemption), "max_steps" or None."""
+        if self._nonfinite_run >= self.cfg.run.nonfinite_patience:
+            return "nonfinite"
+        if self.stop.should_stop():
+            return "stop"
+        max_steps = self.cfg.run.max_steps
+        return "max_steps" if max_steps is not None and self.state.global_step >= max_steps else None
+
+    # ------------------------------------------------------------------ epochs
+    def train_epoch(self, epoch: int) -> str | None:
+        import torch
+
+        s = self.state
+        res, batch = self.res_schedule.at(epoch)
+        batch = batch or self.cfg.data.batch_size
+        self.loader.set_epoch(epoch, res, batch_size=batch, skip_batches=s.step_in_epoch * self.accum)
+        steps, global_batch = len(self.loader) // self.accum, batch * self.accum * self.world
+        self.last_res, self._steps = res, steps
+        self.log.start_epoch(epoch, steps, s.step_in_epoch, res)
+        with torch.random.fork_rng(devices=[]):  # creating the iterator must not shift the trainer's RNG stream
+            batches = _micro_batches(iter(self.loader), self.accum)
+        reason = None
+        self.timer.start()
+        self.run_timer.start()
+        while reason is None and s.step_in_epoch < steps:
+            micro = next(batches, [])
+            if len(micro) < self.accum:
+                raise RuntimeError(f"loader ended at step {s.step_in_epoch} of {steps} in epoch {epoch}")
+            self.timer.wait_done()
+            self.run_timer.wait_done()
+            self.lr_scheduler.step(epoch, s.step_in_epoch, steps, global_batch)
+            result = self.train_step(micro)
+            s.step_in_epoch += 1
+            self.after_step(result, epoch, res, global_batch)
+            reason = self.stop_reason()
+            if reason is None:
+                self.checkpointer.maybe_save(s.global_step, at_epoch_end=s.step_in_epoch >= steps)
+            self.timer.start()
+            self.run_timer.start()
+        self.log.close()
+        return reason
+
+    def end_epoch(self, epoch: int, last: bool, t_start: float) -> None:
+        res = self.res_schedule.at(epoch)[0]
+        metric = None
+        if self.evaluator.should_eval(epoch, last):
+            self.results = self.evaluate(res, epoch, final=last)
+            metric = self.results[res]["top1"]
+            self.state.best_top1 = metric if self.state.best_top1 is None else max(self.state.best_top1, metric)
+        if self.state.step_in_epoch >= self._steps:   # the epoch's data is done: resume at the next epoch
+            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+        self.checkpointer.save(self.state.global_step, metric)
+        self.tracker.log_metrics({"epoch/index": epoch, "epoch/time_s": time.time() - t_start},
+                                 step=self.state.global_step)
+
+    def evaluate(self, res: int, epoch: int, final: bool) -> dict[int, dict[str, float]]:
+        import torch
+
+        from pipeline.evaluate import format_table
+
+        step = self.state.global_step
+        self.engine.eval()
+        results = self.evaluator(self.engine, (res, *self.cfg.eval.resolutions))
+        if self.ema is not None:  # the (fp32) EMA weights at the training resolution
+            top1 = self.evaluator(self.ema.module.eval(), (res,), input_dtype=torch.float32)[res]["top1"]
+            self.tracker.log_metrics({"eval_ema/top1": top1}, step=step)
+            self.log.line(f"EMA top-1 at {res}px: {top1:.2f}")
+        self.engine.train()
+        self.tracker.log_metrics({f"eval/{k}_{r}px": v[k] for r, v in results.items() for k in ("top1", "top5", "loss")}
+                                 | {"eval/top1": results[res]["top1"], "epoch": epoch}, step=step)
+        self.log.line(("final " if final else f"epoch {epoch} ") + "eval:\n" + format_table(results, res))
         return results
 
-    # ---- the loop
-    timer, nonfinite_run, nonfinite_total, loss_sum, loss_n = StepTimer(), 0, 0, 0.0, 0
-    results: dict[int, dict[str, float]] = {}
-    exit_code, res = 0, res_schedule.at(start_epoch)[0]
-    max_steps = cfg.run.max_steps
-    t_start = time.time()
-    engine.train()
-    for epoch in range(start_epoch, cfg.run.epochs):
-        res, batch = res_schedule.at(epoch)
-        batch = batch or cfg.data.batch_size
-        skip = start_step if epoch == start_epoch else 0
-        loader.set_epoch(epoch, res, batch_size=batch, skip_batches=skip * accum)
-        steps_in_epoch = len(loader) // accum
-        global_batch = batch * accum * world
-        log.start_epoch(epoch, steps_in_epoch, skip, res)
-        step_in_epoch, skipped_micro, consumed = skip, 0, 0
-        with torch.random.fork_rng(devices=[]):  # creating the iterator must not shift the trainer's RNG stream
-            batches = iter(loader)
-        timer.start()
-        for images, targets in batches:
-            if step_in_epoch >= steps_in_epoch:
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict[str, Any]:
+        t_start, reason = time.time(), None
+        self.engine.train()
+        for epoch in range(self.state.epoch, self.cfg.run.epochs):
+            reason = self.train_epoch(epoch)
+            if reason == "stop":
+                self.checkpointer.save(self.state.global_step)
+            if reason in ("stop", "nonfinite"):
                 break
-            consumed += 1
-            timer.wait_done()
-            images = images.to(device, dtype=input_dtype, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            loss = criterion(engine(images).float(), targets)
-            # all ranks agree on skipping (ZeRO backward/step are collective) and on stopping
-            flags = all_reduce_max([0.0 if math.isfinite(loss.item()) else 1.0, float(stop_requested())])
-            if flags[0]:   # no backward, no optimizer step; the batch still counts as consumed (see below)
-                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-                log.line(f"non-finite loss at step {global_step}: skipped ({nonfinite_run} in a row)")
-                tracker.log_metrics({"train/nonfinite_skipped": nonfinite_total}, step=global_step)
-                skipped_micro += 1
-                if skipped_micro % accum == 0:   # a whole step's worth of data: the epoch position moves on
-                    step_in_epoch += 1
-                if nonfinite_run >= cfg.run.nonfinite_patience:
-                    exit_code = EXIT_NONFINITE
-                    break
-                if flags[1]:
-                    save(epoch, step_in_epoch)
-                    exit_code = EXIT_PREEMPTED
-                    break
-                timer.start()
-                continue
-            nonfinite_run = 0
-            if engine.is_gradient_accumulation_boundary():
-                lr_scheduler.step(epoch, step_in_epoch, steps_in_epoch, global_batch)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            if not boundary:
-                continue
-            global_step, step_in_epoch = global_step + 1, step_in_epoch + 1
-            if ema is not None:
-                ema.update(engine.module, step=global_step)
-            timer.step_done(batch * accum)
-            log.update()
-
-            if global_step % cfg.run.log_every == 0:
-                tot_loss, tot_n = all_reduce_sum([loss_sum, loss_n])
-                grad_norm = engine.get_global_grad_norm()
-                metrics = {"train/loss": tot_loss / max(tot_n, 1), "train/lr": lr_scheduler.last_lr,
-                           "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                           "train/resolution": res, "train/batch_global": global_batch, "train/epoch": epoch,
-                           "train/nonfinite_skipped": nonfinite_total, **timer.summary(world)}
-                metrics["throughput/img_s"] = all_reduce_sum([metrics["throughput/img_s_rank"]])[0]
-                tracker.log_metrics(metrics, step=global_step)
-                log.metrics(global_step, metrics)
-                timer.reset()
-                loss_sum, loss_n = 0.0, 0
-            if flags[1]:
-                save(epoch, step_in_epoch)
-                exit_code = EXIT_PREEMPTED
+            self.end_epoch(epoch, last=reason == "max_steps" or epoch == self.cfg.run.epochs - 1, t_start=t_start)
+            if reason == "max_steps":
                 break
-            if max_steps is not None and global_step >= max_steps:
-                break
-            if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0 \
-                    and step_in_epoch < steps_in_epoch:
-                save(epoch, step_in_epoch)
-            timer.start()
-        log.close()
-        if exit_code:
-            break
-        done = max_steps is not None and global_step >= max_steps
-        if consumed >= (steps_in_epoch - skip) * accum:
-            # the epoch's data is done (with accum > 1, skipped non-finite micro-batches leave a window short)
-            step_in_epoch = steps_in_epoch
-        elif step_in_epoch < steps_in_epoch and not done:
-            raise RuntimeError(f"loader ended after {consumed} of {(steps_in_epoch - skip) * accum} batches in "
-                               f"epoch {epoch}")
-        last = epoch == cfg.run.epochs - 1 or done
-        metric = None
-        if last or (cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0):
-            results = run_eval(res, epoch, final=last)
-            metric = results[res]["top1"]
-            best = metric if best is None else max(best, metric)
-        full_epoch = step_in_epoch >= steps_in_epoch
-        save(epoch + 1 if full_epoch else epoch, 0 if full_epoch else step_in_epoch, metric)
-        tracker.log_metrics({"epoch/index": epoch, "epoch/time_s": time.time() - t_start}, step=global_step)
-        if done:
-            break
+        return self.finish(reason, time.time() - t_start)
 
-    summary: dict[str, Any] = {
-        "exit_code": exit_code, "global_step": global_step, "train_resolution": res, "world_size": world,
-        "nonfinite_skipped": nonfinite_total, "wall_time_s": time.time() - t_start, "best_top1": best,
-        "eval": {str(r): v for r, v in results.items()}, "mlflow_run_id": tracker.run_id,
-        "checkpoint": str(checkpointing.find_latest(ckpt_dir) or ""), "run_dir": str(run_dir)}
-    if rank == 0 and results:
-        png = tracking.resolution_plot(results, run_dir / "resolution_vs_accuracy.png", train_res=res,
-                                       title=f"{cfg.model.name}: top-1 vs test resolution")
-        tracker.log_artifact(png)
-    if rank == 0:
-        tracking.write_json(summary, run_dir / "final_metrics.json")
-        tracker.log_artifact(run_dir / "final_metrics.json")
-    tracker.finish("FINISHED" if exit_code == 0 else ("KILLED" if exit_code == EXIT_PREEMPTED else "FAILED"))
-    if exit_code == EXIT_NONFINITE:
-        hint = "lower schedule.lr.lr or check the data" + (", or use bf16 instead of fp16" if prec == "fp16" else "")
-        raise NonFiniteLossError(f"stopped: {cfg.run.nonfinite_patience} non-finite losses in a row at step "
-                                 f"{global_step} ({hint})")
-    return summary
+    def finish(self, reason: str | None, wall_s: float) -> dict[str, Any]:
+        from pipeline import checkpointing, deepspeed_compat, tracking
 
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+        cfg, s, exit_code = self.cfg, self.state, EXIT_CODES[reason]
+        res = self.last_res
+        steady = self.run_timer.summary(self.world)
+        summary: dict[str, Any] = {
+            "exit_code": exit_code, "global_step": s.global_step, "train_resolution": res, "world_size": self.world,
+            "precision": self.precision, "nonfinite_skipped": s.nonfinite_total, "wall_time_s": wall_s,
+            "throughput_img_s": steady["throughput/img_s"], "data_wait_share": steady["time/data_wait_frac"],
+            "best_top1": s.best_top1, "eval": {str(r): v for r, v in self.results.items()},
+            "mlflow_run_id": self.tracker.run_id, "run_dir": str(cfg.run_dir),
+            "checkpoint": str(checkpointing.find_latest(cfg.run_dir / "checkpoints") or "")}
+        if self.precision == "fp16":
+            summary |= {"loss_scale": deepspeed_compat.loss_scale(self.engine),
+                        "skipped_steps": deepspeed_compat.skipped_steps(self.engine)}
+        if self.rank == 0 and self.results:
+            png = tracking.resolution_plot(self.results, cfg.run_dir / "resolution_vs_accuracy.png", train_res=res,
+                                           title=f"{cfg.model.name}: top-1 vs test resolution")
+            self.tracker.log_artifact(png)
+        if self.rank == 0:
+            tracking.write_json(summary, cfg.run_dir / "final_metrics.json")
+            self.tracker.log_artifact(cfg.run_dir / "final_metrics.json")
+        self.tracker.finish({0: "FINISHED", EXIT_PREEMPTED: "KILLED"}.get(exit_code, "FAILED"))
+        if reason == "nonfinite":
+            hint = "lower schedule.lr.lr or check the data" + (", or use bf16 instead of fp16"
+                                                               if self.precision == "fp16" else "")
+            raise NonFiniteLossError(f"stopped: {cfg.run.nonfinite_patience} non-finite losses in a row at step "
+                                     f"{s.global_step} ({hint})")
+        return summary
 
 
 def cli() -> int:
+    from pipeline.device import DeviceError
+
     try:
         summary = main()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

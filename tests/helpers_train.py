@@ -38,15 +38,15 @@ def make_tiny_data(out: Path) -> Path:
     from data_prep.demo_dataset import make_demo_dataset
     from data_prep.write_ffcv import write_ffcv
     from data_prep.write_webdataset import write_webdataset
+    from pipeline.ffcv_compat import keep_torch_threads
 
     src = out / "src"
     make_demo_dataset(src, num_classes=NUM_CLASSES, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS,
                       min_side=32, max_side=56, large_images=0, bad_files=False)
     data = out / "data"
     write_webdataset(src, data, cluster="pool", workers=1, progress=False, shard_max_count=SHARD)
-    threads = torch.get_num_threads()
-    write_ffcv(src, data, workers=1, progress=False)
-    torch.set_num_threads(threads)  # importing ffcv sets 1 thread
+    with keep_torch_threads():  # importing ffcv sets 1 thread
+        write_ffcv(src, data, workers=1, progress=False)
     return data
 
 
@@ -78,7 +78,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str = "zero2_bf16", *overrides: str,
+def run_train(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str = "zero2", *overrides: str,
               timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(train_cmd(nproc, recipe, data, run_dir, ds, *overrides), cwd=ROOT, env=job_env(),
                           capture_output=True, text=True, timeout=timeout)
