@@ -23,8 +23,9 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data.config import AugConfig, DataConfig, check_data_aug
-from pipeline.data.mixup import BatchAugment, make_seed
+from pipeline.data.mixup import BatchAugment
 from pipeline.data.transforms import BatchNormalizer
+from pipeline.rng import make_seed
 
 PAD_LABEL = -1
 
@@ -123,10 +124,6 @@ class EvalLoader:
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(self.num_samples / self.world_size) / self.batch_size)
-
-    @property
-    def num_rank_samples(self) -> int:
-        return self.stop - self.start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, _ in self.iter_with_keys():

@@ -27,10 +27,14 @@ class DataConfig:
     eval_batch_size: int = 256          # per rank
     num_workers: int = 4                # WebDataset: DataLoader workers; FFCV: decoding threads
     prefetch_factor: int = 2            # WebDataset: batches prefetched per worker
-    pin_memory: bool = False
+    pin_memory: bool = True             # pinned host batches (uint8, copied non_blocking); only with a CUDA device
     shuffle_buffer: int = 2000          # WebDataset: samples in each worker's shuffle buffer
     shuffle_initial: int = 500          # WebDataset: samples buffered before the first one is yielded
     jpeg_draft: bool = True             # WebDataset: decode big JPEGs at a reduced DCT scale (PIL draft)
+    # WebDataset training: where JPEGs are decoded. cpu: in the DataLoader workers; device: the workers draw the
+    # crop/flip/jitter from the JPEG header and ship the bytes, the batch is decoded on the loader's device
+    # (nvJPEG on CUDA) and cropped/resized/flipped there (pipeline/data/device_decode.py)
+    decode: Literal["cpu", "device"] = "cpu"
     os_cache: bool = True               # FFCV: rely on the page cache (False: FFCV's process cache)
     ffcv_order: Literal["random", "quasi_random"] = "random"  # quasi_random: single process, os_cache=False
     ffcv_batches_ahead: int = 3
@@ -48,6 +52,11 @@ class DataConfig:
         for name in ("train_split", "val_split"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: must be a non-empty split name (e.g. 'train', 'val')")
+        if self.decode not in ("cpu", "device"):
+            raise ConfigError(f"decode: {self.decode!r} is not one of ['cpu', 'device']")
+        if self.decode == "device" and self.format != "wds":
+            raise ConfigError(f"decode: 'device' needs format 'wds' (FFCV decodes inside its own pipeline); "
+                              f"allowed with format={self.format!r}: ['cpu']")
         if self.format == "ffcv" and self.ffcv_order == "quasi_random" and self.os_cache:
             raise ConfigError("ffcv_order: 'quasi_random' needs os_cache=false (FFCV's process cache); "
                               "allowed with os_cache=true: ['random']")
@@ -144,6 +153,10 @@ def check_data_aug(data: DataConfig, aug: AugConfig, batch_size: int | None = No
         raise ConfigError(f"{data_prefix}ffcv_order: {data.ffcv_order!r} cannot be combined with "
                           f"{aug_prefix}repeats={aug.repeats} (repeated augmentation sets its own order); "
                           f"allowed: ['random']")
+    if data.decode == "device" and aug.auto_augment:
+        raise ConfigError(f"{data_prefix}decode: 'device' cannot be combined with {aug_prefix}auto_augment="
+                          f"{aug.auto_augment!r} (it needs decoded pixels in the workers); set "
+                          f"{aug_prefix}auto_augment: null or {data_prefix}decode: 'cpu'")
     if aug.mixup_active and bs % 2:
         raise ConfigError(f"{data_prefix}batch_size: {bs} must be even when {aug_prefix}mixup/{aug_prefix}cutmix "
                           f"is on (timm Mixup pairs samples within the batch)")

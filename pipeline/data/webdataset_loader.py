@@ -28,6 +28,10 @@ JPEGs are decoded at the smallest DCT scale that still covers the target size: f
 sampled RandomResizedCrop box (:class:`pipeline.data.transforms.DraftRandomResizedCrop`, which decodes the
 bytes with OpenCV and resizes the crop with torchvision's uint8 kernel), for validation the
 resize-before-center-crop size (PIL draft mode).
+
+With ``data.decode: device`` the training workers decode nothing (except PNG/CMYK/grayscale samples): they make
+the same per-sample random draws from the JPEG header and ship the bytes, and the batch is decoded, cropped and
+resized on the loader's device (:mod:`pipeline.data.device_decode`). Same order, boxes, flips and resume.
 """
 from __future__ import annotations
 
@@ -41,10 +45,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.base import EvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig
-from pipeline.data.mixup import make_seed, seeded
+from pipeline.data.device_decode import CropDrawer, decode_resized_crops
+from pipeline.rng import make_seed, seeded
 from pipeline.data.shard_index import SplitIndex
 from pipeline.data.tar_samples import tar_samples
 from pipeline.data.transforms import decode_image, eval_scale_size, eval_transform, train_transform_from_bytes
+
+
+def pin_batches(data: DataConfig, device: torch.device, encoded: bool = False) -> bool:
+    """Whether the DataLoader pins its batches: ``data.pin_memory`` with a CUDA device (uint8 batches then cross
+    with ``non_blocking=True`` copies). ``encoded`` batches (device decoding) keep the JPEG bytes on the host
+    (nvJPEG reads host memory) and are not pinned."""
+    return bool(data.pin_memory) and device.type == "cuda" and not encoded
 
 
 def _worker() -> tuple[int, int]:
@@ -135,13 +147,19 @@ class _TrainStream(IterableDataset):
         stream_seed = make_seed(self.seed, epoch, self.rank, logical, num_workers)
         raw = self.raw_samples(epoch, logical, num_workers)
         samples = itertools.islice(raw, skipped * bs, None)          # skipped batches: never decoded
-        transform = train_transform_from_bytes(self.aug, res, draft=self.data.jpeg_draft)
+        if self.data.decode == "device":   # same draws, bytes shipped: decoded on the trainer's device
+            drawer = CropDrawer(self.aug, res, draft=self.data.jpeg_draft)
+            transform, collate = drawer, lambda drawn, labels, keys: (
+                drawer.pack(drawn), torch.tensor(labels, dtype=torch.int64), keys)
+        else:
+            transform = train_transform_from_bytes(self.aug, res, draft=self.data.jpeg_draft)
+            collate = _collate
         for b in range(skipped, len(mine)):
             with seeded(make_seed(stream_seed, b)):   # per batch: skipping is whole batches, so this is exact
                 images, labels, keys = _decode_batch(samples, bs, transform)
             if len(images) < bs:
                 raise RuntimeError(f"WebDataset stream ran dry after {b} batches (empty shards?)")
-            yield _collate(images, labels, keys)
+            yield collate(images, labels, keys)
 
 
 class WdsTrainLoader(TrainLoader):
@@ -160,22 +178,41 @@ class WdsTrainLoader(TrainLoader):
         self.generator = torch.Generator().manual_seed(make_seed(seed, rank, 0xD1))
         self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=nw,
                                      prefetch_factor=data.prefetch_factor if nw > 0 else None,
-                                     pin_memory=data.pin_memory and self.device.type == "cuda",
+                                     pin_memory=pin_batches(data, self.device, data.decode == "device"),
                                      persistent_workers=nw > 0, generator=self.generator)
 
     def _configure(self) -> None:
         self.dataset.configure(epoch=self.epoch, resolution=self.resolution, batch_size=self.batch_size,
                                num_batches=len(self), skip=self.skip_batches)
 
+    def _batches(self):
+        """(uint8 images, labels, keys, the device path's EncodedBatch or None) for the configured epoch."""
+        for images, labels, keys in self.dataloader:
+            if self.data.decode == "device":
+                encoded = images
+                images = decode_resized_crops(encoded, (self.resolution, self.resolution), self.device)
+                yield images, labels, keys, encoded
+            else:
+                yield images, labels, keys, None
+
     def _iter_raw(self):
-        for images, labels, _keys in self.dataloader:
+        for images, labels, _keys, _ in self._batches():
             yield images, labels
 
     def iter_with_keys(self):
         """Iterate the configured epoch, also yielding each batch's sample keys (for checks and analysis)."""
-        for index, (images, labels, keys) in enumerate(self.dataloader, start=self.skip_batches):
+        for index, (images, labels, keys, _) in enumerate(self._batches(), start=self.skip_batches):
             x, y = self._finish(images, labels, index)
             yield x, y, keys
+
+    def iter_with_boxes(self):
+        """``data.decode: device`` only: like :meth:`iter_with_keys`, plus each sample's RandomResizedCrop box
+        ``(B, 4)`` int64 (top, left, height, width in full-size pixels) and flip ``(B,)`` bool (checks, tests)."""
+        if self.data.decode != "device":
+            raise RuntimeError("iter_with_boxes needs data.decode: device (the CPU path ships pixels only)")
+        for index, (images, labels, keys, enc) in enumerate(self._batches(), start=self.skip_batches):
+            x, y = self._finish(images, labels, index)
+            yield x, y, keys, enc.boxes, enc.flips
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -234,7 +271,7 @@ class WdsEvalLoader(EvalLoader):
         nw = min(data.num_workers, len(self))
         self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=nw,
                                      prefetch_factor=data.prefetch_factor if nw > 0 else None,
-                                     pin_memory=data.pin_memory and self.device.type == "cuda",
+                                     pin_memory=pin_batches(data, self.device),
                                      generator=torch.Generator().manual_seed(0))
 
     def _iter_raw(self):
@@ -242,4 +279,4 @@ class WdsEvalLoader(EvalLoader):
             yield self._pad(images, labels, keys)
 
 
-__all__ = ["WdsEvalLoader", "WdsTrainLoader", "repeat_each", "stream_shards"]
+__all__ = ["WdsEvalLoader", "WdsTrainLoader", "pin_batches", "repeat_each", "stream_shards"]
