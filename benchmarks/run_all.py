@@ -24,7 +24,8 @@ from typing import Any, Iterator, Sequence
 from benchmarks.common import RESULTS_DIR, ROOT, format_table
 
 BENCH_DIR = Path(__file__).resolve().parent
-ORDER = ["bench_model", "bench_zero_memory", "bench_progressive", "bench_data_prep", "bench_loaders"]
+ORDER = ["bench_model", "bench_zero_memory", "bench_progressive", "bench_data_prep", "bench_loaders",
+         "bench_trainer"]
 RATIO_WORDS = ("ratio", "speedup", "over", "vs", "overhead")
 
 
@@ -40,7 +41,8 @@ def _ratios(obj: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, A
     if isinstance(obj, dict):
         for k, v in obj.items():
             key = f"{prefix}{k}"
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and any(w in str(k).lower() for w in RATIO_WORDS):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and any(w in str(k).lower() for w in RATIO_WORDS):
                 yield key, v
             elif isinstance(v, (dict, list)):
                 yield from _ratios(v, key + ".", depth + 1)
