@@ -4,7 +4,7 @@ Both parts train the same configuration -- model, optimizer, augmentation, the p
 loader over a small demo dataset that data_prep writes into a temporary directory -- built from one list of
 trainer overrides (:func:`train_overrides`):
 
-1. **Per resolution, interleaved in this process.** The model (on CPU the narrow CPVT-Ti of ``make demo``:
+1. **Per resolution, interleaved in this process.** The model (on CPU a narrow CPVT-Ti:
    ``cpvt_ti`` with ``embed_dim=96, depth=4, num_heads=3``; on GPU the full ``cpvt_ti``), AdamW with DeiT's
    parameter groups and :func:`pipeline.data.loader.build_train_loader`. One timed call is one loader epoch at
    one resolution (``set_epoch`` + every batch of the epoch, loader start-up included, as in the trainer),
@@ -200,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cpvt_ti")
     p.add_argument("--model-kwargs", default=None,
-                   help="YAML mapping passed as model.kwargs (default: none on GPU; on CPU the narrow CPVT-Ti of "
-                        "`make demo`, {embed_dim: 96, depth: 4, num_heads: 3})")
+                   help="YAML mapping passed as model.kwargs (default: none on GPU; on CPU a narrow CPVT-Ti, "
+                        "{embed_dim: 96, depth: 4, num_heads: 3})")
     p.add_argument("--resolutions", nargs="+", type=int, default=[128, 160, 192, 224] if on_gpu else [64, 96, 128],
                    help="progressive resolutions; the last is the fixed run's and the final eval resolution")
     p.add_argument("--epochs", type=int, default=None, help="default: one more than the number of resolutions")

@@ -20,7 +20,7 @@ if it reports one) is recorded beside. Processes alternate trainer, bare, bare, 
 the order flipped every pair) to cancel machine drift; rates are medians per loop. Reported: ``ratio`` =
 trainer / bare (target >= 0.95 on CPU, >= 0.9 on a GPU).
 
-On a CPU (default): the narrow ``make demo`` CPVT-Ti (width 96, 4 blocks) at 64 px, batch 32, fp32, one thread.
+On a CPU (default): a narrow CPVT-Ti (width 96, 4 blocks) at 64 px, batch 32, fp32, one thread.
 On a GPU (``make gpu-check`` calls it): ``--device cuda --model-kwargs '{}' --resolution 224 --batch-size 256
 --precision bf16``.
 

@@ -1,7 +1,8 @@
 """`make demo`: the whole pipeline end to end on the built-in synthetic dataset, on CPU, in minutes.
 
 1. demo dataset (ImageNet layout) -> WebDataset shards + FFCV .beton files (data_prep),
-2. 2-rank DeepSpeed training (bf16, ZeRO-2, progressive resolution 48 -> 64 px) of a narrow CPVT-Ti,
+2. 2-rank DeepSpeed training (ZeRO-2, precision auto: fp32 on a CPU without native bf16, progressive resolution
+   48 -> 64 px) of CPVT-Ti,
    launched as ``torchrun --nproc_per_node 2 pipeline/train.py`` with MLflow tracking,
 3. export to safetensors and evaluation of the export at 3 resolutions (from the FFCV val split),
 4. a summary table: accuracies, where the checkpoint / export / MLflow store are, how to open the UI.
