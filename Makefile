@@ -92,4 +92,4 @@ gpu-check:
 	@$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 gpu-wheelhouse: setup
-	$(BIN)/python -m benchmarks.gpu_check wheelhouse --dir $(WHEELHOUSE) --deepspeed-pin $(DEEPSPEED_PIN)
+	$(BIN)/python -m benchmarks.gpu_wheelhouse --dir $(WHEELHOUSE) --deepspeed-pin $(DEEPSPEED_PIN)
