@@ -27,14 +27,12 @@ On a GPU (``make gpu-check`` calls it): ``--device cuda --model-kwargs '{}' --re
     python -m benchmarks.bench_trainer [--steps 100] [--warmup 10] [--rounds 2] [--threads 1]
     python -m benchmarks.bench_trainer --bare-only      # the bare ceiling alone
 
-Needs ``pipeline.train.run(cfg, ds_config=None, *, train_loader=None)``; with a trainer that lacks
-``train_loader`` the trainer side is reported as skipped (with the reason) and only the bare loop runs.
+The trainer side calls ``pipeline.train.run(cfg, ds_config, train_loader=...)``; ``--bare-only`` skips it.
 Results: ``benchmarks/results/bench_trainer.json`` (``bench_trainer_quick.json`` with ``--quick``).
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -133,18 +131,6 @@ def make_batches(n: int, batch_size: int, resolution: int, num_classes: int, dev
              torch.randint(0, num_classes, (batch_size,), generator=g).to(device)) for _ in range(n)]
 
 
-def trainer_supports_loader() -> tuple[bool, str]:
-    """(True, "") when ``pipeline.train.run`` takes ``train_loader``; else (False, why)."""
-    try:
-        import pipeline.train as train
-    except Exception as e:  # noqa: BLE001 - reported, not fatal
-        return False, f"pipeline.train does not import: {type(e).__name__}: {e}"
-    params = inspect.signature(train.run).parameters
-    if "train_loader" not in params:
-        return False, f"pipeline.train.run{inspect.signature(train.run)} has no train_loader parameter yet"
-    return True, ""
-
-
 # ----------------------------------------------------------------------------------------- config
 def write_recipe(path: Path, args, data_root: Path, run_dir: Path, ds_json: Path) -> Path:
     recipe = {
@@ -179,24 +165,10 @@ def ds_json_for(precision: str, stage: int) -> dict[str, Any]:
     return ds
 
 
-def precision_override(precision: str) -> list[str]:
-    """``run.precision=<p>`` where the trainer has that field (it then must agree with the DeepSpeed dict)."""
-    try:
-        import dataclasses
-
-        from pipeline.recipe import RunConfig
-
-        if "precision" in {f.name for f in dataclasses.fields(RunConfig)}:
-            return [f"run.precision={precision}"]
-    except Exception:  # noqa: BLE001 - older trainer: the DeepSpeed JSON alone decides
-        pass
-    return []
-
-
 def load_cfg(recipe: Path, precision: str):
     from pipeline.recipe import load_train_config
 
-    return load_train_config(recipe, precision_override(precision), 1)
+    return load_train_config(recipe, [f"run.precision={precision}"], 1)
 
 
 # ----------------------------------------------------------------------------------------- workers
@@ -206,17 +178,6 @@ def _device(name: str):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu")
-
-
-def _criterion(cfg):
-    import torch
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if cfg.aug.mixup_active:
-        return SoftTargetCrossEntropy()
-    if cfg.aug.smoothing > 0:
-        return LabelSmoothingCrossEntropy(cfg.aug.smoothing)
-    return torch.nn.CrossEntropyLoss()
 
 
 def _loader(args, device) -> InMemoryLoader:
@@ -254,43 +215,30 @@ def worker_bare(args, cfg, ds) -> dict[str, Any]:
     import torch
 
     import pipeline.models  # noqa: F401 - registers cpvt_* in timm
-    from pipeline.recipe import precision
+    from pipeline import device as devices
+    from pipeline.distributed import destroy, init_distributed
+    from pipeline.optim import build_optimizer, param_groups
+    from pipeline.train import build_criterion
 
     t0 = time.perf_counter()
-    try:
-        from pipeline.distributed import destroy, init_distributed
-
-        init_distributed()
-    except ImportError:  # a reorganised pipeline.distributed: DeepSpeed's own initialisation
-        import deepspeed
-
-        deepspeed.init_distributed()
-        destroy = torch.distributed.destroy_process_group
+    choice = devices.select_device()
+    # the hardware-dependent part of the dict, as pipeline.train.run does it (precision sections, overlap)
+    ds, prec, _ = devices.finalize_deepspeed_config(ds, cfg, choice)
+    init_distributed(choice)
     import deepspeed
 
-    try:  # the hardware-dependent part of the dict, as pipeline.train.run does it (precision sections, overlap)
-        from pipeline import device as devices
-
-        ds, _, _ = devices.finalize_deepspeed_config(ds, cfg, devices.select_device())
-    except (ImportError, AttributeError):  # a trainer without pipeline.device: the resolved dict as it is
-        pass
     device = _device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.run.seed)
     model = timm.create_model(cfg.model.name, **cfg.model.create_kwargs(NUM_CLASSES))
-    try:
-        from pipeline.optim import build_optimizer, param_groups
-
-        optimizer = build_optimizer(model, cfg.optim)
-        params = param_groups(model, cfg.optim.weight_decay) if optimizer is None else None
-    except ImportError:
-        optimizer, params = torch.optim.AdamW(model.parameters(), lr=1e-4), None
+    optimizer = build_optimizer(model, cfg.optim)
+    params = param_groups(model, cfg.optim.weight_decay) if optimizer is None else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, model_parameters=params)
     for group in engine.optimizer.param_groups:
         group["lr"] = cfg.schedule.lr.lr
-    criterion = _criterion(cfg)
-    input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds)]
+    criterion = build_criterion(cfg.aug)
+    input_dtype = devices.torch_dtype(prec)
     loader = _loader(args, device)
     loader.set_epoch(0, args.resolution, args.batch_size)
     engine.train()
@@ -301,7 +249,7 @@ def worker_bare(args, cfg, ds) -> dict[str, Any]:
         engine.backward(loss)
         engine.step()
     out = {**_rates(loader, device), "timed_steps": loader.timed_steps, "seconds": time.perf_counter() - t0,
-           "reported_img_s": None, "precision": precision(ds), "threads": torch.get_num_threads()}
+           "reported_img_s": None, "precision": prec, "threads": torch.get_num_threads()}
     destroy()
     return out
 
@@ -363,7 +311,7 @@ def _passthrough(args) -> list[str]:
 
 
 def run_parent(args) -> int:
-    supported, why = (False, "--bare-only") if args.bare_only else trainer_supports_loader()
+    supported, why = (False, "--bare-only") if args.bare_only else (True, "")
     kinds = ["trainer", "bare"] if supported else ["bare"]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:

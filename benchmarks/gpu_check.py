@@ -817,8 +817,6 @@ class Check:
         return self._tp("throughput_wds_noaa", "tp_wds_noaa", "wds", "aug.auto_augment=null")
 
     def row_tp_wds_device(self) -> Row:
-        if not _data_has_field("decode"):
-            return self.r.skip("throughput_wds_device", "the trainer has no data.decode option yet")
         # device decode ships JPEG bytes: RandAugment (which needs decoded pixels in the workers) is off, as in
         # throughput_wds_noaa, its CPU-decode twin
         return self._tp("throughput_wds_device", "tp_wds_device", "wds", "data.decode=device",
@@ -829,15 +827,6 @@ class Check:
             return self.r.skip("throughput_ffcv", "import ffcv fails here (its compiled extension is built for the "
                                                   f"dev machine's Python): {self.env.get('ffcv_importable')}")
         return self._tp("throughput_ffcv", "tp_ffcv", "ffcv")
-
-
-def _data_has_field(name: str) -> bool:
-    try:
-        from pipeline.data.config import DataConfig
-
-        return name in {f.name for f in dataclasses.fields(DataConfig)}
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def attribution(rows: Sequence[Row]) -> dict[str, Any]:

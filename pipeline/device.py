@@ -262,6 +262,13 @@ def resolve_precision(requested: str, choice: DeviceChoice, *, native_bf16: bool
     return "fp32", f"auto: fp32{hint}"
 
 
+def torch_dtype(precision: str) -> "torch.dtype":  # noqa: F821 - keeps torch out of the import
+    """The input dtype of a resolved precision (``"bf16"`` | ``"fp16"`` | ``"fp32"``)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
 def json_precision_request(ds: Mapping[str, Any]) -> str | None:
     """What a DeepSpeed JSON asks for: ``"bf16"``/``"fp16"`` when enabled, ``"fp32"`` when it has a bf16 or fp16
     section and enables neither (``zero*_fp32.json``), None when it says nothing (``zero{1,2,3}.json``)."""

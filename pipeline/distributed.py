@@ -192,6 +192,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_(t: "torch.Tensor", op: str = "SUM") -> "torch.Tensor":
+    """Reduce ``t`` over ranks in place, on its own device, without reading it (identity without a process
+    group); returns ``t``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return t
+
+
 def _all_reduce(values: "list[float]", op: str) -> "list[float]":
     """Reduce a short list of floats over ranks in one float64 collective (identity without a process group)."""
     import torch
@@ -199,9 +209,7 @@ def _all_reduce(values: "list[float]", op: str) -> "list[float]":
 
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device())
-    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
-    return t.tolist()
+    return all_reduce_(torch.tensor(values, dtype=torch.float64, device=device()), op).tolist()
 
 
 def all_reduce_max(values: "list[float]") -> "list[float]":

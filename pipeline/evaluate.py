@@ -40,6 +40,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resol
     Counts stay on the device and are reduced and read once per resolution. ``loaders``: a dict that caches the
     eval loader of each resolution across calls (the trainer evaluates every few epochs)."""
     from pipeline.data.loader import build_eval_loader
+    from pipeline.distributed import all_reduce_
 
     loaders = {} if loaders is None else loaders
     results: dict[int, dict[str, float]] = {}
@@ -55,7 +56,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resol
             images = images.to(device=device, dtype=input_dtype, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             sums += _batch_counts(forward(images).float(), labels)
-        c1, c5, loss, n = _all_reduce_sum(sums).tolist()
+        c1, c5, loss, n = all_reduce_(sums).tolist()
         if max_batches is None and int(n) != int(loader.num_samples):
             raise RuntimeError(f"eval at {res}px counted {int(n)} samples, the val split has {loader.num_samples}")
         results[res] = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
@@ -72,14 +73,6 @@ def _batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     hit = (top5 == safe[:, None]) & keep[:, None]
     ce = torch.nn.functional.cross_entropy(logits, safe, reduction="none") * keep
     return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), ce.sum(), keep.sum()]).double()
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 class Evaluator:

@@ -117,11 +117,8 @@ class LossMeter:
         self._sums += torch.stack([torch.where(finite, loss, 0.0).double(), finite.double()])
 
     def mean(self) -> float:
-        import torch.distributed as dist
+        from pipeline.distributed import all_reduce_
 
-        sums = self._sums.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
-        total, n = sums.tolist()
+        total, n = all_reduce_(self._sums.clone()).tolist()
         self._sums.zero_()
         return total / n if n else float("nan")

@@ -47,8 +47,7 @@ class StopAgreement:
         if self._calls % self.check_every:
             return False
         import torch
-        import torch.distributed as dist
 
-        flag = torch.tensor([float(stop_requested())], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        from pipeline.distributed import all_reduce_
+
+        return bool(all_reduce_(torch.tensor([float(stop_requested())], device=self.device), "MAX").item())

@@ -25,7 +25,6 @@ from pipeline.schedules import LRSchedule, LRScheduleConfig, ResolutionSchedule,
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DS_DTYPES = ("fp32", "bf16", "fp16")
-MODEL_NAMES = ["cpvt_ti", "cpvt_s", "cpvt_b", "cpvt_ti_gap", "cpvt_s_gap", "cpvt_b_gap"]
 
 
 @dataclass

@@ -127,7 +127,8 @@ class StepResult:
     nonfinite: bool        # skipped because a loss or a gradient was not finite (not an fp16 loss-scale overflow)
 
 
-def _criterion(aug):
+def build_criterion(aug):
+    """The recipe's loss: soft-target CE with Mixup/CutMix, else label-smoothed CE, else plain CE."""
     import torch
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -155,8 +156,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int, choice, precision: str,
                  train_loader=None):
-        import torch
-
+        from pipeline import device as devices
         from pipeline.checkpointing import Checkpointer
         from pipeline.data.loader import build_train_loader
         from pipeline.evaluate import Evaluator
@@ -167,7 +167,7 @@ class Trainer:
 
         self.cfg, self.ds_config, self.precision = cfg, ds_config, precision
         self.rank, self.world, self.device = env.rank, env.world_size, choice.torch_device
-        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        self.input_dtype = devices.torch_dtype(precision)
         self.accum = cfg.optim.grad_accum
         self.log = ProgressLog(self.rank, cfg.run.progress_bar)
         if self.rank == 0:
@@ -177,7 +177,7 @@ class Trainer:
         self.engine, self.ema, self.num_params = self._build_engine(num_classes)
         self.res_schedule = ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs)
         self.lr_scheduler = LRScheduler(LRSchedule(cfg.schedule.lr, cfg.run.epochs), self.engine.optimizer)
-        self.criterion = _criterion(cfg.aug)
+        self.criterion = build_criterion(cfg.aug)
         seed_everything(cfg.run.seed + self.rank)  # per-rank streams for drop-path etc. (a resume restores them)
         self.state = TrainState()
         parts = {"train_state": self.state, "lr_schedule": self.lr_scheduler}
@@ -261,12 +261,10 @@ class Trainer:
 
     def _any_nonfinite_loss(self, loss) -> bool:
         import torch
-        import torch.distributed as dist
 
-        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        from pipeline.distributed import all_reduce_
+
+        return bool(all_reduce_((~torch.isfinite(loss.detach())).float().reshape(1), "MAX").item())
 
     def after_step(self, result: StepResult, epoch: int, res: int, global_batch: int) -> None:
         s = self.state
