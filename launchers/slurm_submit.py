@@ -1,12 +1,18 @@
 """Submit a CPVT training run to SLURM (or run the same path locally) with submitit.
 
+    python launchers/slurm_submit.py --nodes 4 --model cpvt_b      # with a site file (launchers/site.py)
     python launchers/slurm_submit.py --nodes 4 --gpus-per-node 8 --model cpvt_b --data /data/imagenet_prep \\
-        --recipe cpvt_b --partition p --account a --time 72:00:00 [section.field=value ...]
-    python launchers/slurm_submit.py ... --dry-run          # resolved sbatch parameters + training config
+        --partition p --account a --time 72:00:00 [section.field=value ...]
+    python launchers/slurm_submit.py ... --dry-run          # resolved values and where each came from
     python launchers/slurm_submit.py ... --cluster local    # same tasks as subprocesses on this machine
 
-One task per GPU (``--gpus-per-node``; on CPU nodes ``--tasks-per-node``). Each task exports the
-torch.distributed rendezvous variables from SLURM (:mod:`launchers.dist_env`) and runs
+``--model X`` without ``--recipe`` trains the paper's recipe for X (``pipeline/recipes/X.yaml``, or a site recipe
+folder's). Resources come from the command line, else the site file, else SLURM itself for the partition (GPUs
+per node from ``sinfo -o %G`` or scontrol's ``Gres=gpu:N``, CPUs per task = the node's CPUs / tasks per node);
+one task per GPU on GPU partitions (``--tasks-per-node`` on CPU partitions, default 1). The recipe's global batch
+is the same on any number of nodes: the per-rank batch and the accumulation follow the world size.
+
+Each task exports the torch.distributed rendezvous variables from SLURM (:mod:`launchers.dist_env`) and runs
 ``pipeline.train.main`` with ``--resume auto`` (:mod:`launchers.train_job`): on the time-limit/preemption signal
 the run checkpoints and requeues itself, at most ``--max-requeues`` times, continuing the same MLflow run.
 That run is created at submission (in the store the job writes to) and its id printed with the job id; the job
@@ -14,14 +20,16 @@ continues it. ``--dry-run`` creates nothing.
 
 Everything that can be checked is checked before submission, each failure one line (exit code 2): node/task
 counts, the SLURM time format, the model name (timm registry), the data folder, the whole training config and
-its DeepSpeed batch arithmetic (``--global-batch`` must divide by world size x accumulation), and that the time
-limit leaves room for at least one checkpoint interval (``checkpoint.every_steps`` steps, else one epoch, times
-``--step-time-s`` or an estimate from the paper's V100 throughput when GPUs are requested).
+its batch arithmetic (the world size must form the recipe's global batch), and that the time limit leaves room
+for one checkpoint interval. When the time limit is shorter than an epoch at the estimated step time (a per-GPU
+throughput table, :data:`GPU_IMG_S`, or ``--step-time-s``), the job checkpoints every N steps
+(``checkpoint.every_steps``, shown in the plan).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -37,11 +45,21 @@ if __package__ in (None, ""):  # `python launchers/slurm_submit.py` runs this fi
 from pipeline.config import ConfigError, check_choice, check_positive  # noqa: E402
 
 from launchers.executor import CLUSTERS  # noqa: E402
+from launchers.site import Setting  # noqa: E402
 
-# Images/s of one 16 GB V100 at 224 px (CPVT paper, Table 5): the fallback step-time estimate.
-V100_IMG_S = {"cpvt_ti": 2500.7, "cpvt_ti_gap": 2520.1, "cpvt_s": 930.5, "cpvt_s_gap": 942.3,
-              "cpvt_b": 285.5, "cpvt_b_gap": 285.5}
+# Training images/s of one GPU at 224 px per model, for the step-time estimate. Only the paper's 16 GB V100
+# numbers (CPVT Table 5; its GAP-B value is CPVT-B's) are known; A100/H100 rows are filled from `make gpu-check`
+# (benchmarks/results/gpu_check.json: cpvt_ti measured on that GPU, the other models scaled by the paper's V100
+# ratios, see measured_img_s). A GPU type without numbers uses the V100 row, the slowest, and the plan says so.
+GPU_IMG_S: dict[str, dict[str, float]] = {
+    "V100": {"cpvt_ti": 2500.7, "cpvt_ti_gap": 2520.1, "cpvt_s": 930.5, "cpvt_s_gap": 942.3,
+             "cpvt_b": 285.5, "cpvt_b_gap": 285.5},
+    "A100": {},
+    "H100": {},
+}
+GPU_CHECK_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_check.json"
 DEFAULT_RUN_DIR = "runs/default"
+CHECKPOINTS_PER_JOB = 4   # a derived step interval saves about this many times per time limit
 
 
 @dataclass
@@ -61,6 +79,7 @@ class Plan:
     experiment: str
     checks: list[str] = field(default_factory=list)
     run_name: str | None = None  # MLflow run name; None: tracking disabled
+    settings: dict[str, Setting] = field(default_factory=dict)  # resolved values and their sources
     mlflow_run_id: str | None = None  # set by submit(): the run created for this job
 
 
@@ -70,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("resources")
     g.add_argument("--cluster", default="slurm", help=f"one of {list(CLUSTERS)}")
     g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--gpus-per-node", type=int, default=None, help="one task per GPU")
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="one task per GPU (default: the site file, else SLURM's partition description)")
     g.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node without GPUs (default 1)")
     g.add_argument("--cpus-per-task", type=int, default=None)
     g.add_argument("--mem", type=float, default=None, help="memory per node in GB")
@@ -78,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--account", default=None)
     g.add_argument("--qos", default=None)
     g.add_argument("--constraint", default=None)
-    g.add_argument("--time", default="24:00:00", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")
+    g.add_argument("--time", default=None, help="time limit: minutes, HH:MM:SS or D-HH:MM:SS (default: the site "
+                                                "file's, else 24:00:00)")
     g.add_argument("--signal-delay-s", type=int, default=120,
                    help="USR2 this many seconds before the time limit: checkpoint + requeue")
     g.add_argument("--max-requeues", type=int, default=3, help="requeues per run (time limit or preemption)")
@@ -88,12 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per optimizer step, for the time-limit check (default: estimate on GPUs)")
     t = p.add_argument_group("training (passed to pipeline/train.py)")
     t.add_argument("--recipe", default=None)
-    t.add_argument("--model", default=None)
+    t.add_argument("--model", default=None, help="model; without --recipe also its recipe, recipes/<model>.yaml")
     t.add_argument("--data", default=None)
     t.add_argument("--deepspeed-config", "--deepspeed_config", default=None)
-    t.add_argument("--run-dir", default=None, help="default: runs/<model>-<time> (must be unique per run)")
+    t.add_argument("--run-dir", default=None,
+                   help="default: <runs_root or runs>/<model>-<time> (must be unique per run)")
     t.add_argument("--global-batch", type=int, default=None,
-                   help="global batch; data.batch_size = global / (world x optim.grad_accum)")
+                   help="data.global_batch_size override (per-rank batch and accumulation follow the world size)")
     a = p.add_argument_group("actions")
     a.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
     a.add_argument("--wait", action="store_true", help="wait for the job and print its final metrics")
@@ -157,30 +179,89 @@ def _train_samples(cfg) -> int | None:
         return None
 
 
-def _check_time(cfg, args, timeout_min: int, world: int, checks: list[str]) -> None:
-    """The time limit must leave room for one checkpoint interval before the requeue signal."""
+def _gpu_type(text: str | None) -> str | None:
+    """"NVIDIA A100-SXM4-80GB", "a100", "h100_80gb" -> the table's row name (None: not a known type)."""
+    for name in ("H200", "H100", "A100", "V100"):
+        if text and name.lower() in text.lower():
+            return name
+    return None
+
+
+def measured_img_s(path: Path = GPU_CHECK_JSON) -> dict[str, dict[str, float]]:
+    """Rows for the throughput table from ``make gpu-check`` (its JSON, if present): the cpvt_ti training
+    throughput it measured at 224 px on one GPU of its type (FFCV, else WebDataset, else the bare engine), the
+    other models scaled by the paper's V100 ratios."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    gpu = _gpu_type((doc.get("environment") or {}).get("gpu"))
+    att = doc.get("attribution") or {}
+    img_s = next((att.get(k) for k in ("ffcv_img_s", "wds_img_s", "bare_engine_img_s")
+                  if isinstance(att.get(k), (int, float)) and att.get(k) > 0), None)
+    if doc.get("profile") != "gpu" or gpu is None or img_s is None:
+        return {}
+    v100 = GPU_IMG_S["V100"]
+    return {gpu: {m: img_s * v / v100["cpvt_ti"] for m, v in v100.items()}}
+
+
+def estimate_step_s(model: str, micro: int, accum: int, resolution: int, gpu_type: str | None
+                    ) -> tuple[float, str] | None:
+    """(seconds per optimizer step on one GPU, what the number rests on), None for a model outside the table."""
+    table = {k: dict(v) for k, v in GPU_IMG_S.items()}
+    for k, v in measured_img_s().items():
+        table.setdefault(k, {}).update(v)
+    row, note = gpu_type, f"{gpu_type} throughput"
+    if not table.get(row, {}).get(model):
+        row, note = "V100", (f"no {gpu_type} numbers yet (make gpu-check adds them): the paper's V100 throughput"
+                             if gpu_type else "GPU type unknown: the paper's V100 throughput (the slowest listed)")
+    elif row != "V100":
+        note = f"{row} throughput measured by make gpu-check"
+    else:
+        note = "the paper's V100 throughput"
+    img_s = table[row].get(model)
+    if not img_s:
+        return None
+    img_s *= (224 / max(resolution, 1)) ** 2   # same work per token: scales with the pixel count
+    return micro * accum / img_s, note
+
+
+def _check_time(cfg, args, timeout_min: int, world: int, gpus: int, gpu_type: str | None, checks: list[str]
+                ) -> int | None:
+    """The time limit must leave room for one checkpoint interval before the requeue signal; when it is shorter
+    than an epoch (and ``checkpoint.every_steps`` is 0), returns the step interval to checkpoint at."""
+    from pipeline.schedules import ResolutionSchedule
+
     available_s = timeout_min * 60 - args.signal_delay_s
     if available_s <= 0:
         raise ConfigError(f"--signal-delay-s: {args.signal_delay_s} must be shorter than --time "
                           f"({_fmt_min(timeout_min)})")
     micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    step_s, source = args.step_time_s, "--step-time-s"
+    if step_s is None and gpus:
+        res = max(r for _, r, _ in ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs).table())
+        est = estimate_step_s(cfg.model.name, micro, accum, res, gpu_type)
+        if est is not None:
+            step_s, source = est[0], f"estimate at {res} px: {est[1]}"
+    n = _train_samples(cfg)
+    epoch_steps = max(1, n // (micro * accum * world)) if n is not None else None
+    derived = None
     if cfg.checkpoint.every_steps:
         steps, what = cfg.checkpoint.every_steps, f"checkpoint.every_steps={cfg.checkpoint.every_steps}"
+    elif epoch_steps is None:
+        checks.append("time limit vs checkpoint interval: not checked (train size unknown)")
+        return None
     else:
-        n = _train_samples(cfg)
-        if n is None:
-            checks.append("time limit vs checkpoint interval: not checked (train size unknown)")
-            return
-        steps = max(1, n // (micro * accum * world))
-        what = f"one epoch = {steps} steps (checkpoint.every_steps=0)"
-    step_s, source = args.step_time_s, "--step-time-s"
-    if step_s is None and args.gpus_per_node and cfg.model.name in V100_IMG_S:
-        res = cfg.schedule.resolution.resolution if hasattr(cfg.schedule.resolution, "resolution") else 224
-        img_s = V100_IMG_S[cfg.model.name] * (224 / max(int(res or 224), 1)) ** 2
-        step_s, source = micro * accum / img_s, "estimate from V100 throughput"
+        steps, what = epoch_steps, f"one epoch = {epoch_steps} steps (checkpoint.every_steps=0)"
     if step_s is None:
         checks.append("time limit vs checkpoint interval: not checked (no GPUs; pass --step-time-s)")
-        return
+        return None
+    if not cfg.checkpoint.every_steps and steps * step_s > available_s:
+        derived = max(1, int(available_s / CHECKPOINTS_PER_JOB / step_s))
+        checks.append(f"checkpoint.every_steps={derived} (derived: {what} x {step_s:.3g} s/step ({source}) = "
+                      f"{steps * step_s / 60:.1f} min is longer than the {available_s / 60:.1f} min before the "
+                      f"requeue signal; a checkpoint about every {derived * step_s / 60:.1f} min)")
+        steps, what = derived, f"checkpoint.every_steps={derived}"
     interval_s = steps * step_s
     line = (f"{what} x {step_s:.3g} s/step ({source}) = {interval_s / 60:.1f} min; "
             f"time before the requeue signal = {available_s / 60:.1f} min")
@@ -188,6 +269,7 @@ def _check_time(cfg, args, timeout_min: int, world: int, checks: list[str]) -> N
         raise ConfigError(f"--time: {_fmt_min(timeout_min)} is shorter than one checkpoint interval ({line}); "
                           f"raise --time or lower checkpoint.every_steps")
     checks.append(f"one checkpoint interval ~ {line}")
+    return derived
 
 
 def plan(argv: list[str] | None = None) -> Plan:
@@ -195,8 +277,44 @@ def plan(argv: list[str] | None = None) -> Plan:
     return plan_from_args(build_parser().parse_args(argv))
 
 
+def resolve_resources(args: argparse.Namespace, site, site_file) -> dict[str, Setting]:
+    """Every resource value with its source: flag > site file > SLURM (sinfo, scontrol) > default."""
+    from launchers.site import Setting, pick, query_partition
+
+    out = {name: pick(name, getattr(args, flag), site, site_file) for name, flag in
+           (("partition", "partition"), ("account", "account"), ("qos", "qos"), ("constraint", "constraint"),
+            ("mem_gb", "mem"))}
+    out["time"] = pick("time", args.time, site, site_file, "24:00:00")
+    gpus = pick("gpus_per_node", args.gpus_per_node, site, site_file)
+    cpus = pick("cpus_per_task", args.cpus_per_task, site, site_file)
+    gpu_type = pick("gpu_type", None, site, site_file)
+    info = None
+    if args.cluster == "slurm" and (gpus.value is None or cpus.value is None or gpu_type.value is None):
+        info = query_partition(out["partition"].value)
+    if gpus.value is None:
+        gpus = (Setting(info.gpus_per_node, info.gpu_source) if info and info.gpus_per_node is not None else
+                Setting(0, "default (no GPUs)" if args.cluster != "slurm" else
+                        f"default (no GPUs): {'; '.join(info.notes) or 'SLURM lists none'}"))
+    if gpu_type.value is None:
+        found = info.gpu_type if info else None
+        gpu_type = (Setting(found, info.gpu_source) if found else
+                    Setting(_gpu_type(out["constraint"].value), "--constraint" if out["constraint"].value else
+                            "unknown"))
+    out["gpus_per_node"], out["gpu_type"] = gpus, gpu_type
+    tasks = gpus.value or args.tasks_per_node or 1
+    out["tasks_per_node"] = Setting(tasks, "one task per GPU" if gpus.value else
+                                    ("flag" if args.tasks_per_node else "default (CPU partition)"))
+    if cpus.value is None and info and info.cpus_per_node:
+        cpus = Setting(max(1, info.cpus_per_node // tasks),
+                       f"{info.cpu_source}: {info.cpus_per_node} CPUs per node / {tasks} tasks")
+    out["cpus_per_task"] = cpus
+    return out
+
+
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    from pipeline.recipe import load_train_config, read_num_classes
+    from launchers.site import load_site, train_defaults
+    from pipeline.data.config import fit_num_workers
+    from pipeline.recipe import batch_plan, find_recipe, load_train_config, model_recipe, read_num_classes
     from pipeline.tracking import default_uri
 
     check_choice("--cluster", args.cluster, CLUSTERS)
@@ -216,62 +334,86 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     check_positive("--signal-delay-s", args.signal_delay_s, allow_zero=True)
     if args.step_time_s is not None:
         check_positive("--step-time-s", args.step_time_s)
-    timeout_min = parse_time_min(args.time)
-    tasks_per_node = args.gpus_per_node or args.tasks_per_node or 1
+    site, site_file = load_site()
+    res = resolve_resources(args, site, site_file)
+    timeout_min = parse_time_min(res["time"].value)
+    tasks_per_node = res["tasks_per_node"].value
     world = args.nodes * tasks_per_node
     if args.model is not None:
         _check_model(args.model)
 
-    flags = {"--recipe": args.recipe, "--model": args.model, "--data": args.data,
+    recipe = Setting(str(find_recipe(args.recipe, site.recipe_dirs)), "--recipe") if args.recipe else None
+    if recipe is None and (found := model_recipe(args.model, site.recipe_dirs)) is not None:
+        recipe = Setting(str(found), f"the paper's recipe for --model {args.model}")
+    res["recipe"] = recipe or Setting(None, "none (dataclass defaults)")
+    res["data_root"] = pick_data = (Setting(args.data, "flag") if args.data else
+                                    Setting(site.data_root, f"site file {site_file}") if site.data_root else
+                                    Setting(None, "recipe"))
+    flags = {"--recipe": res["recipe"].value, "--model": args.model, "--data": pick_data.value,
              "--deepspeed_config": args.deepspeed_config}
     train_argv = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
     overrides = list(args.overrides)
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override: {o!r} must look like section.field=value")
-
-    def load(extra: list[str]):
-        return load_train_config(args.recipe, _flag_overrides(args) + overrides + extra, world)
-
-    cfg, _ = load([])
     if args.global_batch is not None:
         check_positive("--global-batch", args.global_batch)
-        per = world * cfg.optim.grad_accum
-        if args.global_batch % per:
-            raise ConfigError(f"--global-batch: {args.global_batch} is not divisible by world size {world} x "
-                              f"optim.grad_accum {cfg.optim.grad_accum} = {per}")
-        overrides.append(f"data.batch_size={args.global_batch // per}")
+        overrides.append(f"data.global_batch_size={args.global_batch}")
+    defaults, _ = train_defaults(site, site_file, run_dir=False)
+    if "tracking" in defaults and not any(o.startswith("tracking.uri=") for o in overrides):
+        overrides.append(f"tracking.uri={defaults['tracking']['uri']}")   # the job need not read the site file
+    res["mlflow_uri"] = Setting(site.mlflow_uri, f"site file {site_file}") if "tracking" in defaults else \
+        Setting(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI") \
+        if os.environ.get("MLFLOW_TRACKING_URI") else Setting(None, "default store")
+
+    def load(extra: list[str]):
+        return load_train_config(res["recipe"].value, _flag_overrides(args, pick_data.value) + overrides + extra,
+                                 world)
+
+    cfg, _ = load([])
+    runs_root = Setting(site.runs_root, f"site file {site_file}") if site.runs_root else Setting("runs", "default")
+    res["runs_root"] = runs_root
     run_dir = args.run_dir or (cfg.run.run_dir if cfg.run.run_dir != DEFAULT_RUN_DIR else
-                               f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                               f"{runs_root.value}/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(run_dir).resolve()
     cfg, ds = load([f"run.run_dir={run_dir}"])
     _check_model(cfg.model.name)
     _check_data(cfg)
     read_num_classes(cfg)
-    checks: list[str] = [f"world size {world} = {args.nodes} nodes x {tasks_per_node} tasks; global batch "
-                         f"{ds['train_batch_size']} = {ds['train_micro_batch_size_per_gpu']} x "
-                         f"{ds['gradient_accumulation_steps']} x {world}"]
-    _check_time(cfg, args, timeout_min, world, checks)
+    checks: list[str] = [f"world size {world} = {args.nodes} nodes x {tasks_per_node} tasks; "
+                         f"{batch_plan(cfg, world).line()}"
+                         + (" (data.global_batch_size)" if cfg.data.global_batch_size else
+                            " (data.batch_size per rank: the global batch grows with the world size)")]
+    cpus = res["cpus_per_task"].value
+    if cpus:
+        fitted, line = fit_num_workers(cfg.data, cpus)
+        checks.append(line or f"loader workers: {fitted.num_workers} per rank ({cpus} CPUs per task)")
+    derived = _check_time(cfg, args, timeout_min, world, res["gpus_per_node"].value, res["gpu_type"].value, checks)
+    if derived is not None:
+        overrides.append(f"checkpoint.every_steps={derived}")
+        cfg, ds = load([f"run.run_dir={run_dir}"])
 
     train_argv += ["--run-dir", str(run_dir), *overrides]
     folder = Path(args.folder).resolve() if args.folder else run_dir / "submitit"
-    params = dict(nodes=args.nodes, tasks_per_node=tasks_per_node, gpus_per_node=args.gpus_per_node or None,
-                  cpus_per_task=args.cpus_per_task, mem_gb=args.mem, partition=args.partition,
-                  account=args.account, qos=args.qos, constraint=args.constraint, timeout_min=timeout_min,
-                  signal_delay_s=args.signal_delay_s, job_name=args.job_name or f"cpvt-{cfg.model.name}",
-                  max_num_timeout=args.max_requeues)
+    params = dict(nodes=args.nodes, tasks_per_node=tasks_per_node, gpus_per_node=res["gpus_per_node"].value or None,
+                  cpus_per_task=cpus, mem_gb=res["mem_gb"].value, partition=res["partition"].value,
+                  account=res["account"].value, qos=res["qos"].value, constraint=res["constraint"].value,
+                  timeout_min=timeout_min, signal_delay_s=args.signal_delay_s,
+                  job_name=args.job_name or f"cpvt-{cfg.model.name}", max_num_timeout=args.max_requeues)
     if args.cluster == "slurm":
         params.update(additional_parameters={"requeue": True}, srun_args=["--kill-on-bad-exit=1"])
     return Plan(cluster=args.cluster, executor_params=params, train_argv=train_argv, run_dir=run_dir,
                 folder=folder, world_size=world, max_requeues=args.max_requeues, config_yaml=cfg.to_yaml(),
                 deepspeed=ds, tracking_uri=default_uri(run_dir, cfg.tracking.uri) if cfg.tracking.enabled else
                 "(tracking disabled)", experiment=cfg.tracking.experiment, checks=checks,
-                run_name=(cfg.tracking.run_name or run_dir.name) if cfg.tracking.enabled else None)
+                run_name=(cfg.tracking.run_name or run_dir.name) if cfg.tracking.enabled else None,
+                settings={"site file": Setting(site_file, "$CPVT_SITE or ~/.config/cpvt/site.yaml"), **res})
 
 
-def _flag_overrides(args) -> list[str]:
+def _flag_overrides(args, data_root: str | None = None) -> list[str]:
     """The trainer turns its flags into these overrides; the launcher validates the same way."""
-    flags = {"model.name": args.model, "data.root": args.data, "run.deepspeed_config": args.deepspeed_config}
+    flags = {"model.name": args.model, "data.root": data_root if data_root is not None else args.data,
+             "run.deepspeed_config": args.deepspeed_config}
     return [f"{k}={v}" for k, v in flags.items() if v is not None]
 
 
@@ -282,6 +424,7 @@ def describe(p: Plan) -> str:
     lines = [f"cluster: {p.cluster}", f"run dir: {p.run_dir}", f"submitit folder: {p.folder}",
              f"world size: {p.world_size}", f"max requeues: {p.max_requeues}",
              f"MLflow: {p.tracking_uri} (experiment {p.experiment!r}; the run is created at submission)",
+             "settings (value  [source]):", *[f"  {k}: {v}" for k, v in p.settings.items()],
              "checks:"]
     lines += [f"  {c}" for c in p.checks]
     lines.append("executor parameters: " + json.dumps(p.executor_params, sort_keys=True))

@@ -5,19 +5,27 @@ tracking, eval and run sections, plus the resolved DeepSpeed config.
 overrides, types, choices, cross-section rules, the DeepSpeed JSON and its batch arithmetic
 (``train_batch_size = micro x accumulation x world``) -- and raises a one-line :class:`ConfigError` before any
 data is read or a process group exists.
+
+A recipe states the *global* batch (``data.global_batch_size``, DeiT's 1024) and a per-GPU memory cap
+(``data.max_batch_per_gpu``); :func:`derive_batch` turns them into the per-rank micro-batch and the accumulation
+steps for the world size, so the returned config holds per-rank values and the same recipe trains with the same
+global batch, LR schedule and samples per step on 1, 8 or 32 ranks. A world size that cannot form the global batch
+is refused with the numbers.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
 from pipeline.checkpointing import CheckpointConfig
-from pipeline.config import ConfigError, check_positive, check_range, load_config, to_dict
+from pipeline.config import (ConfigError, apply_overrides, check_positive, check_range, deep_merge, from_dict,
+                             load_yaml, to_dict, validate)
 from pipeline.data.config import AugConfig, DataConfig, check_data_aug
 from pipeline.optim import OptimConfig, deepspeed_optimizer_section
 from pipeline.schedules import LRSchedule, LRScheduleConfig, ResolutionSchedule, ResolutionScheduleConfig
@@ -25,6 +33,8 @@ from pipeline.schedules import LRSchedule, LRScheduleConfig, ResolutionSchedule,
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DS_DTYPES = ("fp32", "bf16", "fp16")
+# every registered cpvt_* variant (pipeline/models/cpvt.py): 12 blocks of patch-16 tokens
+MODEL_DEPTH, MODEL_PATCH = 12, 16
 
 
 @dataclass
@@ -37,12 +47,28 @@ class ModelConfig:
     pos_embed: Literal["none", "learned"] = "none"
     kwargs: dict = field(default_factory=dict)   # any other timm.create_model kwarg (embed_dim, depth, num_heads)
 
+    @property
+    def depth(self) -> int:
+        return int(self.kwargs.get("depth", MODEL_DEPTH))
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.kwargs.get("patch_size", MODEL_PATCH))
+
     def validate(self) -> None:
         check_range("drop_path_rate", self.drop_path_rate, 0.0, 1.0)
         if self.peg_kernel < 1 or self.peg_kernel % 2 == 0:
             raise ConfigError(f"peg_kernel: {self.peg_kernel!r} must be a positive odd integer")
         if self.num_classes is not None:
             check_positive("num_classes", self.num_classes)
+        check_positive("kwargs.depth", self.depth)
+        check_positive("kwargs.patch_size", self.patch_size)
+        for i, pos in enumerate(self.peg_positions):   # the model's own rule, before it is built
+            if not -1 <= pos < self.depth:
+                raise ConfigError(f"peg_positions[{i}]: {pos} is out of range for depth {self.depth}; allowed: "
+                                  f"-1 (before block 0) to {self.depth - 1}")
+        if len(set(self.peg_positions)) != len(self.peg_positions):
+            raise ConfigError(f"peg_positions: {list(self.peg_positions)} repeats a position")
 
     def create_kwargs(self, num_classes: int) -> dict[str, Any]:
         return dict(self.kwargs, num_classes=num_classes, drop_path_rate=self.drop_path_rate,
@@ -129,6 +155,14 @@ class TrainConfig:
         check_data_aug(self.data, self.aug)
         for _, bs in res_cfg.batch_sizes:
             check_data_aug(self.data, self.aug, batch_size=bs, data_prefix="schedule.resolution.batch_sizes.")
+        patch = self.model.patch_size
+        if res_cfg.patch_size != patch:
+            raise ConfigError(f"schedule.resolution.patch_size: {res_cfg.patch_size} must equal the model's patch "
+                              f"size {patch}")
+        for i, r in enumerate(self.eval.resolutions):
+            if r % patch:
+                raise ConfigError(f"eval.resolutions[{i}]: {r} must be a multiple of the patch size {patch} "
+                                  f"(e.g. {max(patch, r // patch * patch)} or {(r // patch + 1) * patch})")
         if self.run.ema and self.ds_zero_stage_hint() == 3:
             raise ConfigError("run.ema: EMA needs full parameters on every rank; allowed with ZeRO stages [0, 1, 2]")
 
@@ -244,13 +278,139 @@ def read_num_classes(cfg: TrainConfig) -> int:
     return len(json.loads(path.read_text())["classes"])
 
 
-def load_train_config(recipe: str | Path | None, overrides: list[str] = (), world_size: int = 1
+# ----------------------------------------------------------------------------------------- recipes
+def find_recipe(recipe: str | Path | None, search: Sequence[str | Path] = ()) -> Path | None:
+    """A recipe path, or a name (``cpvt_b``, ``cpvt_b.yaml``) looked up in ``search`` (site recipe folders)
+    first, then ``pipeline/recipes``; a name found nowhere is returned as given (load_yaml names it)."""
+    if recipe is None:
+        return None
+    p = Path(recipe)
+    if p.is_file():
+        return p
+    for folder in [*map(Path, search), RECIPES]:
+        for candidate in (folder / p.name, folder / f"{p.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return p
+
+
+def model_recipe(model: str | None, search: Sequence[str | Path] = ()) -> Path | None:
+    """The paper's recipe for ``--model X`` without ``--recipe``: ``recipes/X.yaml`` (None: there is none)."""
+    if not model:
+        return None
+    found = find_recipe(model, search)
+    return found if found is not None and found.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------- global batch
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is formed on ``world`` ranks: ``global_batch = micro x accum x world``, and per listed
+    resolution ``(resolution, global batch, micro-batch)`` with the same accumulation."""
+    world: int
+    global_batch: int
+    micro: int
+    accum: int
+    per_resolution: tuple[tuple[int, int, int], ...] = ()
+
+    def line(self) -> str:
+        text = (f"global batch {self.global_batch} = per-rank batch {self.micro} x accumulation {self.accum} x "
+                f"{self.world} ranks")
+        for res, g, m in self.per_resolution:
+            text += f"; at {res} px {g} = {m} x {self.accum} x {self.world}"
+        return text
+
+
+def derive_batch(global_batch: int, world: int, *, min_accum: int = 1, max_micro: int | None = None,
+                 even: bool = False, resolution_batches: Sequence[tuple[int, int]] = (),
+                 top_resolution: int | None = None) -> BatchPlan:
+    """The fewest accumulation steps (>= ``min_accum``) such that ``global_batch`` and every
+    ``(resolution, global batch)`` of a progressive schedule split into equal per-rank micro-batches of at most
+    ``max_micro`` samples (at ``top_resolution``; a lower resolution r may hold ``max_micro x (top / r)^2``: the
+    same number of tokens), even ones when ``even`` (Mixup pairs samples in the micro-batch). Pure; raises a
+    one-line ConfigError with the numbers when this world size cannot form the batch."""
+    check_positive("world_size", world)
+    wanted = [("data.global_batch_size", None, int(global_batch))]
+    wanted += [(f"schedule.resolution.batch_sizes[{i}]", int(r), int(g)) for i, (r, g) in enumerate(resolution_batches)]
+    top = top_resolution or max([r for _, r, _ in wanted if r] or [1])
+
+    def cap(res: int | None) -> int | None:
+        if max_micro is None:
+            return None
+        return max_micro if res is None or res >= top else max(max_micro, int(max_micro * (top / res) ** 2))
+
+    for field_name, _, g in wanted:
+        if g % world:
+            ok = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256) if all(x % w == 0 for _, _, x in wanted)]
+            raise ConfigError(f"{field_name}: global batch {g} cannot be split over {world} ranks ({g} is not "
+                              f"divisible by {world}); world sizes that can: {ok}")
+    for accum in range(max(1, min_accum), global_batch // world + 1):
+        micros = []
+        for _, res, g in wanted:
+            m, rest = divmod(g, world * accum)
+            c = cap(res)
+            if rest or m == 0 or (c is not None and m > c) or (even and m % 2):
+                break
+            micros.append(m)
+        else:
+            per_res = tuple((res, g, m) for (_, res, g), m in zip(wanted[1:], micros[1:]))
+            return BatchPlan(world, global_batch, micros[0], accum, per_res)
+    limits = [f"micro <= {max_micro} (data.max_batch_per_gpu)"] if max_micro is not None else []
+    limits += ["an even micro-batch (aug.mixup/cutmix)"] if even else []
+    limits += [f"accumulation >= {min_accum} (optim.grad_accum)"] if min_accum > 1 else []
+    batches = ", ".join(str(g) for _, _, g in wanted)
+    raise ConfigError(f"data.global_batch_size: {batches} cannot be formed on world size {world} as micro x "
+                      f"accumulation x {world} with {' and '.join(limits) or 'integer steps'}; change the world "
+                      f"size or data.max_batch_per_gpu")
+
+
+def batch_plan(cfg: TrainConfig, world_size: int) -> BatchPlan:
+    """The batch arithmetic of a config that already holds per-rank values (what load_train_config returned)."""
+    micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    return BatchPlan(world_size, micro * accum * world_size, micro, accum,
+                     tuple((r, b * accum * world_size, b) for r, b in cfg.schedule.resolution.batch_sizes))
+
+
+def apply_global_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, BatchPlan]:
+    """``cfg`` with per-rank values for ``world_size``: ``data.batch_size``, ``optim.grad_accum`` and the
+    schedule's per-resolution batches derived from the recipe's global ones (unchanged when
+    ``data.global_batch_size`` is null: the batch is then stated per rank)."""
+    res_cfg = cfg.schedule.resolution
+    if cfg.data.global_batch_size is None:
+        return cfg, batch_plan(cfg, world_size)
+    from pipeline.schedules import ResolutionSchedule
+
+    top = max(r for _, r, _ in ResolutionSchedule(res_cfg, cfg.run.epochs).table())
+    plan = derive_batch(cfg.data.global_batch_size, world_size, min_accum=cfg.optim.grad_accum,
+                        max_micro=cfg.data.max_batch_per_gpu, even=cfg.aug.mixup_active,
+                        resolution_batches=res_cfg.batch_sizes, top_resolution=top)
+    out = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, batch_size=plan.micro),
+        optim=dataclasses.replace(cfg.optim, grad_accum=plan.accum),
+        schedule=dataclasses.replace(cfg.schedule, resolution=dataclasses.replace(
+            res_cfg, batch_sizes=[(r, m) for r, _, m in plan.per_resolution])))
+    validate(out)
+    return out, plan
+
+
+# ----------------------------------------------------------------------------------------- loading
+def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = (), world_size: int = 1,
+                      defaults: Mapping[str, Any] | None = None, recipe_dirs: Sequence[str | Path] = ()
                       ) -> tuple[TrainConfig, dict[str, Any]]:
-    """Recipe YAML <- overrides -> validated TrainConfig + resolved DeepSpeed dict (raises ConfigError)."""
-    if recipe is not None and not Path(recipe).is_file() and (RECIPES / Path(recipe).name).is_file():
-        recipe = RECIPES / Path(recipe).name
-    if recipe is not None and not Path(recipe).is_file() and (RECIPES / f"{recipe}.yaml").is_file():
-        recipe = RECIPES / f"{recipe}.yaml"
-    cfg = load_config(TrainConfig, recipe, overrides)
+    """defaults (site values) <- recipe YAML <- overrides -> validated TrainConfig with per-rank batch values for
+    ``world_size`` (:func:`apply_global_batch`) + the resolved DeepSpeed dict (raises ConfigError)."""
+    recipe = find_recipe(recipe, recipe_dirs)
+    data: dict[str, Any] = dict(defaults or {})
+    if recipe is not None:
+        data = deep_merge(data, load_yaml(recipe))
+    data = apply_overrides(data, overrides)
+    section = data.get("data")
+    if (isinstance(section, Mapping) and section.get("global_batch_size") is not None
+            and section.get("batch_size") is not None):
+        raise ConfigError(f"data.batch_size: set together with data.global_batch_size="
+                          f"{section['global_batch_size']}, from which the per-rank batch is derived; cap it with "
+                          f"data.max_batch_per_gpu, or set data.global_batch_size=null to state a per-rank batch")
+    cfg = from_dict(TrainConfig, data)
+    cfg, _ = apply_global_batch(cfg, world_size)
     ds = resolve_deepspeed_config(cfg, world_size)
     return cfg, ds

@@ -42,10 +42,25 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+@dataclass
+class CommandLine:
+    """What the command line (and the site file) asks for: the recipe, the overrides, the site defaults that sit
+    below the recipe, and one note per choice made on the user's behalf (logged before training)."""
+    recipe: str | None
+    overrides: list[str]
+    defaults: dict[str, Any]
+    recipe_dirs: list[str]
+    notes: list[str]
+
+
+def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> CommandLine:
+    from launchers.site import load_site, train_defaults
+    from pipeline.recipe import model_recipe
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, help="recipe YAML (path or name under pipeline/recipes)")
-    p.add_argument("--model", default=None, help="model.name override (cpvt_ti, cpvt_s, ...)")
+    p.add_argument("--model", default=None, help="model.name override (cpvt_ti, cpvt_s, ...); without --recipe "
+                                                 "also the paper's recipe for it, pipeline/recipes/<model>.yaml")
     p.add_argument("--data", default=None, help="data.root override: the data_prep output folder")
     p.add_argument("--deepspeed_config", "--deepspeed-config", default=None, help="DeepSpeed JSON")
     p.add_argument("--run-dir", "--run_dir", default=None, help="run.run_dir override")
@@ -54,18 +69,48 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.field=value (e.g. optim.weight_decay=0.05)")
     args = p.parse_args(argv)
+    site, site_file = load_site(environ)
+    defaults, notes = train_defaults(site, site_file, environ)
+    recipe = args.recipe
+    if recipe is None and (found := model_recipe(args.model, site.recipe_dirs)) is not None:
+        recipe = str(found)
+        notes.insert(0, f"recipe {found} (the paper's recipe for --model {args.model}; --recipe picks another)")
     flags = {"model.name": args.model, "data.root": args.data, "run.deepspeed_config": args.deepspeed_config,
              "run.run_dir": args.run_dir, "checkpoint.resume": args.resume}
-    return args.recipe, [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    return CommandLine(recipe, overrides, defaults, site.recipe_dirs, notes)
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """``checkpoint.resume``: a path must be a complete checkpoint (found now, not after the process group)."""
+    from pipeline.checkpointing import resolve_resume
+
+    try:
+        resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Validate everything (config, data folder, device, precision), then train; returns the final summary."""
+    """Validate everything (config, data folder, resume checkpoint, loader workers, device, precision), then
+    train; returns the final summary."""
+    from pipeline.data.config import fit_num_workers, task_cpus
     from pipeline.distributed import detect_env
 
-    recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg, ds_config = load_train_config(recipe, overrides, detect_env().world_size)
+    cmd = parse_args(sys.argv[1:] if argv is None else argv)
+    env = detect_env()
+    cfg, ds_config = load_train_config(cmd.recipe, cmd.overrides, env.world_size, defaults=cmd.defaults,
+                                       recipe_dirs=cmd.recipe_dirs)
     read_num_classes(cfg)  # classes.json must exist: fail now, not after the process group is up
+    check_resume(cfg)
+    data, workers_line = fit_num_workers(cfg.data, task_cpus())   # before ffcv/numba are imported
+    cfg.data = data
+    if env.rank == 0:
+        from pipeline.recipe import batch_plan
+
+        for line in [*cmd.notes, workers_line, f"batch: {batch_plan(cfg, env.world_size).line()}"]:
+            if line:
+                print(f"config: {line}", flush=True)
     return run(cfg, ds_config)
 
 

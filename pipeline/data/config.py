@@ -8,8 +8,10 @@ any data and which the trainer may call up front.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Literal, Mapping, Optional
 
 from pipeline.config import ConfigError, check_positive, check_range
 
@@ -23,9 +25,18 @@ class DataConfig:
     root: str = ""                      # data_prep output root (holds classes.json, wds/, ffcv/)
     train_split: str = "train"
     val_split: str = "val"
-    batch_size: int = 128               # per rank; a resolution schedule may override it per epoch
+    # samples per optimizer step over all ranks (the recipe's, e.g. DeiT's 1024). Set: pipeline.recipe derives
+    # data.batch_size (per rank) and optim.grad_accum for the world size, and schedule.resolution.batch_sizes are
+    # global batches too. null: data.batch_size is stated per rank (the global batch grows with the world)
+    global_batch_size: Optional[int] = None
+    # most samples one rank puts through the model at once, at the schedule's largest training resolution
+    # (lower resolutions scale it by the token count); null: no cap, only optim.grad_accum accumulates
+    max_batch_per_gpu: Optional[int] = None
+    batch_size: int = 128               # per rank; derived when global_batch_size is set
     eval_batch_size: int = 256          # per rank
-    num_workers: int = 4                # WebDataset: DataLoader workers; FFCV: decoding threads
+    # WebDataset: DataLoader workers; FFCV: decoding threads. null: this rank's CPUs (its CPU affinity shared by
+    # the ranks on the node) minus one; a value above that is lowered to it (pipeline.data.config.fit_num_workers)
+    num_workers: Optional[int] = 4
     prefetch_factor: int = 2            # WebDataset: batches prefetched per worker
     pin_memory: bool = True             # pinned host batches (uint8, copied non_blocking); only with a CUDA device
     shuffle_buffer: int = 2000          # WebDataset: samples in each worker's shuffle buffer
@@ -44,7 +55,11 @@ class DataConfig:
     def validate(self) -> None:
         check_positive("batch_size", self.batch_size)
         check_positive("eval_batch_size", self.eval_batch_size)
-        check_positive("num_workers", self.num_workers, allow_zero=True)
+        for name in ("global_batch_size", "max_batch_per_gpu"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
+        if self.num_workers is not None:
+            check_positive("num_workers", self.num_workers, allow_zero=True)
         check_positive("prefetch_factor", self.prefetch_factor)
         check_positive("shuffle_buffer", self.shuffle_buffer)
         check_range("shuffle_initial", self.shuffle_initial, 0, self.shuffle_buffer)
@@ -107,8 +122,10 @@ class AugConfig:
         check_positive("color_jitter", self.color_jitter, allow_zero=True)
         check_range("reprob", self.reprob, 0.0, 1.0)
         check_positive("recount", self.recount)
-        check_positive("mixup", self.mixup, allow_zero=True)
-        check_positive("cutmix", self.cutmix, allow_zero=True)
+        # Beta(alpha, alpha) concentrations (DeiT: 0.8 and 1.0); above 1 every mix is pushed towards 50/50, which
+        # no published ViT recipe uses: such a value is taken for a confusion with mixup_prob and refused
+        check_range("mixup", self.mixup, 0.0, 1.0)
+        check_range("cutmix", self.cutmix, 0.0, 1.0)
         if self.cutmix_minmax is not None and not (0 < self.cutmix_minmax[0] <= self.cutmix_minmax[1] <= 1):
             raise ConfigError(f"cutmix_minmax: {list(self.cutmix_minmax)!r} must satisfy 0 < min <= max <= 1")
         check_range("mixup_prob", self.mixup_prob, 0.0, 1.0)
@@ -130,6 +147,11 @@ def check_auto_augment(field_name: str, spec: str) -> None:
     from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
     allowed = "rand-m9-mstd0.5-inc1, rand-m7-n2, augmix-m5-w3, original, v0, 3a, or null to disable"
+    # timm skips a section without a number ('rand-zz' is plain RandAugment): refuse it instead of ignoring it
+    for section in spec.split("-")[1:]:
+        if not re.fullmatch(r"[a-z]+\d.*", section) and not (spec.startswith("rand") and section.startswith("t")):
+            raise ConfigError(f"{field_name}: {spec!r} is not a timm auto-augment spec (section {section!r} has "
+                              f"no value; timm would ignore it); examples: {allowed}")
     hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
     try:
         if spec.startswith("rand"):
@@ -162,4 +184,29 @@ def check_data_aug(data: DataConfig, aug: AugConfig, batch_size: int | None = No
                           f"is on (timm Mixup pairs samples within the batch)")
 
 
-__all__ = ["AugConfig", "DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "check_auto_augment", "check_data_aug"]
+# ----------------------------------------------------------------------------------------- loader workers
+def task_cpus(environ: Mapping[str, str] | None = None) -> int:
+    """CPUs this rank may use: its CPU affinity (SLURM's --cpus-per-task, taskset, cgroups), divided among the
+    ranks of a launcher that starts them all with the node's whole affinity (torchrun, deepspeed)."""
+    env = os.environ if environ is None else environ
+    cpus = len(os.sched_getaffinity(0))
+    local = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)   # torchrun / deepspeed's launcher
+    if local > 1 and cpus >= (os.cpu_count() or cpus):   # every rank sees the whole machine: share it
+        cpus //= local
+    return max(1, cpus)
+
+
+def fit_num_workers(data: DataConfig, cpus: int) -> tuple[DataConfig, str | None]:
+    """``data`` with ``num_workers`` fitted to ``cpus`` (null: cpus - 1, at least 1; more than cpus: cpus), and
+    the line to log when it was lowered. Called before FFCV/numba are imported: numba refuses more threads than
+    the machine has, with a message that names no config field."""
+    if data.num_workers is None:
+        return replace(data, num_workers=max(1, cpus - 1)), None
+    if data.num_workers > cpus:
+        return replace(data, num_workers=cpus), (f"data.num_workers: {data.num_workers} lowered to {cpus}, the CPUs "
+                                                 f"this rank may use (its CPU affinity)")
+    return data, None
+
+
+__all__ = ["AugConfig", "DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "check_auto_augment", "check_data_aug",
+           "fit_num_workers", "task_cpus"]

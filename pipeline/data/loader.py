@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import ConfigError, validate
 from pipeline.data.base import PAD_LABEL, EvalLoader, TrainLoader
-from pipeline.data.config import AugConfig, DataConfig, check_data_aug
+from pipeline.data.config import AugConfig, DataConfig, check_data_aug, fit_num_workers, task_cpus
 from pipeline.data.shard_index import ffcv_path, load_split_index, read_classes
 
 
@@ -36,6 +36,12 @@ def _check_root(data: DataConfig) -> Path:
     return root
 
 
+def _fit_workers(data: DataConfig) -> DataConfig:
+    """Worker counts that fit this rank's CPUs (pipeline/train.py fits and logs them before any of this runs;
+    other callers get the same numbers silently)."""
+    return fit_num_workers(data, task_cpus())[0]
+
+
 def build_train_loader(data_cfg: DataConfig, aug_cfg: AugConfig, *, num_classes: int, rank: int, world_size: int,
                        seed: int, device: torch.device | str | None = None) -> TrainLoader:
     """Training loader for this rank; call ``set_epoch`` before each epoch. ``device``: where the batch ops
@@ -43,6 +49,7 @@ def build_train_loader(data_cfg: DataConfig, aug_cfg: AugConfig, *, num_classes:
     validate(data_cfg, "data.")
     validate(aug_cfg, "aug.")
     check_data_aug(data_cfg, aug_cfg)
+    data_cfg = _fit_workers(data_cfg)
     root = _check_root(data_cfg)
     classes = read_classes(root)
     if num_classes < len(classes):
@@ -67,6 +74,7 @@ def build_eval_loader(data_cfg: DataConfig, *, resolution: int, rank: int, world
     aug_cfg = aug_cfg or AugConfig()
     validate(data_cfg, "data.")
     validate(aug_cfg, "aug.")
+    data_cfg = _fit_workers(data_cfg)
     root = _check_root(data_cfg)
     crop_pct = aug_cfg.crop_pct if crop_pct is None else crop_pct
     kw = dict(resolution=resolution, crop_pct=crop_pct, rank=rank, world_size=world_size, device=device)

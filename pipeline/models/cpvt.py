@@ -286,7 +286,9 @@ class CPVT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {name for name in ('cls_token', 'pos_embed') if getattr(self, name) is not None}
+        # as the official CPVT/Twins models: every PEG parameter (conv weight and bias) and the class token
+        skip = {name for name in ('cls_token', 'pos_embed') if getattr(self, name) is not None}
+        return skip | {f'pos_block.{n}' for n, _ in self.pos_block.named_parameters()}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
