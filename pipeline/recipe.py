@@ -405,8 +405,8 @@ def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = (), 
         data = deep_merge(data, load_yaml(recipe))
     data = apply_overrides(data, overrides)
     section = data.get("data")
-    if (isinstance(section, Mapping) and section.get("global_batch_size") is not None
-            and section.get("batch_size") is not None):
+    asked = any(o.split("=", 1)[0].strip().lstrip("-") == "data.batch_size" for o in overrides)
+    if asked and isinstance(section, Mapping) and section.get("global_batch_size") is not None:
         raise ConfigError(f"data.batch_size: set together with data.global_batch_size="
                           f"{section['global_batch_size']}, from which the per-rank batch is derived; cap it with "
                           f"data.max_batch_per_gpu, or set data.global_batch_size=null to state a per-rank batch")

@@ -15,3 +15,5 @@ except ImportError:  # pragma: no cover - the Makefile always installs torch
     pass
 # Never let a test talk to a tracking server configured in the caller's shell.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Nor read the caller's site file (~/.config/cpvt/site.yaml): tests that use one set CPVT_SITE themselves.
+os.environ["CPVT_SITE"] = ""

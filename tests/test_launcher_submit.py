@@ -39,7 +39,8 @@ def test_dry_run_prints_sbatch_parameters_and_training_config(capsys, tiny_data,
                            str(tiny_data), "--run-dir", str(tmp_path / "run"), "--dry-run", "optim.weight_decay=0.02")
     assert rc == 0, err
     assert "world size: 32" in out
-    assert "global batch 128 = 4 x 1 x 32" in out
+    assert "global batch 128 = per-rank batch 4 x accumulation 1 x 32 ranks (data.batch_size per rank" in out
+    assert "  gpus_per_node: 8  [flag]" in out and "  recipe: " in out
     if "sbatch parameters:" in out:  # needs the SLURM client installed (make setup-test)
         for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=p", "--account=acc",
                      "--qos=high", "--constraint=a100", "--time=4320", "--cpus-per-task=10", "--mem=480GB",
@@ -57,7 +58,7 @@ def test_dry_run_prints_sbatch_parameters_and_training_config(capsys, tiny_data,
     (["--nodes", "0"], "error: --nodes: 0 must be > 0"),
     (["--model", "cpvt_huge"], "error: --model: 'cpvt_huge' is not one of ['cpvt_b', "),
     (["--nodes", "3", "--global-batch", "64"],
-     "error: --global-batch: 64 is not divisible by world size 3 x optim.grad_accum 1 = 3"),
+     "error: data.global_batch_size: global batch 64 cannot be split over 3 ranks (64 is not divisible by 3)"),
     (["--time", "soon"], "error: --time: 'soon' is not a SLURM time"),
     (["--cluster", "k8s"], "error: --cluster: 'k8s' is not one of ['slurm', 'local', 'debug']"),
     (["--gpus-per-node", "8", "--model", "cpvt_b", "--time", "0:05:00", "checkpoint.every_steps=100000",
@@ -215,3 +216,116 @@ def test_self_requeue_stops_at_max_requeues(tmp_path, monkeypatch):
     nxt = TrainJob(["--resume", "none"], str(run_dir), 2, mlflow_run_id="abc", tracking_uri="sqlite:///x.db")
     again = nxt.checkpoint().function
     assert (again.argv, again.mlflow_run_id, again.tracking_uri) == (["--resume", "auto"], "abc", "sqlite:///x.db")
+
+
+def _site(tmp_path: Path, **values) -> Path:
+    import yaml
+
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_card_dry_run_nodes_4_model_cpvt_b(capsys, tiny_data, tmp_path, monkeypatch):
+    """``slurm_submit.py --nodes 4 --model cpvt_b --dry-run`` with a site file describing 8-GPU nodes: the paper's
+    recipe, 32 ranks, global batch 1024 = 32 per rank; every value says where it came from; a flag wins."""
+    site = _site(tmp_path, data_root=str(tiny_data), partition="gpu", account="lab", gpus_per_node=8,
+                 cpus_per_task=12, runs_root="runs", time="24:00:00")
+    monkeypatch.setenv("CPVT_SITE", str(site))
+    rc, out, err = _submit(capsys, "--nodes", "4", "--model", "cpvt_b", "--dry-run")
+    assert rc == 0, err
+    src = f"[site file {site}]"
+    assert "world size: 32" in out
+    assert f"  recipe: {ROOT / 'pipeline/recipes/cpvt_b.yaml'}  [the paper's recipe for --model cpvt_b]" in out
+    assert ("world size 32 = 4 nodes x 8 tasks; global batch 1024 = per-rank batch 32 x accumulation 1 x 32 ranks "
+            "(data.global_batch_size)") in out
+    for line in (f"gpus_per_node: 8  {src}", "tasks_per_node: 8  [one task per GPU]", f"partition: gpu  {src}",
+                 f"data_root: {tiny_data}  {src}", f"runs_root: {tmp_path / 'runs'}  {src}",
+                 f"cpus_per_task: 12  {src}", "loader workers: 11 per rank (12 CPUs per task)"):
+        assert f"  {line}" in out, line
+    assert f"run dir: {tmp_path / 'runs'}/cpvt_b-" in out
+    assert "repeats: 3" in out and "global_batch_size: 1024" in out and '"train_micro_batch_size_per_gpu": 32' in out
+    if "sbatch parameters:" in out:
+        assert "#SBATCH --ntasks-per-node=8" in out and "#SBATCH --gpus-per-node=8" in out
+    rc, out, err = _submit(capsys, "--nodes", "4", "--model", "cpvt_b", "--partition", "big", "--dry-run")
+    assert rc == 0 and "  partition: big  [flag]" in out
+    rc, out, err = _submit(capsys, "--nodes", "3", "--model", "cpvt_b", "--dry-run")   # 24 ranks
+    assert rc == 2 and err.startswith("error: data.global_batch_size: global batch 1024 cannot be split over 24 "
+                                      "ranks"), err
+
+
+def test_site_file_errors_are_one_line(capsys, tmp_path, monkeypatch):
+    for text, needle in (("gpus_per_nodes: 8\n", "gpus_per_nodes: unknown field"),
+                         ("time: 24:00:00\n", "time: quote it"),
+                         ("gpus_per_node: -1\n", "gpus_per_node: -1 must be >= 0")):
+        (tmp_path / "site.yaml").write_text(text)
+        monkeypatch.setenv("CPVT_SITE", str(tmp_path / "site.yaml"))
+        rc, out, err = _submit(capsys, "--dry-run")
+        assert rc == 2 and err.startswith(f"error: site file {tmp_path / 'site.yaml'}: {needle}"), err
+        assert err.count("\n") == 1
+    monkeypatch.setenv("CPVT_SITE", str(tmp_path / "missing.yaml"))
+    rc, _, err = _submit(capsys, "--dry-run")
+    assert rc == 2 and "CPVT_SITE: site file" in err and "does not exist" in err
+
+
+def test_checkpoint_interval_follows_a_short_time_limit(capsys, tiny_data, tiny_recipe, tmp_path):
+    """5 min limit, 2 min signal delay, 60 s/step, an epoch of 8 steps: the job checkpoints every step."""
+    p = slurm_submit.plan(["--cluster", "local", "--recipe", str(tiny_recipe), "--data", str(tiny_data), "--run-dir",
+                           str(tmp_path / "run"), "--time", "5", "--step-time-s", "60", "checkpoint.every_steps=0"])
+    assert "checkpoint.every_steps=1" in p.train_argv
+    [line] = [c for c in p.checks if c.startswith("checkpoint.every_steps=")]
+    assert line.startswith("checkpoint.every_steps=1 (derived: one epoch = 8 steps (checkpoint.every_steps=0) x 60 "
+                           "s/step (--step-time-s) = 8.0 min is longer than the 3.0 min before the requeue signal")
+    long = slurm_submit.plan(["--cluster", "local", "--recipe", str(tiny_recipe), "--data", str(tiny_data),
+                              "--run-dir", str(tmp_path / "run"), "--time", "60", "--step-time-s", "1",
+                              "checkpoint.every_steps=0"])
+    # an epoch fits in the time limit: checkpoints at epoch ends, as the command line asked
+    assert [a for a in long.train_argv if a.startswith("checkpoint.every_steps")] == ["checkpoint.every_steps=0"]
+
+
+def test_throughput_table_and_gpu_check_results(tmp_path):
+    est = slurm_submit.estimate_step_s("cpvt_b", 32, 1, 224, "V100")
+    assert est == (pytest.approx(32 / 285.5), "the paper's V100 throughput")
+    assert slurm_submit.estimate_step_s("cpvt_b", 32, 1, 224, None)[1].startswith("GPU type unknown: the paper's V100")
+    doc = {"gpu_check": 1, "profile": "gpu", "environment": {"gpu": "NVIDIA A100-SXM4-80GB"},
+           "attribution": {"bare_engine_img_s": 9000.0, "wds_img_s": 5001.4, "ffcv_img_s": None}}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(doc))
+    rows = slurm_submit.measured_img_s(tmp_path / "gpu_check.json")
+    assert rows["A100"]["cpvt_ti"] == pytest.approx(5001.4)   # the pipeline's own measured img/s
+    assert rows["A100"]["cpvt_b"] == pytest.approx(5001.4 * 285.5 / 2500.7)   # the paper's V100 ratio
+    (tmp_path / "gpu_check.json").write_text(json.dumps(doc | {"profile": "cpu-smoke"}))
+    assert slurm_submit.measured_img_s(tmp_path / "gpu_check.json") == {}   # a CPU smoke run measures nothing
+
+
+# `sinfo` / `scontrol` output captured from GPU clusters (this machine's test cluster has no GPUs to show)
+SINFO_GRES = "gpu:a100:8(S:0-1)\ngpu:a100:4(S:0)\n"
+SCONTROL_PARTITION = ("PartitionName=gpu AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL AllocNodes=ALL Default=NO "
+                      "QoS=N/A DefaultTime=NONE DisableRootJobs=NO ExclusiveUser=NO GraceTime=0 Hidden=NO "
+                      "MaxNodes=UNLIMITED MaxTime=2-00:00:00 MinNodes=0 LLN=NO MaxCPUsPerNode=UNLIMITED "
+                      "Nodes=gpu[001-016] PriorityJobFactor=1 PriorityTier=1 RootOnly=NO ReqResv=NO "
+                      "OverSubscribe=NO OverTimeLimit=NONE PreemptMode=OFF State=UP TotalCPUs=2048 TotalNodes=16 "
+                      "SelectTypeParameters=NONE JobDefaults=(null) DefMemPerNode=UNLIMITED MaxMemPerNode=UNLIMITED "
+                      "TRES=cpu=2048,mem=16000000M,node=16,billing=2048,gres/gpu=128\n")
+SCONTROL_NODES = (
+    "NodeName=gpu001 Arch=x86_64 CoresPerSocket=32 CPUAlloc=0 CPUEfctv=128 CPUTot=128 CPULoad=0.51 "
+    "AvailableFeatures=a100,ib ActiveFeatures=a100,ib Gres=gpu:a100:8(S:0-1) NodeAddr=gpu001 NodeHostName=gpu001 "
+    "Version=23.02.7 OS=Linux 5.14.0 RealMemory=1000000 AllocMem=0 FreeMem=980000 Sockets=2 Boards=1 State=IDLE "
+    "ThreadsPerCore=2 TmpDisk=0 Weight=1 Owner=N/A MCS_label=N/A Partitions=gpu CfgTRES=cpu=128,mem=1000000M,"
+    "billing=128,gres/gpu=8 AllocTRES=\n"
+    "NodeName=gpu002 Arch=x86_64 CoresPerSocket=32 CPUAlloc=64 CPUEfctv=128 CPUTot=128 CPULoad=30.2 "
+    "Gres=gpu:a100:8(S:0-1),gpu:1g.10gb:0 NodeAddr=gpu002 State=MIXED Partitions=gpu\n")
+
+
+def test_parse_real_sinfo_and_scontrol_output():
+    from launchers import site
+
+    assert site.parse_gres(SINFO_GRES) == (4, "a100")   # the smallest node decides the tasks per node
+    assert site.parse_gres("gpu:8\n") == (8, None)
+    assert site.parse_gres("gpu:v100:4,mps:400\n") == (4, "v100")
+    assert site.parse_gres("(null)\n") == (0, None)
+    assert site.parse_gres("") is None
+    assert site.parse_cpus("128\n") == 128 and site.parse_cpus("64+\n") == 64
+    assert site.parse_default_partition("gpu\ncpu*\ndebug\n") == "cpu"
+    assert site.parse_partition_nodes(SCONTROL_PARTITION) == "gpu[001-016]"
+    assert site.parse_scontrol_nodes(SCONTROL_NODES) == ((8, "a100"), 128)
+    assert slurm_submit._gpu_type("a100") == "A100" and slurm_submit._gpu_type("NVIDIA H100 80GB HBM3") == "H100"

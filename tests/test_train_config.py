@@ -3,6 +3,7 @@ optimizer's parameter groups (fast, in-process), plus the CLI's behaviour on a b
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pipeline import checkpointing
 from pipeline.config import ConfigError
 from pipeline.recipe import RECIPES, load_train_config, resolve_deepspeed_config
 from tests.helpers_train import ROOT, TINY_RECIPE, job_env
+from tests.helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures (shared tiny dataset)
 
 DS = ROOT / "deepspeed_configs"
 
@@ -50,6 +52,8 @@ def test_shipped_deepspeed_configs_resolve(recipe):
 def test_shipped_recipes_validate(recipe_name):
     cfg, ds = load_train_config(RECIPES / recipe_name, ["data.root=/nonexistent"], world_size=8)
     assert ds["train_batch_size"] == cfg.data.batch_size * cfg.optim.grad_accum * 8
+    if recipe_name != "demo.yaml":   # the ImageNet recipes state DeiT's global batch; the demo a per-rank one
+        assert cfg.data.global_batch_size == ds["train_batch_size"] == 1024
 
 
 def test_paper_recipes_hold_deit_hyperparameters():
@@ -58,6 +62,7 @@ def test_paper_recipes_hold_deit_hyperparameters():
     assert (cfg.run.epochs, cfg.schedule.lr.warmup_epochs, cfg.schedule.lr.min_lr) == (300, 5, 1e-5)
     assert (cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.smoothing, cfg.aug.reprob) == (0.8, 1.0, 0.1, 0.25)
     assert cfg.aug.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.model.drop_path_rate == 0.1
+    assert (cfg.data.global_batch_size, cfg.data.max_batch_per_gpu, cfg.aug.repeats) == (1024, 128, 3)
     five, _ = load_train_config(RECIPES / "cpvt_ti_peg0-4.yaml", [], world_size=8)
     assert five.model.peg_positions == (0, 1, 2, 3, 4)
     gap, _ = load_train_config(RECIPES / "cpvt_s_gap.yaml", [], world_size=8)
@@ -135,20 +140,138 @@ def test_latest_complete_checkpoint_skips_partial_saves(tmp_path):
     assert checkpointing.resolve_resume("auto", tmp_path / "empty") is None
 
 
-def test_no_weight_decay_groups():
+def test_no_weight_decay_groups_follow_the_official_rule():
+    """The official CPVT/Twins rule: no weight decay for every PEG parameter (``pos_block.*``, conv weights and
+    biases), norms, biases, the class token (and a learned pos_embed); decay for everything else. The explicit
+    ``optim.decay_peg_weights`` choice moves only the PEG conv weights to the decayed group."""
     import timm
+    import torch
 
     import pipeline.models  # noqa: F401
     from pipeline.optim import OptimConfig, build_optimizer, no_decay_names
 
     model = timm.create_model("cpvt_ti", num_classes=4, embed_dim=48, depth=2, num_heads=2,
-                              peg_positions=(0, 1), pos_embed="learned")
-    skip = no_decay_names(model)
+                              peg_positions=(-1, 0, 1), pos_embed="learned")
     names = dict(model.named_parameters())
-    assert {"cls_token", "pos_embed", "pos_block.0.proj.0.bias", "pos_block.1.proj.0.bias"} <= skip
-    assert all(n in skip for n in names if "norm" in n or n.endswith(".bias"))
-    assert "pos_block.0.proj.0.weight" not in skip and "blocks.0.attn.qkv.weight" not in skip
+    official = {n for n in names if n.startswith("pos_block.") or n in ("cls_token", "pos_embed")
+                or n.endswith(".bias") or ".norm" in n or n.startswith("norm.")}
+    assert {"pos_block.0.proj.0.weight", "pos_block.2.proj.0.bias", "blocks.1.norm2.weight", "norm.weight",
+            "cls_token"} <= official
+    assert no_decay_names(model) == official
     opt = build_optimizer(model, OptimConfig())
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    no_decay, decay = opt.param_groups
+    by_id = {id(p): n for n, p in names.items()}
+    assert {by_id[id(p)] for p in no_decay["params"]} == official and no_decay["weight_decay"] == 0.0
+    assert {by_id[id(p)] for p in decay["params"]} == set(names) - official and decay["weight_decay"] == 0.05
+    assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"} <= set(names) - official
+    peg_w = {n for n in names if n.startswith("pos_block.") and n.endswith(".weight")}
+    assert no_decay_names(model, decay_peg_weights=True) == official - peg_w
+    assert all(p.ndim == 4 for n, p in names.items() if n in peg_w)   # depthwise conv kernels
+    cfg, _ = load_train_config(RECIPES / "cpvt_ti.yaml", [], world_size=8)
+    assert cfg.optim.decay_peg_weights is False   # the recipes keep the reference
+    with pytest.raises(ConfigError, match=r"^optim\.decay_peg_weights: true needs implementation 'client'"):
+        load_train_config(RECIPES / "cpvt_ti.yaml", ["optim.decay_peg_weights=true",
+                                                     "optim.implementation=deepspeed"], world_size=8)
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_same_recipe_same_training_on_1_2_4_ranks():
+    """The global batch, the LR schedule and the samples per optimizer step do not depend on the world size."""
+    from pipeline.schedules import LRSchedule
+
+    seen = {}
+    for world in (1, 2, 4):
+        cfg, ds = load_train_config(RECIPES / "cpvt_ti.yaml", [], world_size=world)
+        micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
+        assert micro <= cfg.data.max_batch_per_gpu == 128 and micro % 2 == 0   # the cap; Mixup pairs samples
+        assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (micro, accum)
+        sched = LRSchedule(cfg.schedule.lr, cfg.run.epochs)
+        lrs = [sched(t, micro * accum * world) for t in (0.0, 2.5, 5.0, 150.0, 299.9)]
+        seen[world] = (ds["train_batch_size"], micro * accum * world, lrs)
+    assert seen[1] == seen[2] == seen[4]
+    assert seen[1][0] == 1024 and seen[1][2][2] == pytest.approx(5e-4 * 1024 / 512)   # peak lr 1e-3
+    assert [load_train_config(RECIPES / "cpvt_ti.yaml", [], w)[0].optim.grad_accum for w in (1, 2, 4, 8, 32)] == \
+        [8, 4, 2, 1, 1]
+
+
+def test_derive_batch_refuses_with_the_numbers():
+    from pipeline.recipe import derive_batch
+
+    assert derive_batch(1024, 32, max_micro=128).line() == \
+        "global batch 1024 = per-rank batch 32 x accumulation 1 x 32 ranks"
+    with pytest.raises(ConfigError) as e:
+        load_train_config(RECIPES / "cpvt_b.yaml", [], world_size=3)
+    assert _one_line(e) == ("data.global_batch_size: global batch 1024 cannot be split over 3 ranks (1024 is not "
+                            "divisible by 3); world sizes that can: [1, 2, 4, 8, 16, 32, 64, 128, 256]")
+    with pytest.raises(ConfigError, match=r"^data\.global_batch_size: 6 cannot be formed on world size 2 as micro x "
+                                          r"accumulation x 2 with micro <= 2 \(data\.max_batch_per_gpu\) and an "
+                                          r"even micro-batch"):
+        derive_batch(6, 2, max_micro=2, even=True)
+    assert derive_batch(6, 2, max_micro=2).micro == 1   # 6 = 1 x 3 x 2 without the Mixup rule
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: set together with data\.global_batch_size=1024"):
+        load_train_config(RECIPES / "cpvt_ti.yaml", ["data.batch_size=64"], world_size=8)
+
+
+def test_progressive_batches_are_global_too():
+    """[[160, 1536], [192, 1280], [224, 1024]] global; the cap grows at lower resolutions (same tokens per GPU)."""
+    for world, accum, per_rank in ((32, 1, [(160, 48), (192, 40), (224, 32)]),
+                                   (8, 1, [(160, 192), (192, 160), (224, 128)]),
+                                   (4, 2, [(160, 192), (192, 160), (224, 128)])):
+        cfg, ds = load_train_config(RECIPES / "cpvt_ti_peg0-4_progressive.yaml", [], world_size=world)
+        assert (cfg.optim.grad_accum, list(cfg.schedule.resolution.batch_sizes)) == (accum, per_rank), world
+        assert ds["train_batch_size"] == 1024
+        assert [b * accum * world for _, b in per_rank] == [1536, 1280, 1024]
+
+
+def test_loader_workers_fit_the_cpus():
+    from pipeline.data.config import DataConfig, fit_num_workers, task_cpus
+
+    assert fit_num_workers(DataConfig(num_workers=8), 2) == (
+        DataConfig(num_workers=2), "data.num_workers: 8 lowered to 2, the CPUs this rank may use (its CPU affinity)")
+    assert fit_num_workers(DataConfig(num_workers=None), 12)[0].num_workers == 11
+    assert fit_num_workers(DataConfig(num_workers=0), 1) == (DataConfig(num_workers=0), None)
+    mine = len(os.sched_getaffinity(0))
+    assert task_cpus({}) == mine
+    assert task_cpus({"LOCAL_WORLD_SIZE": "2"}) == (max(1, mine // 2) if mine >= os.cpu_count() else mine)
+
+
+ISSUE_BAD_INPUTS = [   # what a new user typed (issue 15); each must stop with one line, exit 2, no process group
+    (["model.peg_positions=[13]"], "model.peg_positions[0]: 13 is out of range for depth 12"),
+    (["--resume", "/nonexistent/ckpt"], "checkpoint.resume: /nonexistent/ckpt is not a complete checkpoint"),
+    (["eval.resolutions=[100]"], "eval.resolutions[0]: 100 must be a multiple of the patch size 16"),
+    (["aug.auto_augment=rand-zz"], "aug.auto_augment: 'rand-zz' is not a timm auto-augment spec"),
+    (["aug.mixup=2"], "aug.mixup: 2.0 must be in [0.0, 1.0]"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", ISSUE_BAD_INPUTS)
+def test_issue_bad_inputs_stop_before_the_process_group(tiny_data, tmp_path, monkeypatch, capsys, extra, needle):
+    """``pipeline/train.py --recipe cpvt_ti --data D`` (FFCV, workers from the CPUs) plus one bad value, through the
+    CLI entry point in this process: one line, exit 2, no process group, nothing written."""
+    import torch.distributed as dist
+
+    from pipeline import train
+
+    monkeypatch.setenv("CPVT_SITE", "")
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)   # a peer that never comes: reaching the process group would hang
+    monkeypatch.setattr(sys, "argv", ["pipeline/train.py", "--recipe", "cpvt_ti", "--data", str(tiny_data),
+                                      "--run-dir", str(tmp_path / "run"), "data.num_workers=64", *extra])
+    assert train.cli() == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {needle}") and err.count("\n") == 1, err
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_too_many_workers_hide_no_later_check(tiny_data, tmp_path):
+    """The issue's case as a subprocess: 64 FFCV threads on this machine used to die in numba ("number of threads
+    must be between 1 and N") after the process group started, hiding every later check; the checks now all run
+    first (the worker count is fitted to the CPUs afterwards, before FFCV is imported)."""
+    run_dir = tmp_path / "run"
+    env = job_env() | {"CPVT_SITE": "", "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    bad = subprocess.run([sys.executable, "pipeline/train.py", "--recipe", "cpvt_ti", "--data", str(tiny_data),
+                          "--run-dir", str(run_dir), "data.num_workers=64", "eval.resolutions=[100]"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert bad.returncode == 2 and bad.stderr.startswith("config error: eval.resolutions[0]: 100"), bad.stderr
+    assert bad.stderr.count("\n") == 1 and not run_dir.exists()
