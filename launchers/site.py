@@ -126,22 +126,23 @@ def pick(name: str, flag: Any, site: SiteConfig, site_file: Path | None, default
 
 
 def train_defaults(site: SiteConfig, site_file: Path | None, environ: Mapping[str, str] | None = None,
-                   run_dir: bool = True) -> tuple[dict[str, Any], list[str]]:
-    """Training-config defaults from the site file (below the recipe and the command line) and one note per
-    value: data.root, tracking.uri (only without MLFLOW_TRACKING_URI, which is more specific), and the run dir
-    ``<runs_root>/default`` (``run_dir=False``: the launcher names run dirs itself)."""
+                   run_dir: bool = True) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """Training-config defaults from the site file (below the recipe and the command line) and, per value,
+    ``(dotted field, value, note)``: data.root, tracking.uri (only without MLFLOW_TRACKING_URI, which is more
+    specific), and the run dir ``<runs_root>/default`` (``run_dir=False``: the launcher names run dirs itself)."""
     env = os.environ if environ is None else environ
     out: dict[str, Any] = {}
-    notes: list[str] = []
+    notes: list[tuple[str, str, str]] = []
     if site.data_root:
         out["data"] = {"root": site.data_root}
-        notes.append(f"data.root={site.data_root} (site file {site_file})")
+        notes.append(("data.root", site.data_root, f"data.root={site.data_root} (site file {site_file})"))
     if site.mlflow_uri and not env.get("MLFLOW_TRACKING_URI"):
         out["tracking"] = {"uri": site.mlflow_uri}
-        notes.append(f"tracking.uri={site.mlflow_uri} (site file {site_file})")
+        notes.append(("tracking.uri", site.mlflow_uri, f"tracking.uri={site.mlflow_uri} (site file {site_file})"))
     if run_dir and site.runs_root:
-        out["run"] = {"run_dir": str(Path(site.runs_root) / "default")}
-        notes.append(f"run.run_dir={out['run']['run_dir']} (site file {site_file} runs_root)")
+        value = str(Path(site.runs_root) / "default")
+        out["run"] = {"run_dir": value}
+        notes.append(("run.run_dir", value, f"run.run_dir={value} (site file {site_file} runs_root)"))
     return out, notes
 
 

@@ -314,7 +314,7 @@ def resolve_resources(args: argparse.Namespace, site, site_file) -> dict[str, Se
 def plan_from_args(args: argparse.Namespace) -> Plan:
     from launchers.site import load_site, train_defaults
     from pipeline.data.config import fit_num_workers
-    from pipeline.recipe import batch_plan, find_recipe, load_train_config, model_recipe, read_num_classes
+    from pipeline.recipe import RECIPES, batch_plan, find_recipe, load_train_config, model_recipe, read_num_classes
     from pipeline.tracking import default_uri
 
     check_choice("--cluster", args.cluster, CLUSTERS)
@@ -344,7 +344,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
     recipe = Setting(str(find_recipe(args.recipe, site.recipe_dirs)), "--recipe") if args.recipe else None
     if recipe is None and (found := model_recipe(args.model, site.recipe_dirs)) is not None:
-        recipe = Setting(str(found), f"the paper's recipe for --model {args.model}")
+        recipe = Setting(str(found), f"the paper's recipe for --model {args.model}" if found.parent == RECIPES else
+                         f"the site's recipe for --model {args.model} (site file {site_file} recipe_dirs)")
     res["recipe"] = recipe or Setting(None, "none (dataclass defaults)")
     res["data_root"] = pick_data = (Setting(args.data, "flag") if args.data else
                                     Setting(site.data_root, f"site file {site_file}") if site.data_root else

@@ -404,12 +404,16 @@ def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = (), 
     if recipe is not None:
         data = deep_merge(data, load_yaml(recipe))
     data = apply_overrides(data, overrides)
+    keys = {o.split("=", 1)[0].strip().lstrip("-") for o in overrides}
     section = data.get("data")
-    asked = any(o.split("=", 1)[0].strip().lstrip("-") == "data.batch_size" for o in overrides)
-    if asked and isinstance(section, Mapping) and section.get("global_batch_size") is not None:
-        raise ConfigError(f"data.batch_size: set together with data.global_batch_size="
-                          f"{section['global_batch_size']}, from which the per-rank batch is derived; cap it with "
-                          f"data.max_batch_per_gpu, or set data.global_batch_size=null to state a per-rank batch")
+    if "data.batch_size" in keys and isinstance(section, Mapping) and section.get("global_batch_size") is not None:
+        # a per-rank batch asked for on the command line (benchmarks, smoke runs): the recipe's global batch is off
+        res = (data.get("schedule") or {}).get("resolution") or {}
+        if res.get("batch_sizes") and "schedule.resolution.batch_sizes" not in keys:
+            raise ConfigError(f"schedule.resolution.batch_sizes: {res['batch_sizes']} are the recipe's global batches "
+                              f"(data.global_batch_size={section['global_batch_size']}); with a per-rank "
+                              f"data.batch_size give per-rank schedule.resolution.batch_sizes too")
+        data = deep_merge(data, {"data": {"global_batch_size": None}})
     cfg = from_dict(TrainConfig, data)
     cfg, _ = apply_global_batch(cfg, world_size)
     ds = resolve_deepspeed_config(cfg, world_size)

@@ -1,8 +1,13 @@
 """Train a CPVT model with DeepSpeed (ZeRO 1/2/3; bf16, fp16 or fp32) on WebDataset or FFCV shards.
 
+    deepspeed pipeline/train.py --deepspeed_config deepspeed_configs/zero2.json --model cpvt_ti
     deepspeed pipeline/train.py --deepspeed_config deepspeed_configs/zero2.json \
         --recipe pipeline/recipes/cpvt_ti.yaml --model cpvt_ti --data DATA [section.field=value ...]
     torchrun --nproc_per_node 8 pipeline/train.py ...        # or srun python pipeline/train.py ... (SLURM vars)
+
+``--model X`` without ``--recipe`` trains the paper's recipe for X (``pipeline/recipes/X.yaml``); the data root,
+runs root and MLflow store may come from the site file (:mod:`launchers.site`). The recipe's global batch is
+formed on any world size: the per-rank batch and the accumulation steps are derived (:mod:`pipeline.recipe`).
 
 The whole config (recipe YAML <- CLI overrides), the DeepSpeed batch arithmetic, the device and the precision are
 validated before any data is read or a process group exists. ``--resume auto`` continues from the newest
@@ -51,11 +56,19 @@ class CommandLine:
     defaults: dict[str, Any]
     recipe_dirs: list[str]
     notes: list[str]
+    site_notes: list[tuple[str, str, str]]   # (field, site value, note): logged where the value was used
+
+    def lines(self, cfg: TrainConfig) -> list[str]:
+        """The notes for what ``cfg`` really took from the recipe choice and the site file."""
+        from pipeline.config import flatten, to_dict
+
+        used = flatten(to_dict(cfg))
+        return self.notes + [text for key, value, text in self.site_notes if str(used.get(key)) == value]
 
 
 def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> CommandLine:
     from launchers.site import load_site, train_defaults
-    from pipeline.recipe import model_recipe
+    from pipeline.recipe import RECIPES, model_recipe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, help="recipe YAML (path or name under pipeline/recipes)")
@@ -70,15 +83,17 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Comman
     p.add_argument("overrides", nargs="*", help="section.field=value (e.g. optim.weight_decay=0.05)")
     args = p.parse_args(argv)
     site, site_file = load_site(environ)
-    defaults, notes = train_defaults(site, site_file, environ)
+    defaults, site_notes = train_defaults(site, site_file, environ)
+    notes: list[str] = []
     recipe = args.recipe
     if recipe is None and (found := model_recipe(args.model, site.recipe_dirs)) is not None:
         recipe = str(found)
-        notes.insert(0, f"recipe {found} (the paper's recipe for --model {args.model}; --recipe picks another)")
+        whose = "the paper's" if found.parent == RECIPES else f"the site's (site file {site_file} recipe_dirs)"
+        notes.insert(0, f"recipe {found} ({whose} recipe for --model {args.model}; --recipe picks another)")
     flags = {"model.name": args.model, "data.root": args.data, "run.deepspeed_config": args.deepspeed_config,
              "run.run_dir": args.run_dir, "checkpoint.resume": args.resume}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
-    return CommandLine(recipe, overrides, defaults, site.recipe_dirs, notes)
+    return CommandLine(recipe, overrides, defaults, site.recipe_dirs, notes, site_notes)
 
 
 def check_resume(cfg: TrainConfig) -> None:
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if env.rank == 0:
         from pipeline.recipe import batch_plan
 
-        for line in [*cmd.notes, workers_line, f"batch: {batch_plan(cfg, env.world_size).line()}"]:
+        for line in [*cmd.lines(cfg), workers_line, f"batch: {batch_plan(cfg, env.world_size).line()}"]:
             if line:
                 print(f"config: {line}", flush=True)
     return run(cfg, ds_config)

@@ -201,7 +201,7 @@ def test_no_peg_means_no_position_information():
 def test_learned_pos_embed_baseline_resamples():
     model = tiny(pos_embed='learned', peg_positions=(), img_size=64)
     assert model.pos_embed.shape == (1, 1 + 16, 48)
-    assert model.no_weight_decay() == {'cls_token', 'pos_embed'}
+    assert model.no_weight_decay() == {'cls_token', 'pos_embed'}   # no PEG in this baseline
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
         assert model(torch.randn(1, 3, 96, 128)).shape == (1, 10)
@@ -210,9 +210,11 @@ def test_learned_pos_embed_baseline_resamples():
 
 
 def test_no_weight_decay():
+    # the official CPVT/Twins rule: the class token and every PEG parameter (pos_block.*)
+    peg = {'pos_block.0.proj.0.weight', 'pos_block.0.proj.0.bias'}
     with torch.device('meta'):
-        assert timm.create_model('cpvt_ti').no_weight_decay() == {'cls_token'}
-        assert timm.create_model('cpvt_ti_gap').no_weight_decay() == set()
+        assert timm.create_model('cpvt_ti').no_weight_decay() == {'cls_token'} | peg
+        assert timm.create_model('cpvt_ti_gap').no_weight_decay() == peg
 
 
 def test_gap_applies_final_norm_before_mean():

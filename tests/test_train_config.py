@@ -208,8 +208,13 @@ def test_derive_batch_refuses_with_the_numbers():
                                           r"even micro-batch"):
         derive_batch(6, 2, max_micro=2, even=True)
     assert derive_batch(6, 2, max_micro=2).micro == 1   # 6 = 1 x 3 x 2 without the Mixup rule
-    with pytest.raises(ConfigError, match=r"^data\.batch_size: set together with data\.global_batch_size=1024"):
-        load_train_config(RECIPES / "cpvt_ti.yaml", ["data.batch_size=64"], world_size=8)
+    # a per-rank batch on the command line (smoke runs, benchmarks) turns the recipe's global batch off ...
+    cfg, ds = load_train_config(RECIPES / "cpvt_ti.yaml", ["data.batch_size=64"], world_size=8)
+    assert (cfg.data.global_batch_size, cfg.data.batch_size, ds["train_batch_size"]) == (None, 64, 512)
+    # ... but not the schedule's global per-resolution batches silently
+    with pytest.raises(ConfigError, match=r"^schedule\.resolution\.batch_sizes: \[\[160, 1536\], \[192, 1280\], "
+                                          r"\[224, 1024\]\] are the recipe's global batches"):
+        load_train_config(RECIPES / "cpvt_ti_peg0-4_progressive.yaml", ["data.batch_size=64"], world_size=8)
 
 
 def test_progressive_batches_are_global_too():
@@ -275,3 +280,56 @@ def test_too_many_workers_hide_no_later_check(tiny_data, tmp_path):
                          env=env, capture_output=True, text=True, timeout=180)
     assert bad.returncode == 2 and bad.stderr.startswith("config error: eval.resolutions[0]: 100"), bad.stderr
     assert bad.stderr.count("\n") == 1 and not run_dir.exists()
+
+
+def _site_with_recipe(tmp_path: Path, data: Path, **recipe_data) -> Path:
+    """A site file giving the data root, and a site recipe folder whose cpvt_ti.yaml narrows the shipped one."""
+    import yaml
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "cpvt_ti.yaml").write_text(yaml.safe_dump({"_base_": str(RECIPES / "cpvt_ti.yaml"),
+                                                                        **recipe_data}))
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"data_root": str(data), "recipe_dirs": [str(tmp_path / "recipes")],
+                                    "runs_root": str(tmp_path / "runs"),
+                                    "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    return site
+
+
+def test_model_flag_selects_the_recipe_and_the_site_gives_the_data(tmp_path, tiny_data):
+    from pipeline import train
+
+    site = tmp_path / "site.yaml"
+    site.write_text(f"data_root: {tiny_data}\n")
+    argv = ["--local_rank=0", "--deepspeed_config", "deepspeed_configs/zero2.json", "--model", "cpvt_b"]
+    cmd = train.parse_args(argv, environ={"CPVT_SITE": str(site)})
+    assert cmd.recipe == str(RECIPES / "cpvt_b.yaml")
+    assert cmd.notes[0].startswith(f"recipe {RECIPES / 'cpvt_b.yaml'} (the paper's recipe for --model cpvt_b")
+    cfg, ds = load_train_config(cmd.recipe, cmd.overrides, 8, defaults=cmd.defaults)
+    assert (cfg.model.name, cfg.data.root, cfg.aug.repeats, ds["train_batch_size"]) == ("cpvt_b", str(tiny_data), 3,
+                                                                                        1024)
+    explicit = train.parse_args(["--recipe", "cpvt_ti", "--model", "cpvt_b"], environ={"CPVT_SITE": ""})
+    assert explicit.recipe == "cpvt_ti" and "model.name=cpvt_b" in explicit.overrides and explicit.defaults == {}
+
+
+@pytest.mark.slow
+def test_card_command_deepspeed_train_py_with_a_site_file(tmp_path, tiny_data):
+    """``deepspeed pipeline/train.py --deepspeed_config C --model cpvt_ti`` with only a site file (data root, a
+    site recipe narrowing the shipped cpvt_ti to this CPU: 2 blocks, 32 px, global batch 16, one step)."""
+    site = _site_with_recipe(tmp_path, tiny_data, model={"kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2}},
+                             data={"format": "wds", "global_batch_size": 16, "max_batch_per_gpu": 8,
+                                   "num_workers": 0, "shuffle_buffer": 16, "shuffle_initial": 4},
+                             schedule={"resolution": {"kind": "fixed", "resolution": 32}},
+                             eval={"every_epochs": 0, "resolutions": [32], "max_batches": 1},
+                             tracking={"system_metrics": False}, run={"max_steps": 1, "progress_bar": False})
+    from tests.helpers_train import DEEPSPEED
+
+    env = job_env() | {"CPVT_SITE": str(site)}
+    proc = subprocess.run([DEEPSPEED, "--num_gpus", "1", "pipeline/train.py", "--deepspeed_config",
+                           "deepspeed_configs/zero2.json", "--model", "cpvt_ti"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"config: recipe {tmp_path / 'recipes' / 'cpvt_ti.yaml'} (the site's" in proc.stdout
+    assert "config: batch: global batch 16 = per-rank batch 8 x accumulation 2 x 1 ranks" in proc.stdout
+    final = json.loads((tmp_path / "runs" / "default" / "final_metrics.json").read_text())
+    assert (final["global_step"], final["exit_code"]) == (1, 0)

@@ -32,7 +32,9 @@ class DataConfig:
     # most samples one rank puts through the model at once, at the schedule's largest training resolution
     # (lower resolutions scale it by the token count); null: no cap, only optim.grad_accum accumulates
     max_batch_per_gpu: Optional[int] = None
-    batch_size: int = 128               # per rank; derived when global_batch_size is set
+    # per rank; derived when global_batch_size is set (a data.batch_size given on the command line states a per-rank
+    # batch instead and turns global_batch_size off)
+    batch_size: int = 128
     eval_batch_size: int = 256          # per rank
     # WebDataset: DataLoader workers; FFCV: decoding threads. null: this rank's CPUs (its CPU affinity shared by
     # the ranks on the node) minus one; a value above that is lowered to it (pipeline.data.config.fit_num_workers)
