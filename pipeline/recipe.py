@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pipeline.checkpointing import CheckpointConfig
-from pipeline.config import ConfigError, check_positive, check_range, load_config, to_dict
+from pipeline.config import ConfigError, check_multiple, check_positive, check_range, load_config, to_dict
 from pipeline.data.config import AugConfig, DataConfig, check_data_aug
 from pipeline.optim import OptimConfig, deepspeed_optimizer_section
 from pipeline.schedules import LRSchedule, LRScheduleConfig, ResolutionSchedule, ResolutionScheduleConfig
@@ -69,11 +69,18 @@ class EvalConfig:
     every_epochs: int = 1               # evaluate every N epochs (0: only at the end)
     resolutions: tuple[int, ...] = (160, 224, 288, 384)   # test resolutions (the training resolution is added)
     max_batches: Optional[int] = None   # cap per resolution (smoke runs); None: the whole val split
+    # center_crop: resize to res / aug.crop_pct + center crop res x res (timm/DeiT). native: the whole image,
+    # short side res, aspect kept, both sides multiples of the patch size, long side <= native_max_aspect x res,
+    # batched by aspect bucket (pipeline.data.aspect_buckets)
+    mode: Literal["center_crop", "native"] = "center_crop"
+    native_max_aspect: float = 2.0
 
     def validate(self) -> None:
         check_positive("every_epochs", self.every_epochs, allow_zero=True)
         for i, r in enumerate(self.resolutions):
             check_positive(f"resolutions[{i}]", r)
+        if not self.native_max_aspect >= 1.0:
+            raise ConfigError(f"native_max_aspect: {self.native_max_aspect!r} must be >= 1")
 
 
 @dataclass
@@ -131,6 +138,10 @@ class TrainConfig:
             check_data_aug(self.data, self.aug, batch_size=bs, data_prefix="schedule.resolution.batch_sizes.")
         if self.run.ema and self.ds_zero_stage_hint() == 3:
             raise ConfigError("run.ema: EMA needs full parameters on every rank; allowed with ZeRO stages [0, 1, 2]")
+        if self.eval.mode == "native":   # the short side is the resolution: it must tile into patches
+            patch = int(self.model.kwargs.get("patch_size", 16))
+            for i, r in enumerate(self.eval.resolutions):
+                check_multiple(f"eval.resolutions[{i}]", r, patch)
 
     def ds_zero_stage_hint(self) -> int | None:
         try:
