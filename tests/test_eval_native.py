@@ -161,3 +161,22 @@ def test_learned_pe_model_and_analysis_table_both_modes(wds_root, tmp_path):
     plotted = plot_resolution_curves(curves, tmp_path / "res.png", native=native)
     assert plotted["learned"]["native_top1"] == [native["learned"][r]["top1"] for r in (32, 48)]
     assert (tmp_path / "res.png").stat().st_size > 0
+
+
+def test_trainer_evaluator_follows_eval_mode(root):
+    """The trainer's Evaluator scores in the recipe's eval.mode, one cached loader per (mode, resolution)."""
+    from pipeline.evaluate import Evaluator
+    from pipeline.recipe import load_train_config
+
+    model = tiny_cpvt("cpvt_ti", num_classes=4, seed=1)
+    results = {}
+    for mode in ("center_crop", "native"):
+        cfg, _ = load_train_config(None, [f"data.root={root}", "data.num_workers=0", "data.eval_batch_size=6",
+                                          f"eval.mode={mode}", "eval.resolutions=[32]"], 1)
+        ev = Evaluator(cfg, rank=0, world_size=1, device=torch.device("cpu"), input_dtype=torch.float32)
+        results[mode] = ev(model, (32,))[32]
+        assert list(ev._loaders) == [(mode, 32)] and ev._loaders[(mode, 32)].mode == mode
+    n = split_info(root, "val")["num_samples"]
+    assert results["center_crop"]["n"] == results["native"]["n"] == n
+    assert results["native"]["tokens"] > results["center_crop"]["tokens"] == n * 4
+    assert results["native"]["loss"] != pytest.approx(results["center_crop"]["loss"])
