@@ -18,11 +18,14 @@ side ``L`` in ``s + p, s + 2p, ... <= max_aspect * s``, the landscape ``s x L`` 
 The schedule (:func:`plan_native_batches`) is a pure function of the per-sample shapes, the batch size, the
 rank and the world size, so every rank computes it alone and they agree: shapes in :func:`bucket_shapes`
 order; the global members of a bucket (ascending sample index) are split contiguously between the ranks like
-the exact center-crop evaluation splits the whole split (``[r*n/R, (r+1)*n/R)``); each rank's share is cut into
-batches and padded (label -1) to ``ceil(ceil(n/R) / batch)`` batches, the same count on every rank. Every rank
-runs the same shapes in the same order, and every sample is in exactly one batch of one rank. A bucket's batch
-holds ``max(1, floor(batch * s^2 / (H * W)))`` images, so no batch has more pixels than a center-crop batch at
-``s``.
+the exact center-crop evaluation splits the whole split (``[r*n/R, (r+1)*n/R)``); every rank runs the bucket's
+largest share ``ceil(n/R)`` cut into batches of ``bs`` (the last one holds the remainder), a rank with a smaller
+share padding its batches (label -1, as in the exact evaluation). Every rank runs the same (shape, batch size)
+sequence, every sample is in exactly one batch of one rank, and padding is at most one sample per rank and
+bucket (padding every bucket's last batch to full size, as the center-crop loader does for its single last
+batch, would forward 67 % padding on the 203-image demo val split at 64 px with 9 buckets). A bucket's batch
+holds ``bs = max(1, floor(batch * s^2 / (H * W)))`` images, so no batch has more pixels than a center-crop
+batch at ``s``.
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ def bucket_batch_size(batch_size: int, shape: tuple[int, int], resolution: int) 
 class NativeBatch:
     shape: tuple[int, int]       # (H, W)
     indices: tuple[int, ...]     # global sample indices of this rank's real samples (may be empty)
-    size: int                    # batch size after padding
+    size: int                    # batch size after padding (the same on every rank)
 
 
 def plan_native_batches(shapes: Sequence[tuple[int, int]], *, resolution: int, batch_size: int, rank: int,
@@ -98,9 +101,10 @@ def plan_native_batches(shapes: Sequence[tuple[int, int]], *, resolution: int, b
         if n == 0:
             continue
         bs = bucket_batch_size(batch_size, shape, resolution)
+        share = math.ceil(n / world_size)          # the largest rank share: what every rank runs
         mine = idx[rank * n // world_size:(rank + 1) * n // world_size]
-        for b in range(math.ceil(math.ceil(n / world_size) / bs)):
-            plan.append(NativeBatch(shape, tuple(mine[b * bs:(b + 1) * bs]), bs))
+        for b in range(math.ceil(share / bs)):
+            plan.append(NativeBatch(shape, tuple(mine[b * bs:(b + 1) * bs]), min(bs, share - b * bs)))
     return plan
 
 

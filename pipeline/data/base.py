@@ -14,7 +14,7 @@
 
 :class:`NativeEvalLoader`
     The same contract for native-aspect evaluation (``eval.mode: native``): whole images resized to their
-    aspect bucket, one shape per batch, every rank the same shapes in the same order
+    aspect bucket, one shape per batch, every rank the same (shape, batch size) sequence
     (:mod:`pipeline.data.aspect_buckets`); the format supplies a :class:`NativeSource`.
 
 Back ends implement ``_configure()`` (apply the epoch's settings) and ``_iter_raw()`` (uint8 batches).
