@@ -1,8 +1,13 @@
 """Top-1/top-5 on the val split at several resolutions without fine-tuning (the paper's resolution experiment).
 
+Two modes (``eval.mode``, ``--mode``): ``center_crop`` (timm/DeiT: resize to res / crop_pct, center crop
+res x res) and ``native`` (what only a PEG model can do: the whole image, short side res, aspect kept, both sides
+rounded to the patch size, long side at most ``eval.native_max_aspect`` x res, batched by aspect bucket;
+:mod:`pipeline.data.aspect_buckets` states the rule).
+
 Distributed: each rank scores its share of the val split; the eval loader pads so every rank runs the same
-number of batches (ZeRO-3 forwards are collective) and padding carries label -1, which is ignored. Counts are
-summed over ranks, so every val sample is counted exactly once.
+number of batches with the same shapes in the same order (ZeRO-3 forwards are collective) and padding carries
+label -1, which is ignored. Counts are summed over ranks, so every val sample is counted exactly once.
 
 Standalone, over a DeepSpeed checkpoint (any ZeRO stage) or an exported ``.safetensors``::
 
@@ -10,13 +15,14 @@ Standalone, over a DeepSpeed checkpoint (any ZeRO stage) or an exported ``.safet
     torchrun --nproc_per_node 2 -m pipeline.evaluate runs/demo/export/model.safetensors --data DATA
     deepspeed --num_gpus 2 pipeline/evaluate.py runs/demo --data DATA
     python -m pipeline.evaluate runs/demo --ema          # the checkpoint's EMA weights (run.ema=true)
+    python -m pipeline.evaluate runs/demo --mode native  # whole images at their aspect bucket
 
 The input pipeline is the one the trainer evaluated with, from the run's resolved config (the checkpoint's
 ``train_config.yaml``, or the copy an export carries): ``aug.crop_pct``, ``aug.eval_interpolation``,
 ``aug.mean``/``aug.std``, the ``data`` section (root, format, val split, eval batch size, workers, decoding
-options) and the resolutions (the final training resolution + ``eval.resolutions``); ``eval.max_batches`` is not
-applied (the whole val split is scored). Command-line flags override single settings; an export without a
-config uses the defaults. The settings used are printed first.
+options), the resolutions (the final training resolution + ``eval.resolutions``) and ``eval.mode`` /
+``eval.native_max_aspect``; ``eval.max_batches`` is not applied (the whole val split is scored). Command-line
+flags override single settings; an export without a config uses the defaults. The settings used are printed first.
 """
 from __future__ import annotations
 
@@ -34,21 +40,26 @@ import torch
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resolutions: Sequence[int],
              rank: int, world_size: int, crop_pct: float, device: torch.device,
              input_dtype: torch.dtype = torch.float32, max_batches: int | None = None,
-             aug_cfg=None, loaders: dict | None = None) -> dict[int, dict[str, float]]:
-    """``{resolution: {"top1": %, "top5": %, "loss": mean CE, "n": samples}}`` summed over all ranks.
+             aug_cfg=None, loaders: dict | None = None, mode: str = "center_crop", patch_size: int = 16,
+             max_aspect: float = 2.0) -> dict[int, dict[str, float]]:
+    """``{resolution: {"top1": %, "top5": %, "loss": mean CE, "n": samples, "tokens": patch tokens}}`` summed
+    over all ranks; ``mode``: ``center_crop`` or ``native`` (short side = resolution, long side <=
+    ``max_aspect`` x, multiples of ``patch_size``).
 
     Counts stay on the device and are reduced and read once per resolution. ``loaders``: a dict that caches the
-    eval loader of each resolution across calls (the trainer evaluates every few epochs)."""
+    eval loader of each (mode, resolution) across calls (the trainer evaluates every few epochs)."""
     from pipeline.data.loader import build_eval_loader
     from pipeline.distributed import all_reduce_
 
     loaders = {} if loaders is None else loaders
     results: dict[int, dict[str, float]] = {}
     for res in sorted(set(int(r) for r in resolutions)):
-        if res not in loaders:
-            loaders[res] = build_eval_loader(data_cfg, resolution=res, rank=rank, world_size=world_size,
-                                             crop_pct=crop_pct, aug_cfg=aug_cfg, device=device)
-        loader = loaders[res]
+        key = (mode, res)
+        if key not in loaders:
+            loaders[key] = build_eval_loader(data_cfg, resolution=res, rank=rank, world_size=world_size,
+                                             crop_pct=crop_pct, aug_cfg=aug_cfg, device=device, mode=mode,
+                                             patch_size=patch_size, max_aspect=max_aspect)
+        loader = loaders[key]
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
         for i, (images, labels) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
@@ -60,7 +71,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resol
         if max_batches is None and int(n) != int(loader.num_samples):
             raise RuntimeError(f"eval at {res}px counted {int(n)} samples, the val split has {loader.num_samples}")
         results[res] = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
-                        "loss": loss / max(n, 1), "n": int(n)}
+                        "loss": loss / max(n, 1), "n": int(n), "tokens": int(loader.num_tokens(patch_size))}
     return results
 
 
@@ -82,7 +93,7 @@ class Evaluator:
     def __init__(self, cfg, *, rank: int, world_size: int, device: torch.device, input_dtype: torch.dtype):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device, self.input_dtype = device, input_dtype
-        self._loaders: dict[int, object] = {}
+        self._loaders: dict[tuple[str, int], object] = {}
 
     def should_eval(self, epoch: int, last: bool) -> bool:
         every = self.cfg.eval.every_epochs
@@ -92,7 +103,9 @@ class Evaluator:
         return evaluate(forward, self.cfg.data, resolutions=resolutions, rank=self.rank, world_size=self.world_size,
                         crop_pct=self.cfg.aug.crop_pct, device=self.device,
                         input_dtype=self.input_dtype if input_dtype is None else input_dtype,
-                        max_batches=self.cfg.eval.max_batches, aug_cfg=self.cfg.aug, loaders=self._loaders)
+                        max_batches=self.cfg.eval.max_batches, aug_cfg=self.cfg.aug, loaders=self._loaders,
+                        mode=self.cfg.eval.mode, max_aspect=self.cfg.eval.native_max_aspect,
+                        patch_size=int(self.cfg.model.kwargs.get("patch_size", 16)))
 
 
 def format_table(results: dict[int, dict[str, float]], train_res: int | None = None) -> str:
@@ -175,6 +188,23 @@ def eval_settings(path: str | Path, data_flags: dict, aug_flags: dict, resolutio
     return data_cfg, aug_cfg, list(resolutions), origin + (f"; command line: {', '.join(flags)}" if flags else "")
 
 
+def eval_mode_settings(path: str | Path, mode: str | None = None,
+                       max_aspect: float | None = None) -> tuple[str, float]:
+    """(eval mode, native max aspect) for the weights at ``path``: the flags when given, else the run config's
+    ``eval.mode`` / ``eval.native_max_aspect``, else center_crop / 2.0."""
+    from pipeline.config import ConfigError, check_choice
+    from pipeline.recipe import EvalConfig
+
+    cfg, _ = stored_config(path)
+    ev = cfg.eval if cfg is not None else EvalConfig()
+    mode = ev.mode if mode is None else mode
+    max_aspect = ev.native_max_aspect if max_aspect is None else float(max_aspect)
+    check_choice("eval.mode", mode, ("center_crop", "native"))
+    if not max_aspect >= 1.0:
+        raise ConfigError(f"eval.native_max_aspect: {max_aspect!r} must be >= 1")
+    return mode, max_aspect
+
+
 def describe_settings(data_cfg, aug_cfg, resolutions: Sequence[int]) -> str:
     return (f"crop_pct={aug_cfg.crop_pct} interpolation={aug_cfg.eval_interpolation} mean={list(aug_cfg.mean)} "
             f"std={list(aug_cfg.std)} resolutions={sorted(set(resolutions))} format={data_cfg.format} "
@@ -197,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the run's aug.eval_interpolation, else bicubic")
     p.add_argument("--mean", type=float, nargs=3, default=None, help="the run's aug.mean, else ImageNet's")
     p.add_argument("--std", type=float, nargs=3, default=None, help="the run's aug.std, else ImageNet's")
+    p.add_argument("--mode", default=None, choices=["center_crop", "native"],
+                   help="the run's eval.mode, else center_crop; native: whole image, short side = resolution")
+    p.add_argument("--max-aspect", type=float, default=None,
+                   help="native mode: long side <= this x short side (the run's eval.native_max_aspect, else 2)")
     p.add_argument("--json", default=None, help="also write the results here")
     # the deepspeed launcher passes --local_rank=N (ranks come from the environment, see detect_env)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -210,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                  "mean": args.mean and tuple(args.mean), "std": args.std and tuple(args.std)}
     try:
         data_cfg, aug_cfg, resolutions, origin = eval_settings(args.model, data_flags, aug_flags, args.resolutions)
+        mode, max_aspect = eval_mode_settings(args.model, args.mode, args.max_aspect)
+        if mode == "native":
+            from pipeline.data.aspect_buckets import check_native
+
+            for r in resolutions:
+                check_native(r, 16, max_aspect, field="resolutions")
     except ConfigError as e:
         p.error(str(e))
 
@@ -225,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     use_device(choice)  # before a checkpoint load imports deepspeed
     if rank == 0:
         print(f"device: {choice.reason}", flush=True)
-        print(f"eval settings ({origin}): {describe_settings(data_cfg, aug_cfg, resolutions)}", flush=True)
+        print(f"eval settings ({origin}): {describe_settings(data_cfg, aug_cfg, resolutions)} mode={mode}"
+              + (f" max_aspect={max_aspect}" if mode == "native" else ""), flush=True)
     # Load the model and import the loaders *before* the process group exists: torch modules that timm imports
     # lazily (torch.distributed._shard, ...) take ``group=dist.group.WORLD`` as a default argument, so importing
     # them afterwards pins the group; destroy() could not free it and gloo's worker threads would outlive the
@@ -244,9 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     device = choice.torch_device
     model.to(device).eval()
     results = evaluate(autocast_forward(model, device), data_cfg, resolutions=resolutions, rank=rank,
-                       world_size=world_size, crop_pct=aug_cfg.crop_pct, device=device, aug_cfg=aug_cfg)
+                       world_size=world_size, crop_pct=aug_cfg.crop_pct, device=device, aug_cfg=aug_cfg,
+                       mode=mode, patch_size=getattr(model, "patch_size", 16), max_aspect=max_aspect)
     if rank == 0:
-        print(f"{name} from {args.model}" + (" (EMA weights)" if args.ema else ""))
+        print(f"{name} from {args.model}" + (" (EMA weights)" if args.ema else "") + f", {mode} evaluation")
         print(format_table(results))
         if args.json:
             Path(args.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))

@@ -95,11 +95,18 @@ class EvalConfig:
     every_epochs: int = 1               # evaluate every N epochs (0: only at the end)
     resolutions: tuple[int, ...] = (160, 224, 288, 384)   # test resolutions (the training resolution is added)
     max_batches: Optional[int] = None   # cap per resolution (smoke runs); None: the whole val split
+    # center_crop: resize to res / aug.crop_pct + center crop res x res (timm/DeiT). native: the whole image,
+    # short side res, aspect kept, both sides multiples of the patch size, long side <= native_max_aspect x res,
+    # batched by aspect bucket (pipeline.data.aspect_buckets)
+    mode: Literal["center_crop", "native"] = "center_crop"
+    native_max_aspect: float = 2.0
 
     def validate(self) -> None:
         check_positive("every_epochs", self.every_epochs, allow_zero=True)
         for i, r in enumerate(self.resolutions):
             check_positive(f"resolutions[{i}]", r)
+        if not self.native_max_aspect >= 1.0:
+            raise ConfigError(f"native_max_aspect: {self.native_max_aspect!r} must be >= 1")
 
 
 @dataclass

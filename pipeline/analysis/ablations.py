@@ -9,6 +9,11 @@ beside the paper's numbers.
     python -m pipeline.analysis.ablations run --row peg_pos_3 --data runs/demo/data [run.epochs=30 ...]
     deepspeed --num_gpus 8 -m pipeline.analysis.ablations run --row kernel_5 --data /data/imagenet
     python -m pipeline.analysis.ablations summarise [--tracking-uri sqlite:///runs/ablations/mlflow.db]
+
+A row trained with ``eval.mode=native`` logs native-aspect accuracies under the same ``eval/top1_<r>px`` keys;
+to compare a PEG row with ``learned_pe`` in both modes on the same weights (the learned table resampled to each
+bucket's token grid), run ``python -m pipeline.analysis.resolution --checkpoint runs/ablations/peg_pos_0
+runs/ablations/learned_pe --modes center_crop native --data DATA``.
 """
 from __future__ import annotations
 

@@ -29,9 +29,11 @@ def load_model(path: str | Path, device: torch.device | None = None) -> tuple[to
 
 def eval_batches(data_root: str | Path, resolution: int, *, fmt: str = "wds", batch_size: int = 64,
                  crop_pct: float | None = None, num_workers: int = 0, split: str = "val",
-                 max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 max_batches: int | None = None, mode: str = "center_crop",
+                 max_aspect: float = 2.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (images, labels) batches of one split at ``resolution`` through the project's eval loader
-    (single process: rank 0 of 1). Padding samples carry label -1."""
+    (single process: rank 0 of 1); ``mode="native"``: whole images, one aspect bucket (HxW) per batch. Padding
+    samples carry label -1."""
     from pipeline.config import from_dict
     from pipeline.data.config import AugConfig, DataConfig
     from pipeline.data.loader import build_eval_loader
@@ -39,7 +41,8 @@ def eval_batches(data_root: str | Path, resolution: int, *, fmt: str = "wds", ba
     data = from_dict(DataConfig, {"format": fmt, "root": str(data_root), "eval_batch_size": batch_size,
                                   "num_workers": num_workers, "val_split": split})
     crop = crop_pct if crop_pct is not None else AugConfig().crop_pct
-    loader = build_eval_loader(data, resolution=resolution, rank=0, world_size=1, crop_pct=crop)
+    loader = build_eval_loader(data, resolution=resolution, rank=0, world_size=1, crop_pct=crop, mode=mode,
+                               max_aspect=max_aspect)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break

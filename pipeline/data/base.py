@@ -12,19 +12,29 @@
     Every sample of the split exactly once across ranks, the same number of full-size batches on every rank
     (collectives inside a sharded forward must match); padding samples carry label ``-1``.
 
+:class:`NativeEvalLoader`
+    The same contract for native-aspect evaluation (``eval.mode: native``): whole images resized to their
+    aspect bucket, one shape per batch, every rank the same (shape, batch size) sequence
+    (:mod:`pipeline.data.aspect_buckets`); the format supplies a :class:`NativeSource`.
+
 Back ends implement ``_configure()`` (apply the epoch's settings) and ``_iter_raw()`` (uint8 batches).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import ConfigError
+from pipeline.data.aspect_buckets import (DEFAULT_MAX_ASPECT, NativeBatch, check_native, native_shape,
+                                         plan_native_batches)
 from pipeline.data.config import AugConfig, DataConfig, check_data_aug
 from pipeline.data.mixup import BatchAugment
-from pipeline.data.transforms import BatchNormalizer
+from pipeline.data.transforms import BatchNormalizer, native_eval_transform
 from pipeline.rng import make_seed
 
 PAD_LABEL = -1
@@ -99,6 +109,7 @@ class TrainLoader:
 
 class EvalLoader:
     format: str = ""
+    mode: str = "center_crop"
 
     def __init__(self, data: DataConfig, aug: AugConfig, *, resolution: int, crop_pct: float, rank: int,
                  world_size: int, num_samples: int, device: torch.device | str | None = None):
@@ -124,6 +135,10 @@ class EvalLoader:
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(self.num_samples / self.world_size) / self.batch_size)
+
+    def num_tokens(self, patch_size: int = 16) -> int:
+        """Patch tokens of all real samples of the split (all ranks), the work one evaluation pass does."""
+        return self.num_samples * (self.resolution // patch_size) ** 2
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, _ in self.iter_with_keys():
@@ -154,4 +169,71 @@ class EvalLoader:
         raise NotImplementedError
 
 
-__all__ = ["EvalLoader", "PAD_LABEL", "TrainLoader"]
+class NativeSource(Protocol):
+    """What a format provides for native evaluation: per-sample sizes, labels and keys known up front (every rank
+    plans the same schedule from them) and random access to one decoded image. Must pickle (DataLoader workers)."""
+    sizes: Sequence[tuple[int, int]]    # (width, height) of the stored image, per global sample index
+    labels: Sequence[int]
+    keys: Sequence[str]
+
+    def image(self, index: int, draft_size: int | None) -> Image.Image: ...
+
+
+class _NativeBatches(Dataset):
+    """Map-style: item ``j`` is the ``j``-th planned batch of this rank, decoded, resized and padded (uint8)."""
+
+    def __init__(self, source: NativeSource, plan: Sequence[NativeBatch], aug: AugConfig, draft: bool):
+        self.source, self.plan, self.draft = source, list(plan), draft
+        self.transform = native_eval_transform(aug)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, j: int):
+        b = self.plan[j]
+        h, w = b.shape
+        pixels = np.zeros((b.size, h, w, 3), dtype=np.uint8)
+        for k, i in enumerate(b.indices):
+            pixels[k] = self.transform(self.source.image(i, min(h, w) if self.draft else None), b.shape)
+        labels = torch.full((b.size,), PAD_LABEL, dtype=torch.int64)
+        labels[:len(b.indices)] = torch.tensor([int(self.source.labels[i]) for i in b.indices], dtype=torch.int64)
+        keys = [str(self.source.keys[i]) for i in b.indices] + [""] * (b.size - len(b.indices))
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2), labels, keys   # NCHW, channels-last memory
+
+
+class NativeEvalLoader(EvalLoader):
+    """Native-aspect evaluation at short side ``resolution`` over a format's :class:`NativeSource`.
+
+    Batches are planned by :func:`pipeline.data.aspect_buckets.plan_native_batches` (every sample once across
+    ranks, padding label -1, identical shape sequence on every rank) and decoded by DataLoader workers, each
+    batch by one worker, in plan order."""
+    mode = "native"
+
+    def __init__(self, data: DataConfig, aug: AugConfig, source: NativeSource, *, resolution: int, rank: int,
+                 world_size: int, patch_size: int = 16, max_aspect: float = DEFAULT_MAX_ASPECT,
+                 device: torch.device | str | None = None):
+        check_native(resolution, patch_size, max_aspect)
+        super().__init__(data, aug, resolution=resolution, crop_pct=1.0, rank=rank, world_size=world_size,
+                         num_samples=len(source.sizes), device=device)
+        self.patch_size, self.max_aspect = patch_size, max_aspect
+        self.shapes = [native_shape(w, h, self.resolution, patch_size, max_aspect) for w, h in source.sizes]
+        self.plan = plan_native_batches(self.shapes, resolution=self.resolution, batch_size=self.batch_size,
+                                        rank=rank, world_size=world_size, patch=patch_size, max_aspect=max_aspect)
+        self.dataset = _NativeBatches(source, self.plan, aug, draft=data.jpeg_draft)
+        nw = min(data.num_workers, len(self.plan))
+        self.dataloader = DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=nw,
+                                     prefetch_factor=data.prefetch_factor if nw > 0 else None,
+                                     pin_memory=bool(data.pin_memory) and self.device.type == "cuda")
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def num_tokens(self, patch_size: int | None = None) -> int:
+        p = patch_size or self.patch_size
+        return sum((h // p) * (w // p) for h, w in self.shapes)
+
+    def _iter_raw(self):
+        yield from self.dataloader
+
+
+__all__ = ["EvalLoader", "NativeEvalLoader", "NativeSource", "PAD_LABEL", "TrainLoader"]

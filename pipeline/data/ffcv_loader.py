@@ -18,19 +18,23 @@ per-sample crop/flip draws come from numba's thread-local RNGs inside FFCV and a
 
 Validation: rank ``r`` reads the contiguous range ``[r*N/R, (r+1)*N/R)`` in ``SEQUENTIAL`` order through
 ``indices=``; batches are padded to full size and to the same count on every rank (label -1).
+Native-aspect validation (``eval.mode: native``) reads the stored image payloads itself
+(:class:`FfcvNativeSource` says why) and shares the bucketed schedule of :class:`pipeline.data.base.NativeEvalLoader`.
 
 Importing ffcv (and every Loader construction/iteration) calls ``torch.set_num_threads``; the loaders put the
 caller's thread count back (:mod:`pipeline.ffcv_compat`).
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.data.base import EvalLoader, TrainLoader
+from pipeline.data.aspect_buckets import check_native
+from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig
 from pipeline.rng import make_seed
 from pipeline.data.ffcv_pipelines import ffcv_eval_image_pipeline, ffcv_label_pipeline, ffcv_train_image_pipeline
@@ -168,4 +172,76 @@ class FfcvEvalLoader(EvalLoader):
             yield self._padding_batch()
 
 
-__all__ = ["FfcvEvalLoader", "FfcvTrainLoader", "repeated_aug_order"]
+class FfcvNativeSource:
+    """Random access to the stored images of a .beton for native evaluation.
+
+    FFCV's image decoders write into a fixed output size (``SimpleRGBImageDecoder`` needs every image the same
+    size, the crop decoders crop), and one ``Loader`` per bucket shape would compile one pipeline per shape (29
+    at 224 px). So this reads the ``image`` field as stored: its per-sample metadata (mode, width, height,
+    data_ptr) gives every size without decoding, the allocation table gives each payload's length, and a
+    JPEG payload is decoded by the same PIL path as WebDataset (a raw payload is the pixels). The stored
+    image is what data_prep wrote (longer side capped at its ``max_resolution``)."""
+
+    def __init__(self, path: str):
+        import_ffcv()
+        from ffcv.fields.rgb_image import IMAGE_MODES
+        from ffcv.reader import Reader
+
+        reader = Reader(path)
+        names = list(reader.field_names)
+        if "image" not in names or "label" not in names:
+            raise ConfigError(f"data.root: {path} has fields {names}; native evaluation reads 'image' "
+                              f"(RGBImageField) and 'label'")
+        meta = reader.metadata[f"f{names.index('image')}"]
+        if not all(k in (meta.dtype.names or ()) for k in ("mode", "width", "height", "data_ptr")):
+            raise ConfigError(f"data.root: {path}: field 'image' is not an RGBImageField (native evaluation "
+                              f"needs its mode/width/height/data_ptr metadata)")
+        self.path = path
+        self.modes = np.asarray(meta["mode"]).copy()
+        self.ptrs = np.asarray(meta["data_ptr"]).astype(np.int64)
+        self.widths, self.heights = np.asarray(meta["width"]).copy(), np.asarray(meta["height"]).copy()
+        table = reader.alloc_table
+        order = np.argsort(table["ptr"])
+        ptr_sorted, size_sorted = table["ptr"][order].astype(np.int64), table["size"][order].astype(np.int64)
+        pos = np.searchsorted(ptr_sorted, self.ptrs)
+        if np.any(pos >= len(ptr_sorted)) or np.any(ptr_sorted[np.minimum(pos, len(ptr_sorted) - 1)] != self.ptrs):
+            raise ConfigError(f"data.root: {path}: image pointers missing from the allocation table (damaged file)")
+        self.lengths = size_sorted[pos]
+        self.jpg_mode = int(IMAGE_MODES["jpg"])
+        self.sizes = list(zip(self.widths.tolist(), self.heights.tolist()))
+        self.labels = np.asarray(reader.metadata[f"f{names.index('label')}"]).astype(np.int64).reshape(-1).tolist()
+        self.keys = [str(i) for i in range(len(self.sizes))]   # the FFCV index, as the center-crop loader
+        self._fd, self._pid = -1, -1
+
+    def __getstate__(self):
+        return dict(self.__dict__, _fd=-1, _pid=-1)   # descriptors are per process
+
+    def image(self, index: int, draft_size: int | None):
+        from PIL import Image
+
+        from pipeline.data.transforms import decode_image
+
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, int(self.lengths[index]), int(self.ptrs[index]))
+        if int(self.modes[index]) == self.jpg_mode:
+            return decode_image(data, draft_size)
+        h, w = int(self.heights[index]), int(self.widths[index])
+        return Image.fromarray(np.frombuffer(data, np.uint8)[: h * w * 3].reshape(h, w, 3))
+
+    def __del__(self):
+        if self._pid == os.getpid() and self._fd >= 0:
+            os.close(self._fd)
+
+
+class FfcvNativeEvalLoader(NativeEvalLoader):
+    format = "ffcv"
+
+    def __init__(self, path: str, data: DataConfig, aug: AugConfig, *, resolution: int, rank: int,
+                 world_size: int, patch_size: int = 16, max_aspect: float = 2.0, device=None):
+        check_native(resolution, patch_size, max_aspect)   # before the file is read
+        super().__init__(data, aug, FfcvNativeSource(path), resolution=resolution, rank=rank,
+                         world_size=world_size, patch_size=patch_size, max_aspect=max_aspect, device=device)
+
+
+__all__ = ["FfcvEvalLoader", "FfcvNativeEvalLoader", "FfcvNativeSource", "FfcvTrainLoader", "repeated_aug_order"]

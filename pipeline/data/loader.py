@@ -21,10 +21,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, validate
+from pipeline.config import ConfigError, check_choice, validate
+from pipeline.data.aspect_buckets import DEFAULT_MAX_ASPECT, check_native
 from pipeline.data.base import PAD_LABEL, EvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig, check_data_aug, fit_num_workers, task_cpus
 from pipeline.data.shard_index import ffcv_path, load_split_index, read_classes
+
+
+EVAL_MODES = ("center_crop", "native")
 
 
 def _check_root(data: DataConfig) -> Path:
@@ -68,14 +72,32 @@ def build_train_loader(data_cfg: DataConfig, aug_cfg: AugConfig, *, num_classes:
 
 def build_eval_loader(data_cfg: DataConfig, *, resolution: int, rank: int, world_size: int,
                       crop_pct: float | None = None, aug_cfg: AugConfig | None = None,
-                      device: torch.device | str | None = None) -> EvalLoader:
-    """Exact, rank-balanced validation loader (resize + center crop). ``aug_cfg`` supplies mean/std, the
-    interpolation and the default ``crop_pct``; build it once and iterate it every evaluation."""
+                      device: torch.device | str | None = None, mode: str = "center_crop", patch_size: int = 16,
+                      max_aspect: float = DEFAULT_MAX_ASPECT) -> EvalLoader:
+    """Exact, rank-balanced validation loader. ``mode="center_crop"``: resize + center crop (``crop_pct``);
+    ``mode="native"``: the whole image at its aspect bucket with short side ``resolution`` (a multiple of
+    ``patch_size``; long side <= ``max_aspect`` x short, :mod:`pipeline.data.aspect_buckets`). ``aug_cfg``
+    supplies mean/std, the interpolation and the default ``crop_pct``; build it once and iterate it every
+    evaluation."""
     aug_cfg = aug_cfg or AugConfig()
     validate(data_cfg, "data.")
     validate(aug_cfg, "aug.")
     data_cfg = _fit_workers(data_cfg)
+    check_choice("eval.mode", mode, EVAL_MODES)
+    if mode == "native":
+        check_native(resolution, patch_size, max_aspect)
     root = _check_root(data_cfg)
+    if mode == "native":
+        kw = dict(resolution=resolution, rank=rank, world_size=world_size, patch_size=patch_size,
+                  max_aspect=max_aspect, device=device)
+        if data_cfg.format == "wds":
+            from pipeline.data.webdataset_loader import WdsNativeEvalLoader
+
+            index = load_split_index(root, data_cfg.val_split, field="data.val_split")
+            return WdsNativeEvalLoader(index, data_cfg, aug_cfg, **kw)
+        from pipeline.data.ffcv_loader import FfcvNativeEvalLoader
+
+        return FfcvNativeEvalLoader(ffcv_path(root, data_cfg.val_split), data_cfg, aug_cfg, **kw)
     crop_pct = aug_cfg.crop_pct if crop_pct is None else crop_pct
     kw = dict(resolution=resolution, crop_pct=crop_pct, rank=rank, world_size=world_size, device=device)
     if data_cfg.format == "wds":
@@ -88,4 +110,4 @@ def build_eval_loader(data_cfg: DataConfig, *, resolution: int, rank: int, world
     return FfcvEvalLoader(ffcv_path(root, data_cfg.val_split), data_cfg, aug_cfg, **kw)
 
 
-__all__ = ["EvalLoader", "PAD_LABEL", "TrainLoader", "build_eval_loader", "build_train_loader"]
+__all__ = ["EVAL_MODES", "EvalLoader", "PAD_LABEL", "TrainLoader", "build_eval_loader", "build_train_loader"]

@@ -236,6 +236,32 @@ def eval_transform(aug: AugConfig, resolution: int,
     )
 
 
+class NativeResize:
+    """Native-aspect evaluation: the whole RGB image resized to ``shape`` = (H, W) (its aspect bucket, see
+    :mod:`pipeline.data.aspect_buckets`) with ``interpolation`` -> uint8 HWC array. PIL's antialiased resize, the
+    same filter timm's center-crop transform resizes with, so the two modes differ only by the crop. A class,
+    not a closure: DataLoader workers started by spawn/forkserver pickle it."""
+
+    def __init__(self, interpolation: str = "bicubic"):
+        from timm.data.transforms import str_to_pil_interp
+
+        self.interpolation = interpolation
+        self.resample = str_to_pil_interp(interpolation)
+
+    def __call__(self, img: Image.Image, shape: tuple[int, int]) -> np.ndarray:
+        h, w = shape
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if img.size != (w, h):
+            img = img.resize((w, h), self.resample)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def native_eval_transform(aug: AugConfig) -> NativeResize:
+    """:class:`NativeResize` with ``aug.eval_interpolation``."""
+    return NativeResize(aug.eval_interpolation)
+
+
 # ----------------------------------------------------------------------------------------- batch normalise
 class BatchNormalizer:
     """uint8 (B, 3, H, W) (any memory layout) -> normalised float32 or bfloat16, NCHW or channels-last."""
@@ -263,4 +289,5 @@ class BatchNormalizer:
 
 
 __all__ = ["BatchNormalizer", "DraftRandomResizedCrop", "decode_image", "decode_jpeg_crop", "eval_scale_size",
-           "eval_transform", "open_image", "timm_auto_augment", "train_transform", "train_transform_from_bytes"]
+           "eval_transform", "NativeResize", "native_eval_transform", "open_image", "timm_auto_augment",
+           "train_transform", "train_transform_from_bytes"]

@@ -24,6 +24,15 @@ Validation (exact)
     ``_info.json`` locate it, so a rank opens only the shards it needs), split into contiguous blocks of
     batches per worker, padded to full batches and to the same batch count on every rank (label -1).
 
+Validation (native aspect, ``eval.mode: native``)
+    data_prep records no pixel sizes, and the batch schedule needs every sample's size on every rank before the
+    first batch (:mod:`pipeline.data.aspect_buckets`). :class:`WdsNativeSource` learns them with one pass over
+    the split's tar *headers*: Python's ``tarfile`` seeks from header to header, and of each JPEG only the
+    first 16 KiB (where its SOF marker is) are read and parsed by PIL -- no decoding, no collective, the same
+    index on every rank (cached per process for the other resolutions). It also records each image's byte
+    range, so a worker reads any planned batch's images by ``pread`` (the samples of one bucket are spread
+    over all shards; tar order cannot be streamed bucket by bucket).
+
 JPEGs are decoded at the smallest DCT scale that still covers the target size: for training, the size of the
 sampled RandomResizedCrop box (:class:`pipeline.data.transforms.DraftRandomResizedCrop`, which decodes the
 bytes with OpenCV and resizes the crop with torchvision's uint8 kernel), for validation the
@@ -35,20 +44,24 @@ resized on the loader's device (:mod:`pipeline.data.device_decode`). Same order,
 """
 from __future__ import annotations
 
+import io
 import itertools
+import os
 import random
+import tarfile
 from typing import Any, Iterator
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.base import EvalLoader, TrainLoader
+from pipeline.data.aspect_buckets import check_native
+from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig
 from pipeline.data.device_decode import CropDrawer, decode_resized_crops
 from pipeline.rng import make_seed, seeded
 from pipeline.data.shard_index import SplitIndex
-from pipeline.data.tar_samples import tar_samples
+from pipeline.data.tar_samples import _KEY_EXT, _META, TarFormatError, tar_samples
 from pipeline.data.transforms import decode_image, eval_scale_size, eval_transform, train_transform_from_bytes
 
 
@@ -279,4 +292,94 @@ class WdsEvalLoader(EvalLoader):
             yield self._pad(images, labels, keys)
 
 
-__all__ = ["WdsEvalLoader", "WdsTrainLoader", "pin_batches", "repeat_each", "stream_shards"]
+_HEADER_BYTES = 16 << 10
+_SCANNED: dict[tuple, tuple] = {}
+
+
+def _image_size(f, offset: int, size: int, url: str, name: str) -> tuple[int, int]:
+    """(width, height) from the start of an image member; the whole member only if its header is longer."""
+    from PIL import Image
+
+    for n in (min(size, _HEADER_BYTES), size):
+        f.seek(offset)
+        try:
+            return Image.open(io.BytesIO(f.read(n))).size
+        except Exception:   # noqa: BLE001 - header cut off: retry with the whole member; a bad image fails below
+            if n == size:
+                raise TarFormatError(f"{url}: {name} is not a readable image") from None
+    raise AssertionError("unreachable")
+
+
+def scan_split(index: SplitIndex) -> tuple:
+    """(keys, labels, sizes (w, h), shard ids, byte offsets, byte lengths) of every sample of the split, in
+    global index order, from the tar headers and image headers only (see the module docstring)."""
+    cache_key = tuple((u, os.stat(u).st_mtime_ns, os.stat(u).st_size) for u in index.urls)
+    if cache_key in _SCANNED:
+        return _SCANNED[cache_key]
+    keys, labels, sizes, shard, offset, length = [], [], [], [], [], []
+    for s_id, (url, expected) in enumerate(zip(index.urls, index.shard_lengths)):
+        samples: dict[str, dict] = {}
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile() or _META.match(m.name) or not (match := _KEY_EXT.match(m.name)):
+                    continue
+                samples.setdefault(match.group(1), {})[match.group(2).lower()] = (m.offset_data, m.size, m.name)
+            if len(samples) != expected:
+                raise RuntimeError(f"{url} holds {len(samples)} samples, _info.json's shard_lengths claim {expected}")
+            for key, members in samples.items():   # insertion order = tar order = global index order
+                if "jpg" not in members or "cls" not in members:
+                    raise TarFormatError(f"{url}: sample {key!r} lacks a jpg or cls member")
+                off, n, name = members["jpg"]
+                c_off, c_n, _ = members["cls"]
+                f.seek(c_off)
+                keys.append(key)
+                labels.append(int(f.read(c_n)))
+                sizes.append(_image_size(f, off, n, url, name))
+                shard.append(s_id)
+                offset.append(off)
+                length.append(n)
+    out = (keys, labels, sizes, shard, offset, length)
+    _SCANNED[cache_key] = out
+    return out
+
+
+class WdsNativeSource:
+    """Random access to the images of a WebDataset split for native evaluation (see the module docstring)."""
+
+    def __init__(self, index: SplitIndex):
+        self.urls = list(index.urls)
+        self.keys, self.labels, self.sizes, self.shard, self.offset, self.length = scan_split(index)
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __getstate__(self):
+        return dict(self.__dict__, _fds={}, _pid=-1)   # descriptors are per process
+
+    def image(self, index: int, draft_size: int | None):
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        s = self.shard[index]
+        if s not in self._fds:
+            self._fds[s] = os.open(self.urls[s], os.O_RDONLY)
+        data = os.pread(self._fds[s], self.length[index], self.offset[index])
+        return decode_image(data, draft_size)
+
+    def __del__(self):
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+
+class WdsNativeEvalLoader(NativeEvalLoader):
+    format = "wds"
+
+    def __init__(self, index: SplitIndex, data: DataConfig, aug: AugConfig, *, resolution: int, rank: int,
+                 world_size: int, patch_size: int = 16, max_aspect: float = 2.0, device=None):
+        check_native(resolution, patch_size, max_aspect)   # before any shard is read
+        self.index = index
+        super().__init__(data, aug, WdsNativeSource(index), resolution=resolution, rank=rank,
+                         world_size=world_size, patch_size=patch_size, max_aspect=max_aspect, device=device)
+
+
+__all__ = ["WdsEvalLoader", "WdsNativeEvalLoader", "WdsNativeSource", "WdsTrainLoader", "pin_batches",
+           "repeat_each", "stream_shards"]
