@@ -58,9 +58,10 @@ class ScheduleConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: Optional[str] = None           # None: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    uri: Optional[str] = None           # None: $MLFLOW_TRACKING_URI, else the project store (pipeline.tracking)
     experiment: str = "cpvt"
     run_name: Optional[str] = None
+    recipe: Optional[str] = None        # the recipe's name, a run tag (load_train_config fills it in)
     system_metrics: bool = True         # MLflow's psutil sampler (CPU/RAM/GPU) on rank 0
 
 
@@ -251,6 +252,8 @@ def load_train_config(recipe: str | Path | None, overrides: list[str] = (), worl
         recipe = RECIPES / Path(recipe).name
     if recipe is not None and not Path(recipe).is_file() and (RECIPES / f"{recipe}.yaml").is_file():
         recipe = RECIPES / f"{recipe}.yaml"
+    if recipe is not None:
+        overrides = [f"tracking.recipe={Path(recipe).stem}", *overrides]
     cfg = load_config(TrainConfig, recipe, overrides)
     ds = resolve_deepspeed_config(cfg, world_size)
     return cfg, ds
