@@ -417,9 +417,11 @@ def serve_ui(port: int, host: str = "127.0.0.1", uri: str | None = None) -> int:
     if base == uri:
         return 0
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    # one worker and no GenAI job runner (judges, evaluation jobs): a local training UI needs neither, and on a
+    # busy machine the default 4 workers + huey consumers start slowly enough for uvicorn to recycle them
     args = [mlflow_bin, "server", "--host", host, "--port", str(port), "--backend-store-uri", uri,
-            "--artifacts-destination", artifact_root(uri) or "./mlartifacts"]
-    os.execv(mlflow_bin, args)
+            "--artifacts-destination", artifact_root(uri) or "./mlartifacts", "--workers", "1"]
+    os.execve(mlflow_bin, args, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ})
     return 0  # pragma: no cover - execv does not return
 
 
