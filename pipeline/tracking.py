@@ -297,7 +297,12 @@ class MLflowTracker(NullTracker):
         self.mlflow.set_tags({k: str(v)[:_MAX_TAG_LEN] for k, v in tags.items()})
 
     def log_dataset(self, root: str | Path, fmt: str) -> None:
-        self.mlflow.log_input(dataset_input(root, fmt), context="training")
+        try:
+            dataset = dataset_input(root, fmt)
+        except Exception as e:  # noqa: BLE001 - metadata: the training itself must not stop for it
+            print(f"warning: dataset {root} not logged to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
+            return
+        self.mlflow.log_input(dataset, context="training")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if v is not None}

@@ -236,9 +236,10 @@ class Trainer:
         tracker = tracking.make_tracker(cfg, rank=self.rank, world_size=self.world, run_id=s.mlflow_run_id)
         s.mlflow_run_id = tracker.run_id
         # tags every time (a requeued job has a new SLURM job id, a resume may run on other GPUs or code)
-        tracker.set_tags(tracking.run_tags(cfg, precision=self.precision, world_size=self.world,
-                                           zero_stage=self.engine.zero_optimization_stage(),
-                                           device_kind=self.device.type))
+        if self.rank == 0 and tracker.run_id:
+            tracker.set_tags(tracking.run_tags(cfg, precision=self.precision, world_size=self.world,
+                                               zero_stage=self.engine.zero_optimization_stage(),
+                                               device_kind=self.device.type))
         if resumed is None:
             tracker.log_dataset(cfg.data.root, cfg.data.format)
             tracker.log_params({**to_dict(cfg), "world_size": self.world, "precision": self.precision,

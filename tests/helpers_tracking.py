@@ -70,12 +70,16 @@ def build_shared_store(base: Path, data: Path, recipe: Path) -> SharedStore:
     procs["single"] = subprocess.Popen(_train(single, recipe, data, PY), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
     outputs = {}
-    for name, p in procs.items():
-        outputs[name] = p.communicate(timeout=600)[0]
-        if p.returncode != 0:
-            for q in procs.values():
+    try:
+        for name, p in procs.items():
+            outputs[name] = p.communicate(timeout=900)[0]
+            if p.returncode != 0:
+                pytest.fail(f"{name} failed (rc={p.returncode}):\n{outputs[name][-5000:]}")
+    finally:
+        for q in procs.values():
+            if q.poll() is None:
                 q.kill()
-            pytest.fail(f"{name} failed (rc={p.returncode}):\n{outputs[name][-5000:]}")
+                q.wait()
     # the demo on the tiny data (its data prep finds the dataset in place and skips), with the same default store
     demo.mkdir()
     (demo / "src").symlink_to(data.parent / "src")
