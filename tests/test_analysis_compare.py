@@ -13,7 +13,7 @@ import pytest
 from tests.helpers_tracking import runs_of, shared_store  # noqa: F401 - session fixture
 from tests.helpers_train import ROOT, job_env, tiny_data, tiny_recipe  # noqa: F401 - session fixtures
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]   # the session store: 3 trainings + a demo
 
 
 def test_compare_plots_logged_top1_per_resolution_and_logs_the_figure(shared_store, tmp_path):  # noqa: F811

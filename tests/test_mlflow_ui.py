@@ -15,7 +15,7 @@ from tests.helpers_tracking import runs_of, shared_store  # noqa: F401 - session
 from tests.helpers_train import job_env, tiny_data, tiny_recipe  # noqa: F401 - session fixtures
 from tests.helpers_ui import Browser, UIServer, chromium
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800),
               pytest.mark.skipif(chromium() is None, reason="no chromium (make setup-test installs Debian's "
                                  "chromium package when run as root)")]
 
