@@ -2,7 +2,7 @@
 #   make demo   - set-up + the whole pipeline end to end on a small built-in dataset (CPU, minutes)
 #   make test   - set-up + the full test suite
 #   make bench  - set-up + all benchmarks (prints ratios, writes JSON under benchmarks/results/)
-#   make ui     - MLflow UI on 127.0.0.1 over the demo's tracking store
+#   make ui     - MLflow UI on 127.0.0.1 over the project's tracking store (runs/mlflow.db), training view
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
@@ -22,7 +22,7 @@ TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 DEEPSPEED_PIN := deepspeed==0.19.8
 FFCV_PIN := ffcv==1.0.2
 SYSTEM_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
-TEST_SYSTEM_PKGS := slurm-wlm munge
+TEST_SYSTEM_PKGS := slurm-wlm munge chromium
 RUN_DIR ?= runs/demo
 
 # Compiled DeepSpeed ops (shm comm) are cached here so they build once per checkout.
@@ -75,8 +75,9 @@ test: setup-test
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
 
+# The project's store (runs/mlflow.db, or $$MLFLOW_TRACKING_URI): prints each experiment's training-view URL.
 ui: setup
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/$(RUN_DIR)/mlflow.db}
+	$(BIN)/python -m pipeline.tracking ui --host 127.0.0.1 --port $${PORT:-5000}
 
 clean:
 	rm -rf $(VENV) .cache runs build *.egg-info

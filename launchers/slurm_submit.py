@@ -80,6 +80,8 @@ class Plan:
     checks: list[str] = field(default_factory=list)
     run_name: str | None = None  # MLflow run name; None: tracking disabled
     settings: dict[str, Setting] = field(default_factory=dict)  # resolved values and their sources
+    model: str | None = None     # run tags set at submission
+    recipe: str | None = None
     mlflow_run_id: str | None = None  # set by submit(): the run created for this job
 
 
@@ -405,10 +407,11 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         params.update(additional_parameters={"requeue": True}, srun_args=["--kill-on-bad-exit=1"])
     return Plan(cluster=args.cluster, executor_params=params, train_argv=train_argv, run_dir=run_dir,
                 folder=folder, world_size=world, max_requeues=args.max_requeues, config_yaml=cfg.to_yaml(),
-                deepspeed=ds, tracking_uri=default_uri(run_dir, cfg.tracking.uri) if cfg.tracking.enabled else
+                deepspeed=ds, tracking_uri=default_uri(cfg.tracking.uri) if cfg.tracking.enabled else
                 "(tracking disabled)", experiment=cfg.tracking.experiment, checks=checks,
                 run_name=(cfg.tracking.run_name or run_dir.name) if cfg.tracking.enabled else None,
-                settings={"site file": Setting(site_file, "$CPVT_SITE or ~/.config/cpvt/site.yaml"), **res})
+                settings={"site file": Setting(site_file, "$CPVT_SITE or ~/.config/cpvt/site.yaml"), **res},
+                model=cfg.model.name, recipe=cfg.tracking.recipe)
 
 
 def _flag_overrides(args, data_root: str | None = None) -> list[str]:
@@ -446,12 +449,16 @@ def create_mlflow_run(p: Plan) -> str | None:
     """Create the job's MLflow run now, on the submitting host, in the store the job will write to."""
     if p.run_name is None:
         return None
-    from mlflow.tracking import MlflowClient
+    from pipeline import tracking
 
-    client = MlflowClient(p.tracking_uri)
-    exp = client.get_experiment_by_name(p.experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(p.experiment)
-    run_id = client.create_run(exp_id, run_name=p.run_name, tags={"launcher.cluster": p.cluster}).info.run_id
+    client = tracking.client_for(p.tracking_uri)
+    exp_id = tracking.experiment_id(client, p.experiment)
+    # what the runs table shows while the job is queued; the trainer adds device, precision, git, job id
+    tags = {"launcher.cluster": p.cluster, "world_size": str(p.world_size),
+            "zero_stage": str(p.deepspeed.get("zero_optimization", {}).get("stage", 0)),
+            "run_dir": str(p.run_dir)}
+    tags |= {k: v for k, v in (("model", p.model), ("recipe", p.recipe)) if v}
+    run_id = client.create_run(exp_id, run_name=p.run_name, tags=tags).info.run_id
     client.update_run(run_id, status="SCHEDULED")  # queued; the trainer marks it RUNNING when it starts
     return run_id
 

@@ -5,7 +5,10 @@
    48 -> 64 px) of CPVT-Ti,
    launched as ``torchrun --nproc_per_node 2 pipeline/train.py`` with MLflow tracking,
 3. export to safetensors and evaluation of the export at 3 resolutions (from the FFCV val split),
-4. a summary table: accuracies, where the checkpoint / export / MLflow store are, how to open the UI.
+4. the export logged as an MLflow model of the run (registered as ``cpvt_ti``),
+5. a summary table: accuracies, where the checkpoint / export / MLflow store are, the UI's training-view URL.
+
+Each demo adds a run to the project's MLflow store (:func:`pipeline.tracking.default_uri`); nothing is wiped.
 
     python -m pipeline.demo --run-dir runs/demo
 """
@@ -42,11 +45,10 @@ def prepare_data(run_dir: Path, workers: int) -> Path:
 
 
 def train(run_dir: Path, data: Path, recipe: str, nproc: int, extra: list[str]) -> dict:
-    if (run_dir / "checkpoints").is_dir():  # a fresh demo each time (the dataset is kept)
+    # a fresh training each time (the dataset is kept); the MLflow store is the project's, so every demo adds a run
+    if (run_dir / "checkpoints").is_dir():
         shutil.rmtree(run_dir / "checkpoints")
-        for f in ("mlflow.db", "final_metrics.json"):
-            (run_dir / f).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "mlruns", ignore_errors=True)
+        (run_dir / "final_metrics.json").unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(nproc), "--master_port",
@@ -103,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     out = export(final["checkpoint"], run_dir / "export" / "cpvt_demo.safetensors")
+    model_uri = None
+    if final.get("mlflow_run_id"):   # the export as an MLflow model of the run, registered under the model's name
+        from pipeline.export import log_mlflow_model, read_meta
+
+        model_uri = log_mlflow_model(out, final["mlflow_run_id"], registered_name=read_meta(out)["model"])
     model, name = load_model(out)
     resolutions = sorted(int(r) for r in final["eval"])
     data_cfg = from_dict(DataConfig, {"format": "ffcv", "root": str(data), "eval_batch_size": 100,
@@ -120,15 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    uri = f"sqlite:///{run_dir}/mlflow.db"
+    from pipeline import tracking
+
+    uri = tracking.default_uri()
+    view = "make ui"
+    if final.get("mlflow_run_id"):
+        exp = tracking.client_for(uri).get_run(final["mlflow_run_id"]).info.experiment_id
+        view = tracking.training_view_url("http://127.0.0.1:5000", exp) + "   (after: make ui)"
     print(f"""
 chance level         {100 / num_classes:.1f}% ({num_classes} classes); steps {final['global_step']}, world size {final['world_size']}
 time                 data prep {t_data:.0f}s, training {t_train:.0f}s, total {time.time() - t0:.0f}s
 checkpoint           {final['checkpoint']}
 export (safetensors) {out}
 plot                 {run_dir / 'resolution_vs_accuracy.png'}
-MLflow run           {final['mlflow_run_id']} in {uri}
-MLflow UI            make ui   (or: mlflow ui --host 127.0.0.1 --backend-store-uri {uri})
+MLflow run           {final['mlflow_run_id']} in {uri} (every demo and training of this checkout)
+MLflow model         {model_uri}
+MLflow UI            {view}
 evaluate again       python -m pipeline.evaluate {out} --data {data} --resolutions {' '.join(map(str, resolutions))}
 """, flush=True)  # noqa: E501 - a table printed as it reads
     (run_dir / "demo_summary.json").write_text(json.dumps({"train": final, "export_eval": export_eval,

@@ -6,6 +6,11 @@ settings from there). ``--ema`` exports the checkpoint's EMA weights (``run.ema`
     python -m pipeline.export runs/demo/checkpoints/step_00000120 --out runs/demo/export/model.safetensors
     python -m pipeline.export runs/demo            # newest complete checkpoint -> runs/demo/export/
     python -m pipeline.export runs/demo --ema      # -> runs/demo/export/<model>_<tag>_ema.safetensors
+    python -m pipeline.export runs/demo --register # + registered in MLflow's model registry as <model>
+
+The export is also logged as an MLflow model (``--no-mlflow``: not) into the run that trained the checkpoint
+(its id is in the checkpoint, its store in the checkpoint's config): ``mlflow.pyfunc.load_model(uri)`` serves
+it, the UI's Models tab lists it.
 """
 from __future__ import annotations
 
@@ -81,6 +86,74 @@ def export(ckpt: str | Path, out: str | Path | None = None, ema: bool = False) -
     return out
 
 
+def checkpoint_run(ckpt: Path) -> tuple[str | None, str | None]:
+    """(MLflow run id, tracking.uri) of the training that wrote ``ckpt`` (None, None when tracking was off)."""
+    import torch
+
+    from pipeline.config import from_dict
+    from pipeline.recipe import TrainConfig
+
+    cfg = from_dict(TrainConfig, yaml.safe_load((ckpt / "train_config.yaml").read_text()))
+    if not cfg.tracking.enabled:
+        return None, None
+    files = [ckpt / f for f in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    state = torch.load(next((f for f in files if f.is_file()), files[0]), map_location="cpu", weights_only=False)
+    return (state.get("train_state") or {}).get("mlflow_run_id"), cfg.tracking.uri
+
+
+def _pyfunc_model():
+    """An ``mlflow.pyfunc.PythonModel`` that serves an export: float32 images (N, 3, H, W), any H and W that are
+    multiples of the patch size (the PEG needs no fixed grid) -> logits. Built lazily: mlflow stays out of
+    ``import pipeline.export``; cloudpickle stores the class with the model."""
+    import mlflow.pyfunc
+
+    class CPVTExport(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            self.model = load_export(context.artifacts["weights"])[0].eval()
+
+        def predict(self, context, model_input, params=None):
+            import numpy as np
+            import torch
+
+            with torch.no_grad():
+                return self.model(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
+
+    return CPVTExport()
+
+
+def log_mlflow_model(path: str | Path, run_id: str, *, tracking_uri: str | None = None,
+                     registered_name: str | None = None) -> str:
+    """Log the export at ``path`` into MLflow run ``run_id`` as a pyfunc model named ``model`` (the safetensors
+    file and its .json as the model's artifacts; the UI's Models tab lists it), optionally registered as
+    ``registered_name``. Returns the model URI."""
+    import mlflow
+    import numpy as np
+    import safetensors
+    import timm
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from pipeline import tracking
+
+    path = Path(path)
+    meta = read_meta(path)
+    num_classes = int(meta["model_kwargs"].get("num_classes", 1000))
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+    # explicit requirements: MLflow's inference would load the model in a subprocess (seconds, and a GPU)
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
+            f"safetensors=={safetensors.__version__}", f"mlflow=={mlflow.__version__}"]
+    mlflow.set_tracking_uri(tracking.prepare_store(tracking.default_uri(tracking_uri)))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=_pyfunc_model(), signature=signature, pip_requirements=reqs,
+            artifacts={"weights": str(path), "meta": str(path.with_suffix(".json"))},
+            code_paths=[str(Path(__file__).resolve().parent)],   # the model code (pipeline.models) travels along
+            registered_model_name=registered_name, tags={"cpvt.model": meta["model"], "weights": meta["weights"]})
+    return info.model_uri
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The metadata :func:`export` stored in a ``.safetensors`` file (model name, kwargs, source, config)."""
     from safetensors import safe_open
@@ -110,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None,
                    help="output .safetensors (default: <run_dir>/export/<model>_<tag>[_ema].safetensors)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with run.ema=true)")
+    p.add_argument("--no-mlflow", action="store_true",
+                   help="do not log the export as an MLflow model into the run that trained the checkpoint")
+    p.add_argument("--register", nargs="?", const="", default=None, metavar="NAME",
+                   help="also register the logged model (default name: the model's name, e.g. cpvt_ti)")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, ema=args.ema)
@@ -117,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)
+    if not args.no_mlflow:
+        run_id, uri = checkpoint_run(resolve_checkpoint(args.checkpoint))
+        if run_id:
+            name = (args.register or read_meta(out)["model"]) if args.register is not None else None
+            print(f"MLflow model {log_mlflow_model(out, run_id, tracking_uri=uri, registered_name=name)}"
+                  + (f" registered as {name}" if name else ""))
     return 0
 
 

@@ -84,9 +84,10 @@ class ScheduleConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: Optional[str] = None           # None: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    uri: Optional[str] = None           # None: $MLFLOW_TRACKING_URI, else the project store (pipeline.tracking)
     experiment: str = "cpvt"
     run_name: Optional[str] = None
+    recipe: Optional[str] = None        # the recipe's name, a run tag (load_train_config fills it in)
     system_metrics: bool = True         # MLflow's psutil sampler (CPU/RAM/GPU) on rank 0
 
 
@@ -407,6 +408,8 @@ def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = (), 
     """defaults (site values) <- recipe YAML <- overrides -> validated TrainConfig with per-rank batch values for
     ``world_size`` (:func:`apply_global_batch`) + the resolved DeepSpeed dict (raises ConfigError)."""
     recipe = find_recipe(recipe, recipe_dirs)
+    if recipe is not None:   # the runs table's recipe tag
+        overrides = [f"tracking.recipe={Path(recipe).stem}", *overrides]
     data: dict[str, Any] = dict(defaults or {})
     if recipe is not None:
         data = deep_merge(data, load_yaml(recipe))

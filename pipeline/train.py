@@ -293,9 +293,15 @@ class Trainer:
         resumed = self.checkpointer.resume()
         if resumed is not None:
             self.log.line(f"resumed from {resumed} at epoch {s.epoch} step {s.step_in_epoch} (global {s.global_step})")
-        tracker = tracking.make_tracker(cfg, rank=self.rank, run_id=s.mlflow_run_id)
+        tracker = tracking.make_tracker(cfg, rank=self.rank, world_size=self.world, run_id=s.mlflow_run_id)
         s.mlflow_run_id = tracker.run_id
+        # tags every time (a requeued job has a new SLURM job id, a resume may run on other GPUs or code)
+        if self.rank == 0 and tracker.run_id:
+            tracker.set_tags(tracking.run_tags(cfg, precision=self.precision, world_size=self.world,
+                                               zero_stage=self.engine.zero_optimization_stage(),
+                                               device_kind=self.device.type))
         if resumed is None:
+            tracker.log_dataset(cfg.data.root, cfg.data.format)
             tracker.log_params({**to_dict(cfg), "world_size": self.world, "precision": self.precision,
                                 "num_params": self.num_params, "num_classes": num_classes,
                                 "deepspeed": self.ds_config})
@@ -471,9 +477,18 @@ class Trainer:
         if self.precision == "fp16":
             summary |= {"loss_scale": deepspeed_compat.loss_scale(self.engine),
                         "skipped_steps": deepspeed_compat.skipped_steps(self.engine)}
+        # one value per run under names that are the same in every run (MLflow's compare view lines them up)
+        final = {"final/throughput_img_s": summary["throughput_img_s"],
+                 "final/data_wait_share": summary["data_wait_share"], "final/best_top1": s.best_top1,
+                 "final/wall_time_s": wall_s}
+        final |= {f"final/{k}_{r}px": v[k] for r, v in self.results.items() for k in ("top1", "top5")}
+        self.tracker.log_metrics(final, step=s.global_step)
         if self.rank == 0 and self.results:
-            png = tracking.resolution_plot(self.results, cfg.run_dir / "resolution_vs_accuracy.png", train_res=res,
-                                           title=f"{cfg.model.name}: top-1 vs test resolution")
+            from pipeline.analysis.resolution import plot_resolution_curves
+
+            png = cfg.run_dir / "resolution_vs_accuracy.png"
+            plot_resolution_curves({"this run": self.results}, png, train_res=res,
+                                   title=f"{cfg.model.name}: top-1 vs test resolution")
             self.tracker.log_artifact(png)
         if self.rank == 0:
             tracking.write_json(summary, cfg.run_dir / "final_metrics.json")

@@ -2,6 +2,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # DeepSpeed on machines without a GPU: CPU accelerator + gloo. Compiled ops are cached per checkout.
@@ -17,3 +19,13 @@ except ImportError:  # pragma: no cover - the Makefile always installs torch
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # Nor read the caller's site file (~/.config/cpvt/site.yaml): tests that use one set CPVT_SITE themselves.
 os.environ["CPVT_SITE"] = ""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_runs_root(tmp_path_factory) -> Path:
+    """The suite's own runs root, so the default MLflow store (pipeline.tracking.default_uri) of every training a
+    test starts is ``<pytest tmp>/runs/mlflow.db``, never the checkout's ``runs/mlflow.db``. Tests that count
+    runs use a store of their own (``tracking.uri=...``) or filter by the ``run_dir`` tag."""
+    root = tmp_path_factory.getbasetemp() / "runs"
+    os.environ["CPVT_RUNS_ROOT"] = str(root)
+    return root

@@ -15,6 +15,7 @@ import timm
 from helpers_analysis import tiny_wds
 from pipeline.analysis import ablations
 from pipeline.analysis.ablations import ROWS, collect, format_summary, train_argv, validate_recipes
+from tests.helpers_tracking import suite_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +117,7 @@ def test_row_run_summary_resolution_and_attention_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    uri = f"sqlite:///{root.resolve()}/mlflow.db"
+    uri = suite_store()   # the row ran with the default (project) store
     table = ablations.main(["summarise", "--root", str(root), "--tracking-uri", uri,
                             "--json", str(tmp_path / "abl.json")])
     row = {r["row"]: r for r in table}["peg_pos_0"]

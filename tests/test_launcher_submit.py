@@ -17,6 +17,7 @@ from launchers.dist_env import port_for_job, torch_dist_env
 from launchers.executor import JobFailedError, make_executor, wait_for
 from launchers.train_job import with_resume_auto
 from pipeline.config import ConfigError
+from tests.helpers_tracking import runs_of, suite_store
 from tests.slurm import jobs
 from tests.slurm.fixtures import submitit_folder  # noqa: F401 - fixture
 
@@ -101,7 +102,7 @@ def test_local_cluster_trains_through_the_same_path(tiny_data, tiny_recipe, tmp_
                            "--time", "15", "--wait", "run.max_steps=2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "on local (2 tasks)" in proc.stdout and f"MLflow: sqlite:///{run_dir}/mlflow.db" in proc.stdout
+    assert "on local (2 tasks)" in proc.stdout and f"MLflow: {suite_store()}" in proc.stdout
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["world_size"] == 2 and final["global_step"] == 2
     assert f"finished: global_step=2 MLflow run {final['mlflow_run_id']}" in proc.stdout
@@ -118,16 +119,13 @@ def test_debug_cluster_trains_in_process(tiny_data, tiny_recipe, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "on debug (1 tasks)" in proc.stdout
-    run_id = re.search(rf"^MLflow: sqlite:///{re.escape(str(run_dir))}/mlflow.db experiment 'cpvt' run (\w+)$",
+    run_id = re.search(rf"^MLflow: {re.escape(suite_store())} experiment 'cpvt' run (\w+)$",
                        proc.stdout, re.M).group(1)
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert (final["world_size"], final["global_step"], final["exit_code"]) == (1, 2, 0)
     assert final["mlflow_run_id"] == run_id
     assert f"finished: global_step=2 MLflow run {run_id}" in proc.stdout
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("cpvt").experiment_id])
+    [run] = runs_of(run_dir)
     assert run.info.run_id == run_id and run.info.status == "FINISHED" and run.data.params["world_size"] == "1"
 
 

@@ -58,9 +58,9 @@ def _submit(capsys, tiny_data, tiny_recipe, run_dir: Path, *overrides: str):
 def _mlflow_runs(plan):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(plan.tracking_uri)
-    exp = client.get_experiment_by_name(plan.experiment)
-    return client, client.search_runs([exp.experiment_id])
+    from tests.helpers_tracking import runs_of
+
+    return MlflowClient(plan.tracking_uri), runs_of(plan.run_dir, plan.tracking_uri, plan.experiment)
 
 
 def test_two_node_training_logs_one_mlflow_run(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path, capsys):
@@ -217,10 +217,9 @@ def test_srun_train_py_two_nodes(slurm_cluster, job_env, tiny_data, tiny_recipe,
         assert (ckpt / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
         assert (ckpt / f"rng_rank{rank}.pt").is_file()
     assert not list(ckpt.glob("*zero_pp_rank_2_mp_rank_00_optim_states.pt"))
-    from mlflow.tracking import MlflowClient
+    from tests.helpers_tracking import runs_of
 
-    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("cpvt").experiment_id])
+    [run] = runs_of(run_dir)
     assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
     assert run.info.run_id == final["mlflow_run_id"]
 
@@ -239,8 +238,7 @@ def test_failing_training_job_surfaces_its_error(slurm_cluster, job_env, tiny_da
     assert f"job {job_id} failed:\n[task 0] raised:\n" in proc.stderr
     assert (f"pipeline.config.ConfigError: data.root: shard {bad}/wds/train-000000.tar listed in _info.json does "
             f"not exist") in proc.stderr
-    from mlflow.tracking import MlflowClient
+    from tests.helpers_tracking import runs_of
 
-    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("cpvt").experiment_id])
+    [run] = runs_of(run_dir)
     assert run.info.run_id == run_id and run.info.status == "FAILED"

@@ -95,8 +95,10 @@ def test_mlflow_run_contents(sync_runs):
     import mlflow
 
     run_dir, _ = sync_runs[2]
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["cpvt"], output_format="list")
+    from tests.helpers_tracking import runs_of, suite_store
+
+    mlflow.set_tracking_uri(suite_store())
+    runs = runs_of(run_dir)
     assert len(runs) == 1  # rank 1 never created a run
     run = runs[0]
     assert run.info.status == "FINISHED"

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from pipeline import checkpointing
+from tests.helpers_tracking import runs_of, suite_store
 from tests.helpers_train import (DEEPSPEED, NUM_CLASSES, PY, ROOT, TORCHRUN, TRAIN_PER_CLASS, VAL_PER_CLASS,
                                  data_without_shards, final_params, free_port, job_env, model_states, run_job,
                                  run_train, step_losses, tiny_data, tiny_recipe, train_cmd)  # noqa: F401
@@ -64,7 +65,7 @@ def _mlflow_history(run_dir, key: str) -> dict[int, float]:
     import mlflow
 
     final = json.loads((run_dir / "final_metrics.json").read_text())
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir}/mlflow.db")
+    mlflow.set_tracking_uri(suite_store())
     return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(final["mlflow_run_id"], key)}
 
 
@@ -105,8 +106,8 @@ def test_deepspeed_launcher_two_ranks(launcher_run):
     assert sorted(p.name.removeprefix("bf16_") for p in ckpt.glob("*optim_states.pt")) == [
         f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]   # ZeRO-2 partitions of 2 ranks
     assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["cpvt"], output_format="list")
+    mlflow.set_tracking_uri(suite_store())
+    runs = runs_of(run_dir)
     assert len(runs) == 1 and runs[0].info.run_id == final["mlflow_run_id"]   # rank 1 created no run
     p = runs[0].data.params
     assert p["world_size"] == "2" and p["deepspeed.train_batch_size"] == "8" and p["data.batch_size"] == "4"
@@ -388,8 +389,8 @@ def test_crashed_training_ends_its_mlflow_run_failed(tiny_data, tiny_recipe, tmp
     error = f"data.root: shard {bad}/wds/train-000000.tar listed in _info.json does not exist"
     assert proc.returncode == EXIT_CONFIG and f"config error: {error}" in proc.stderr, proc.stderr[-3000:]
     assert "process group in the defaults of: []" in proc.stdout, proc.stdout[-3000:]
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir}/mlflow.db")
-    [run] = mlflow.search_runs(experiment_names=["cpvt"], output_format="list")
+    mlflow.set_tracking_uri(suite_store())
+    [run] = runs_of(run_dir)
     assert run.info.status == "FAILED" and run.data.tags["error"] == f"ConfigError: {error}"
     assert run.data.params["data.root"] == str(bad)   # the run was under way when the loader failed
 

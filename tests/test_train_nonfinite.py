@@ -136,8 +136,10 @@ def error_lines(stderr: str) -> list[str]:
 def mlflow_run(run_dir: Path):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["cpvt"], output_format="list")
+    from tests.helpers_tracking import runs_of, suite_store
+
+    mlflow.set_tracking_uri(suite_store())
+    runs = runs_of(run_dir)
     assert len(runs) == 1, runs
     return runs[0], mlflow.MlflowClient()
 

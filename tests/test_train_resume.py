@@ -54,8 +54,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_data, tiny_recipe, tmp_p
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{killed}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["cpvt"], output_format="list")
+    from tests.helpers_tracking import runs_of, suite_store
+
+    mlflow.set_tracking_uri(suite_store())
+    runs = runs_of(killed)
     assert len(runs) == 1 and runs[0].info.run_id == b["mlflow_run_id"]
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(b["mlflow_run_id"], "train/loss")]
     assert max(steps) == 12 and set(range(1, 13)) <= set(steps)

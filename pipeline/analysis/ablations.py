@@ -1,14 +1,14 @@
 """PEG ablations (the paper's CPVT-Ti comparisons): one training command per row, one summary table from MLflow.
 
 Rows live in ``pipeline/recipes/ablations/<row>.yaml`` (each inherits the CPVT-Ti training recipe through
-``_base_``). Every run logs to one shared MLflow store (default ``sqlite:///runs/ablations/mlflow.db``) under
+``_base_``). Every run logs to the project's MLflow store (``pipeline.tracking.default_uri``) under
 experiment ``cpvt-ablations`` with run name ``ablation-<row>``, so ``summarise`` can put all rows in one table
 beside the paper's numbers.
 
     python -m pipeline.analysis.ablations list
     python -m pipeline.analysis.ablations run --row peg_pos_3 --data runs/demo/data [run.epochs=30 ...]
     deepspeed --num_gpus 8 -m pipeline.analysis.ablations run --row kernel_5 --data /data/imagenet
-    python -m pipeline.analysis.ablations summarise [--tracking-uri sqlite:///runs/ablations/mlflow.db]
+    python -m pipeline.analysis.ablations summarise [--tracking-uri URI]
 
 A row trained with ``eval.mode=native`` logs native-aspect accuracies under the same ``eval/top1_<r>px`` keys;
 to compare a PEG row with ``learned_pe`` in both modes on the same weights (the learned table resampled to each
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +79,10 @@ def get_row(name: str) -> Row:
 
 
 def default_tracking_uri(root: str | Path = DEFAULT_ROOT) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
+    """The project store (``pipeline.tracking.default_uri``): ablation rows sit next to every other run."""
+    from pipeline.tracking import default_uri
+
+    return default_uri()
 
 
 def train_argv(row: Row, *, data: str | None, root: str | Path, tracking_uri: str | None,
@@ -160,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     for sp in (p_list, p_run, p_sum):
         sp.add_argument("--root", default=DEFAULT_ROOT, help="run dirs go to <root>/<row>")
         sp.add_argument("--tracking-uri", default=None, help="shared MLflow store (default: $MLFLOW_TRACKING_URI "
-                        "or sqlite:///<root>/mlflow.db)")
+                        "or the project store)")
     args = p.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri(args.root)
     if args.cmd == "list":

@@ -68,11 +68,12 @@ def log_to_mlflow(*, run_id: str | None, experiment: str | None, tracking_uri: s
         return None
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    if run_id is None:
-        mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
+    from pipeline import tracking
+
+    client = tracking.client_for(tracking_uri)   # default: the project store
+    mlflow.set_tracking_uri(client.tracking_uri)
+    exp_id = None if run_id else tracking.experiment_id(client, experiment)
+    with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else run_name) as run:
         if params:
             mlflow.log_params({k: str(v) for k, v in params.items()})
         if metrics:
@@ -85,7 +86,8 @@ def log_to_mlflow(*, run_id: str | None, experiment: str | None, tracking_uri: s
 def add_mlflow_args(parser) -> None:
     parser.add_argument("--mlflow-run-id", default=None, help="log PNG/JSON/metrics into this existing run")
     parser.add_argument("--mlflow-experiment", default=None, help="or: log into a new run of this experiment")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project store)")
 
 
 def run_labels(parser, labels: Sequence[str] | None, checkpoints: Sequence[str]) -> list[str]:
