@@ -237,27 +237,34 @@ def test_unreachable_endpoint_is_one_line_without_the_secret(remote_tiny, tiny_r
     _one_line(proc, "error:", f"{s3_root}/wds", "EndpointConnectionError")
 
 
-def test_missing_object_is_one_line_naming_it(remote_tiny, s3, tiny_recipe, tmp_path):
-    from pipeline import storage
+def test_missing_object_is_one_line_naming_it(remote_tiny, tmp_path):
+    """A shard listed in the index but missing behind HTTP: the loader stops with the trainer's one-line config
+    error before reading data (the trainer prints it as ``config error: ...``, tests/test_train_features.py),
+    ``verify`` names it; an object that disappears after the index was read: the tar reader names it."""
+    from pipeline.config import ConfigError, from_dict
+    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.data.loader import build_train_loader
+    from pipeline.storage import NotFound
     from pipeline.data.tar_samples import tar_samples
 
     s3_root, _, local = remote_tiny
-    # the index lists a shard that is not there: the trainer stops before any process group starts
     bad = tmp_path / "bad"
     shutil.copytree(local, bad, ignore=shutil.ignore_patterns("ffcv"))
     (bad / "wds" / "train-000001.tar").unlink()
     http = HttpServer(bad, tmp_path / "http.log")
     try:
-        cmd = [PY, "pipeline/train.py", "--recipe", str(tiny_recipe), "--data", http.url, "--run-dir",
-               str(tmp_path / "run"), "--deepspeed_config", "deepspeed_configs/zero2.json"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2
-        _one_line(proc, "config error:", f"shard {http.url}/wds/train-000001.tar listed in _info.json does not exist")
+        data = from_dict(DataConfig, {"format": "wds", "root": http.url, "num_workers": 0})
+        with pytest.raises(ConfigError) as e:
+            build_train_loader(data, AugConfig(), num_classes=4, rank=0, world_size=1, seed=0)
+        assert str(e.value) == f"data.root: shard {http.url}/wds/train-000001.tar listed in _info.json does not exist"
+        proc = subprocess.run([PY, "-m", "data_prep", "verify", http.url], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1
+        _one_line(proc, "verify:", "wds/train: shard train-000001.tar is missing")
     finally:
         http.stop()
-    # an object that disappears after the index was read: the tar reader names it
     missing = f"{s3_root}/wds/train-000099.tar"
-    with pytest.raises(storage.NotFound, match=f"^{missing}: no such object$"):
+    with pytest.raises(NotFound, match=f"^{missing}: no such object$"):
         list(tar_samples([{"url": missing}]))
 
 
