@@ -62,7 +62,9 @@ def _read_all(urls: list[str], open_fn: Callable | None = None) -> int:
     for u in urls:
         with open_fn(u) as f:
             n += sum(1 for _ in tar_members(f, u))
-    return n
+            while f.read(1 << 20):   # the tar's trailing padding: a pipe's writer must see its whole output read
+                pass
+    return n // 2   # members: jpg + cls per sample
 
 
 def _loader(root: str, *, batch_size: int, workers: int):
