@@ -10,9 +10,13 @@ Examples::
     python -m data_prep ffcv --src /datasets/imagenet --out /scratch/in1k --cluster slurm --partition cpu \\
         --cpus-per-task 32 --timeout-min 600      # one array job per split
     python -m data_prep verify data/demo --decode
+    python -m data_prep wds  --src /datasets/imagenet --out s3://bucket/in1k --workers 16   # AWS_* variables/files
+    python -m data_prep verify s3://bucket/in1k          # or https://host/in1k (read-only)
 
 Arguments are validated before any data is read; a bad one gives a one-line ``error: ...`` and exit code 2.
-``verify`` exits 1 when it finds a problem. The writers print a JSON summary of their manifests.
+``verify`` exits 1 when it finds a problem. The writers print a JSON summary of their manifests. A storage
+failure (unreachable endpoint, missing bucket, refused credentials) after the bounded retries is one
+``error: ...`` line naming the object, exit code 1.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import ConfigError, check_choice, check_positive, check_range
 
 from .tasks import CLUSTERS
@@ -77,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--cpus-per-task", type=int, default=None)
         g.add_argument("--mem-gb", type=float, default=None)
 
-    w = sub.add_parser("wds", help="write WebDataset shards")
+    w = sub.add_parser("wds", help="write WebDataset shards (--out may be s3://bucket/prefix)")
     common(w)
     w.add_argument("--max-side", type=int, default=512, help="re-encode only images with a longer side above this")
     w.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
@@ -100,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                  log_folder="OUT/logs/ffcv")
 
     v = sub.add_parser("verify", help="re-read outputs, check counts and checksums")
-    v.add_argument("out")
+    v.add_argument("out", help="a data_prep output folder, or its s3:// / http(s):// URL")
     v.add_argument("--formats", type=_splits, default=None, help="wds,ffcv (default: those present)")
     v.add_argument("--decode", action="store_true", help="also decode every WebDataset JPEG")
     return p
@@ -118,7 +123,7 @@ def validate(a: argparse.Namespace) -> None:
         check_choice("--val-layout", a.val_layout, ["loc_csv", "devkit", "folders"])
         return
     if a.cmd == "verify":
-        if not Path(a.out).is_dir():
+        if not storage.is_url(a.out) and not Path(a.out).is_dir():
             raise ConfigError(f"out: {a.out!r} is not a directory")
         for fmt in a.formats or ():
             check_choice("--formats", fmt, ["wds", "ffcv"])
@@ -132,6 +137,14 @@ def validate(a: argparse.Namespace) -> None:
         val = getattr(a, name)
         if val is not None and not Path(val).is_file():
             raise ConfigError(f"--{name.replace('_', '-')}: {val!r} is not a file")
+    if storage.is_url(a.out):
+        if a.cmd != "wds":
+            raise ConfigError(f"--out: {a.out!r} is a URL; FFCV writes one local .beton per split (copy it)")
+        if not a.out.startswith("s3://"):
+            raise ConfigError(f"--out: {a.out!r}: HTTP is read-only; write to s3://bucket/prefix or a folder")
+        if a.cluster != "pool" and a.log_folder is None:
+            raise ConfigError(f"--log-folder: required with --cluster {a.cluster} and a URL --out "
+                              f"(submitit keeps its files in a shared local folder)")
     if a.workers is not None:
         check_positive("--workers", a.workers)
     check_choice("--cluster", a.cluster, CLUSTERS)
@@ -220,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run(args)
+    try:
+        return run(args)
+    except storage.StorageError as e:   # already one line naming the object (never a credential)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 A reader (or a rerun after a kill) therefore sees either the previous complete file or the new complete file,
 never a partial one. Temporary names contain ``.tmp.`` so that stale ones are easy to recognise and remove.
+:func:`write_json_atomic` and :func:`read_json` also take ``s3://`` URLs (:mod:`pipeline.storage`): an S3 PUT
+is atomic by itself, so there is no temp object.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from pipeline import storage
 
 TMP_MARK = ".tmp."
 
@@ -46,11 +50,23 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    if storage.is_url(path):
+        storage.write_bytes(path, data)
+    else:
+        write_bytes_atomic(path, data)
 
 
 def read_json(path: str | Path) -> Any | None:
-    """The parsed JSON file, or None when it is missing or unreadable (e.g. from an older, killed run)."""
+    """The parsed JSON file, or None when it is missing or unreadable (e.g. from an older, killed run).
+    A URL that cannot be reached raises :class:`pipeline.storage.StorageError` (it is not "missing")."""
+    if storage.is_url(path):
+        try:
+            return json.loads(storage.read_bytes(path))
+        except storage.NotFound:
+            return None
+        except ValueError:
+            return None
     try:
         with open(path) as f:
             return json.load(f)

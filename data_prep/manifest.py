@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipeline import storage
+
 from .atomic import write_json_atomic
 
 
@@ -65,9 +67,10 @@ def write_manifest(path: str | Path, manifest: dict) -> None:
     write_json_atomic(path, manifest)
 
 
-def write_classes(out: str | Path, classes: list[str]) -> Path:
-    """``OUT/classes.json`` = {"classes": [...]} (index = position)."""
-    p = Path(out) / "classes.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
+def write_classes(out: str | Path, classes: list[str]) -> str:
+    """``OUT/classes.json`` = {"classes": [...]} (index = position); ``out`` may be an ``s3://`` URL."""
+    p = storage.join(out, "classes.json")
+    if not storage.is_url(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(p, {"classes": list(classes)})
     return p

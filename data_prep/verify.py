@@ -4,18 +4,44 @@ WebDataset (``OUT/wds``), for every split of ``_info.json``: each listed shard e
 sha256, parses as a tar whose samples all have ``jpg`` + ``cls`` (an int in ``[0, num_classes)``), holds
 ``shard_lengths[i]`` samples, keys are unique across the split, ``num_samples`` adds up and matches the
 manifest, whose counts reconcile (``written + skipped == found``); no unlisted ``{split}-*.tar`` lingers.
-With ``decode=True`` every JPEG is also decoded (draft mode).
+With ``decode=True`` every JPEG is also decoded (draft mode). ``out`` may be an ``s3://`` or ``http(s)://``
+URL: every shard is then streamed once (sha256 and tar parsing from the same read); an HTTP server cannot be
+listed, so there the unlisted-shard check is skipped (reported in ``notes``).
 
 FFCV (``OUT/ffcv``), for every ``{split}_manifest.json``: the .beton exists with the recorded size and sha256,
 its header holds the manifest's sample count and the fields ``image``, ``label``.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from pathlib import Path
 
+from pipeline import storage
+
 from .atomic import read_json, sha256_file
+
+
+class _Hashing(io.RawIOBase):
+    """A read-only stream that hashes what passes through it (one read for the checksum and the tar parse)."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        self.h.update(data)
+        return len(data)
+
+    def drain(self) -> str:
+        for data in iter(lambda: self.f.read(1 << 20), b""):
+            self.h.update(data)
+        return self.h.hexdigest()
 
 
 def _check_counts(errors: list[str], where: str, manifest: dict | None, written: int) -> None:
@@ -29,13 +55,34 @@ def _check_counts(errors: list[str], where: str, manifest: dict | None, written:
         errors.append(f"{where}: manifest says {c.get('written')} written, output holds {written}")
 
 
+def _read_shard(url: str) -> tuple[dict[str, dict[str, bytes]], str]:
+    """({key: {ext: bytes}}, sha256) of a shard, from one sequential read (raises tarfile/OSError errors)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with storage.open_read(url) as f:
+        hashing = _Hashing(f)
+        with tarfile.open(fileobj=io.BufferedReader(hashing, 1 << 20), mode="r|") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        return samples, hashing.drain()
+
+
 def verify_wds(out: str | Path, decode: bool = False) -> dict:
-    out_dir = Path(out) / "wds"
+    out_dir = storage.join(out, "wds")
     errors: list[str] = []
+    notes: list[str] = []
     checked: dict[str, dict] = {}
-    info = read_json(out_dir / "_info.json")
+    info_path = storage.join(out_dir, "_info.json")
+    info = read_json(info_path)
     if info is None:
-        return {"errors": [f"{out_dir / '_info.json'}: missing or unreadable"], "splits": {}}
+        return {"errors": [f"{info_path}: missing or unreadable"], "splits": {}, "notes": notes}
+    try:
+        present: set[str] | None = set(storage.listdir(out_dir))
+    except storage.StorageError as e:
+        present = None
+        notes.append(f"unlisted-shard check skipped: {e}")
     num_classes = info.get("num_classes")
     for split, entry in info.get("splits", {}).items():
         where = f"wds/{split}"
@@ -43,26 +90,24 @@ def verify_wds(out: str | Path, decode: bool = False) -> dict:
         total = 0
         names = entry["filenames"]
         for i, name in enumerate(names):
-            p = out_dir / name
-            if not p.is_file():
+            p = storage.join(out_dir, name)
+            try:
+                size = storage.stat(p)["size"]
+            except storage.NotFound:
                 errors.append(f"{where}: shard {name} is missing")
                 continue
-            if p.stat().st_size != entry["shard_bytes"][i]:
-                errors.append(f"{where}: shard {name} has {p.stat().st_size} bytes, "
-                              f"index says {entry['shard_bytes'][i]}")
-            if sha256_file(p) != entry["shard_sha256"][i]:
-                errors.append(f"{where}: shard {name} sha256 mismatch (corrupted or rewritten)")
-            samples: dict[str, dict[str, bytes]] = {}
+            except storage.StorageError as e:
+                errors.append(f"{where}: shard {name} cannot be read ({e})")
+                continue
+            if size not in (-1, entry["shard_bytes"][i]):
+                errors.append(f"{where}: shard {name} has {size} bytes, index says {entry['shard_bytes'][i]}")
             try:
-                with tarfile.open(p) as tf:
-                    for m in tf:
-                        if not m.isfile():
-                            continue
-                        key, _, ext = m.name.partition(".")
-                        samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+                samples, digest = _read_shard(p)
             except (tarfile.TarError, OSError, EOFError) as e:
                 errors.append(f"{where}: shard {name} is not a readable tar ({e})")
                 continue
+            if digest != entry["shard_sha256"][i]:
+                errors.append(f"{where}: shard {name} sha256 mismatch (corrupted or rewritten)")
             if len(samples) != entry["shard_lengths"][i]:
                 errors.append(f"{where}: shard {name} holds {len(samples)} samples, index says "
                               f"{entry['shard_lengths'][i]}")
@@ -96,12 +141,13 @@ def verify_wds(out: str | Path, decode: bool = False) -> dict:
             errors.append(f"{where}: shard_lengths add up to {sum(entry['shard_lengths'])}, "
                           f"num_samples is {entry['num_samples']}")
         listed = set(names)
-        for p in sorted(out_dir.glob(f"{split}-*.tar")):
-            if p.name not in listed:
-                errors.append(f"{where}: unlisted shard {p.name}")
-        _check_counts(errors, where, read_json(out_dir / f"{split}_manifest.json"), entry["num_samples"])
+        for n in sorted(present or ()):
+            if n.startswith(f"{split}-") and n.endswith(".tar") and n not in listed:
+                errors.append(f"{where}: unlisted shard {n}")
+        _check_counts(errors, where, read_json(storage.join(out_dir, f"{split}_manifest.json")),
+                      entry["num_samples"])
         checked[split] = {"shards": len(names), "samples_read": total, "num_samples": entry["num_samples"]}
-    return {"errors": errors, "splits": checked}
+    return {"errors": errors, "splits": checked, "notes": notes}
 
 
 def verify_ffcv(out: str | Path) -> dict:
@@ -146,22 +192,34 @@ def verify_ffcv(out: str | Path) -> dict:
 
 
 def verify(out: str | Path, formats: tuple[str, ...] | None = None, decode: bool = False) -> dict:
-    """Check every output under ``out`` (formats default: those present). ``ok`` is False on any error."""
-    out = Path(out)
+    """Check every output under ``out`` (formats default: those present). ``ok`` is False on any error.
+    ``out`` may be an ``s3://`` / ``http(s)://`` URL (WebDataset only: FFCV files are local)."""
+    remote = storage.is_url(out)
+    out = str(out) if remote else Path(out)
     if formats is None:
-        formats = tuple(f for f in ("wds", "ffcv") if (out / f).is_dir())
-    report: dict = {"out": str(out), "formats": {}, "errors": []}
-    classes = read_json(out / "classes.json")
+        formats = ("wds",) if remote else tuple(f for f in ("wds", "ffcv") if (out / f).is_dir())
+    report: dict = {"out": str(out), "formats": {}, "errors": [], "notes": []}
+    classes_path = storage.join(out, "classes.json")
+    try:
+        classes = read_json(classes_path)
+    except storage.StorageError as e:
+        report["errors"].append(str(e))
+        report["ok"] = False
+        return report
     if classes is None or not isinstance(classes.get("classes"), list):
-        report["errors"].append(f"{out / 'classes.json'}: missing or unreadable")
+        report["errors"].append(f"{classes_path}: missing or unreadable")
     if not formats:
         report["errors"].append(f"{out}: no wds/ or ffcv/ output found")
     for fmt in formats:
+        if fmt == "ffcv" and remote:
+            report["errors"].append(f"ffcv: {out} is a URL; FFCV .beton files are verified in a local folder")
+            continue
         r = verify_wds(out, decode=decode) if fmt == "wds" else verify_ffcv(out)
         report["formats"][fmt] = r["splits"]
         report["errors"].extend(r["errors"])
+        report["notes"].extend(r.get("notes", []))
     if classes and "wds" in formats:
-        info = read_json(out / "wds" / "_info.json") or {}
+        info = read_json(storage.join(out, "wds", "_info.json")) or {}
         if info.get("num_classes") not in (None, len(classes.get("classes", []))):
             report["errors"].append("wds/_info.json num_classes differs from classes.json")
     report["ok"] = not report["errors"]

@@ -18,15 +18,25 @@ Both (and ``classes.json``) are written atomically (temp name + fsync + rename, 
 while writing them leaves the previous complete version (or none) plus a ``*.tmp.*`` file, which the next run
 deletes (reported in the manifest's ``outputs.removed_stale``) before rewriting the index from the shard records.
 One writer per output directory: a run removes the ``*.tmp.*`` files of its splits, whoever left them.
+
+``out`` may be an ``s3://bucket/prefix`` URL (:mod:`pipeline.storage`; credentials and endpoint from the standard
+AWS variables and files). Each task then writes its shard to a local temp file and uploads it after its record:
+a shard object is visible only once complete (a single PUT, or a multipart upload completed or aborted); the
+object carries its sha256 as metadata, and a rerun reuses a shard whose recorded size and sha256 match the
+object's. ``_info.json`` and the manifests are still written last. Multipart uploads that a killed task left
+incomplete are aborted by the next run (listed in ``outputs.removed_stale``).
 """
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from webdataset import TarWriter
+
+from pipeline import storage
 
 from .atomic import TMP_MARK, read_json, remove_stale_tmp, sha256_file, tmp_path, write_json_atomic
 from .images import prepare_image
@@ -41,21 +51,29 @@ TAR_MODE = 0o444
 PARTS = "_parts"
 
 
-def record_path(out_dir: str | Path, name: str) -> Path:
-    return Path(out_dir) / PARTS / f"{name}.json"
+def record_path(out_dir: str | Path, name: str) -> str:
+    return storage.join(out_dir, PARTS, f"{name}.json")
 
 
-def _reusable(task: ShardTask, final: Path, rec: dict | None) -> bool:
-    if not rec or rec.get("plan_id") != task.plan_id or not final.is_file():
+def _reusable(task: ShardTask, final: str, rec: dict | None) -> bool:
+    if not rec or rec.get("plan_id") != task.plan_id:
         return False
-    if final.stat().st_size != rec.get("bytes"):
+    if storage.is_url(final):   # the sha256 the uploader computed from the bytes it sent, stored on the object
+        try:
+            st = storage.stat(final)
+        except storage.NotFound:
+            return False
+        return st["size"] == rec.get("bytes") and st["metadata"].get("sha256") == rec.get("sha256")
+    p = Path(final)
+    if not p.is_file() or p.stat().st_size != rec.get("bytes"):
         return False
-    return sha256_file(final) == rec.get("sha256")
+    return sha256_file(p) == rec.get("sha256")
 
 
 def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write (or reuse) one shard; returns its record (counts, bytes, sha256, skipped/converted lists)."""
-    final = Path(task.out_dir) / task.name
+    remote = storage.is_url(task.out_dir)
+    final = storage.join(task.out_dir, task.name)
     rec_file = record_path(task.out_dir, task.name)
     rec = read_json(rec_file)
     if _reusable(task, final, rec):
@@ -67,7 +85,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     converted: list[dict] = []
     resized = 0
     src_bytes = 0
-    tmp = tmp_path(final)
+    tmp = tmp_path(Path(tempfile.gettempdir()) / task.name if remote else final)
     try:
         with open(tmp, "wb") as f:
             with TarWriter(f, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, encoder=False,
@@ -109,33 +127,49 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
             "reused": False,
         }
         # Record first, then the shard: once the shard exists under its final name its record does too.
-        rec_file.parent.mkdir(parents=True, exist_ok=True)
+        if not remote:
+            Path(rec_file).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(rec_file, rec)
-        os.replace(tmp, final)
+        if remote:
+            storage.upload_file(tmp, final, metadata={"sha256": rec["sha256"]})
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
     return rec
 
 
-def _remove_stale_shards(out_dir: Path, split: str, n_shards: int) -> list[str]:
-    """Temp files of killed runs (shards, their records, the split's manifest) and shards of an earlier plan
-    with more shards than this one (and their records) must not linger."""
-    removed = remove_stale_tmp(out_dir, f"{split}-")
-    removed += [f"{PARTS}/{n}" for n in remove_stale_tmp(out_dir / PARTS, f"{split}-")]
-    removed += remove_stale_tmp(out_dir, f"{split}_manifest.json{TMP_MARK}")
-    for p in sorted(out_dir.glob(f"{split}-*.tar")):
-        stem = p.name[len(split) + 1:-len(".tar")]
-        if stem.isdigit() and int(stem) >= n_shards:
+def _remove_stale_shards(out_dir: str, split: str, n_shards: int) -> list[str]:
+    """Temp files of killed runs (shards, their records, the split's manifest; on S3: incomplete multipart
+    uploads) and shards of an earlier plan with more shards than this one (and their records) must not linger."""
+    def stale(name: str) -> bool:
+        stem = name[len(split) + 1:-len(".tar")]
+        return name.startswith(f"{split}-") and name.endswith(".tar") and stem.isdigit() and int(stem) >= n_shards
+
+    if storage.is_url(out_dir):
+        removed = [k.rpartition("/")[2] for k in storage.abort_uploads(storage.join(out_dir, f"{split}-"))]
+        for name in storage.listdir(out_dir):
+            if stale(name):
+                storage.delete(storage.join(out_dir, name))
+                storage.delete(record_path(out_dir, name))
+                removed.append(name)
+        return removed
+    d = Path(out_dir)
+    removed = remove_stale_tmp(d, f"{split}-")
+    removed += [f"{PARTS}/{n}" for n in remove_stale_tmp(d / PARTS, f"{split}-")]
+    removed += remove_stale_tmp(d, f"{split}_manifest.json{TMP_MARK}")
+    for p in sorted(d.glob(f"{split}-*.tar")):
+        if stale(p.name):
             p.unlink()
-            record_path(out_dir, p.name).unlink(missing_ok=True)
+            Path(record_path(d, p.name)).unlink(missing_ok=True)
             removed.append(p.name)
     return removed
 
 
-def update_info(out_dir: Path, name: str, num_classes: int, split: str, recs: list[dict]) -> dict:
+def update_info(out_dir: str | Path, name: str, num_classes: int, split: str, recs: list[dict]) -> dict:
     """Merge this split's entry into ``_info.json`` (timm conventions + per-shard bytes and sha256)."""
-    info_path = out_dir / "_info.json"
+    info_path = storage.join(out_dir, "_info.json")
     info = read_json(info_path) or {}
     info.setdefault("name", name)
     info["num_classes"] = num_classes
@@ -164,16 +198,26 @@ def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] 
 
     ``shuffle_seed`` fixes a reproducible shuffled sample order for the train split (None keeps sorted order,
     val is always sorted). ``cluster``/``workers``/``folder``/``array_size`` select where shard tasks run (see
-    :mod:`data_prep.tasks`).
+    :mod:`data_prep.tasks`). ``out`` may be an ``s3://`` URL (then ``folder`` is needed for array jobs).
     """
-    src, out = Path(src), Path(out)
-    out_dir = out / "wds"
-    (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    src = Path(src)
+    remote = storage.is_url(out)
+    if remote and not str(out).startswith("s3://"):
+        raise ValueError(f"out: {out!r}: only local folders and s3:// URLs can be written")
+    if remote and cluster != "pool" and folder is None:
+        raise ValueError(f"folder: a local log folder is needed for cluster={cluster!r} with out={out!r}")
+    out = str(out) if remote else Path(out)
+    out_dir = storage.join(out, "wds")
+    if remote:
+        storage.listdir(out_dir)   # the bucket is reachable and readable: fail now, before any image is read
+        removed_index = []
+    else:
+        Path(out_dir, PARTS).mkdir(parents=True, exist_ok=True)
+        # temp files of a run killed while writing the index or the class list (the finals are written
+        # atomically, so what is there under the final name is a complete earlier version, or nothing)
+        removed_index = remove_stale_tmp(out, f"classes.json{TMP_MARK}") + remove_stale_tmp(
+            out_dir, f"_info.json{TMP_MARK}")
     classes = class_list(src, splits[0], val_labels=val_labels, meta=meta)
-    # temp files of a run killed while writing the index or the class list (the finals are written atomically,
-    # so what is there under the final name is a complete earlier version, or nothing)
-    removed_index = remove_stale_tmp(out, f"classes.json{TMP_MARK}") + remove_stale_tmp(
-        out_dir, f"_info.json{TMP_MARK}")
     write_classes(out, classes)
     manifests = {}
     for split in splits:
@@ -185,14 +229,16 @@ def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] 
         removed = _remove_stale_shards(out_dir, split, len(tasks)) + removed_index
         removed_index = []
         t1 = time.perf_counter()
-        recs = run_tasks(write_shard, tasks, cluster=cluster, workers=workers,
-                         folder=folder or (out / "logs" / f"wds_{split}"), array_size=array_size,
+        log_folder = folder or (None if remote else Path(out, "logs", f"wds_{split}"))
+        recs = run_tasks(write_shard, tasks, cluster=cluster, workers=workers, folder=log_folder,
+                         array_size=array_size,
                          desc=f"wds {split}", progress=progress, **(executor_params or {}))
         t2 = time.perf_counter()
         if [r["name"] for r in recs] != [t.name for t in tasks]:
             raise RuntimeError(f"wds/{split}: task results do not match the shard plan")
+        present = set(storage.listdir(out_dir))
         for t, r in zip(tasks, recs):
-            if r["plan_id"] != t.plan_id or not (out_dir / t.name).is_file():
+            if r["plan_id"] != t.plan_id or t.name not in present:
                 raise RuntimeError(f"wds/{split}: shard {t.name} missing after its task finished")
         info = update_info(out_dir, name or src.name, len(classes), split, recs)
         written = info["splits"][split]["num_samples"]
@@ -213,7 +259,7 @@ def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] 
                      "bytes": sum(r["bytes"] for r in recs), "source_bytes": sum(r["source_bytes"] for r in recs),
                      "removed_stale": removed},
         )
-        write_manifest(out_dir / f"{split}_manifest.json", manifest)
+        write_manifest(storage.join(out_dir, f"{split}_manifest.json"), manifest)
         manifests[split] = manifest
     return manifests
 

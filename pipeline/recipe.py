@@ -278,12 +278,11 @@ def read_num_classes(cfg: TrainConfig) -> int:
     """``model.num_classes`` or len(classes.json) -- a tiny metadata file, not training data."""
     if cfg.model.num_classes is not None:
         return cfg.model.num_classes
-    path = Path(cfg.data.root) / "classes.json"
     if not cfg.data.root:
         raise ConfigError("data.root: must be set (the data_prep output folder), e.g. --data runs/demo/data")
-    if not path.is_file():
-        raise ConfigError(f"data.root: {cfg.data.root} has no classes.json (run `python -m data_prep ...` first)")
-    return len(json.loads(path.read_text())["classes"])
+    from pipeline.data.shard_index import read_classes  # a local folder or an s3:// / http(s):// URL
+
+    return len(read_classes(cfg.data.root))
 
 
 # ----------------------------------------------------------------------------------------- recipes

@@ -26,18 +26,18 @@ from pipeline.data.aspect_buckets import DEFAULT_MAX_ASPECT, check_native
 from pipeline.data.base import PAD_LABEL, EvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig, check_data_aug, fit_num_workers, task_cpus
 from pipeline.data.shard_index import ffcv_path, load_split_index, read_classes
+from pipeline.storage import is_url
 
 
 EVAL_MODES = ("center_crop", "native")
 
 
-def _check_root(data: DataConfig) -> Path:
+def _check_root(data: DataConfig) -> str:
     if not data.root:
         raise ConfigError("data.root: must point at a data_prep output directory (holding classes.json, wds/, ffcv/)")
-    root = Path(data.root)
-    if not root.is_dir():
-        raise ConfigError(f"data.root: {str(root)!r} is not a directory")
-    return root
+    if not is_url(data.root) and not Path(data.root).is_dir():   # URLs: read_classes names what is missing
+        raise ConfigError(f"data.root: {data.root!r} is not a directory")
+    return data.root
 
 
 def _fit_workers(data: DataConfig) -> DataConfig:
@@ -58,7 +58,7 @@ def build_train_loader(data_cfg: DataConfig, aug_cfg: AugConfig, *, num_classes:
     classes = read_classes(root)
     if num_classes < len(classes):
         raise ConfigError(f"num_classes: {num_classes} is smaller than the {len(classes)} classes in "
-                          f"{root / 'classes.json'}")
+                          f"{root}/classes.json")
     kw = dict(num_classes=num_classes, rank=rank, world_size=world_size, seed=seed, device=device)
     if data_cfg.format == "wds":
         from pipeline.data.webdataset_loader import WdsTrainLoader

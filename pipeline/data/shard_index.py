@@ -3,13 +3,19 @@
 Layout (see CONTRACTS.md): ``OUT/wds/{split}-NNNNNN.tar`` with ``__key__``, ``jpg`` and ``cls`` members,
 ``OUT/wds/_info.json`` = ``{"splits": {split: {"num_samples", "filenames", "shard_lengths", ...}},
 "num_classes"}``, ``OUT/ffcv/{split}.beton``.
+
+``root`` is a local folder or a URL (``s3://bucket/prefix``, ``http(s)://host/prefix``: read through
+:mod:`pipeline.storage`); shard URLs in the index are then URLs too, streamed by
+:func:`pipeline.data.tar_samples.tar_samples`. FFCV memory-maps its file, so it needs a local root.
 """
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import ConfigError
 
 
@@ -17,7 +23,7 @@ from pipeline.config import ConfigError
 class SplitIndex:
     name: str
     num_samples: int
-    urls: tuple[str, ...]           # absolute shard paths, in index order
+    urls: tuple[str, ...]           # absolute shard paths or URLs, in index order
     shard_lengths: tuple[int, ...]
 
     def shard_offsets(self) -> list[int]:
@@ -28,56 +34,77 @@ class SplitIndex:
         return out
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"data.root: {what} not found at {path} (write it with `python -m data_prep ...`)")
+def _read_json(path: str, what: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        text = storage.read_bytes(path)
+    except storage.NotFound:
+        raise ConfigError(f"data.root: {what} not found at {path} (write it with `python -m data_prep ...`)") from None
+    except storage.StorageError as e:
+        raise ConfigError(f"data.root: cannot read {what}: {e}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"data.root: {path} is not valid JSON ({e})") from None
 
 
 def read_classes(root: str | Path) -> list[str]:
-    data = _read_json(Path(root) / "classes.json", "classes.json")
+    path = storage.join(root, "classes.json")
+    data = _read_json(path, "classes.json")
     classes = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(classes, list) or not classes:
-        raise ConfigError(f"data.root: {Path(root) / 'classes.json'} has no non-empty 'classes' list")
+        raise ConfigError(f"data.root: {path} has no non-empty 'classes' list")
     return [str(c) for c in classes]
 
 
 def read_wds_info(root: str | Path) -> dict:
-    return _read_json(Path(root) / "wds" / "_info.json", "WebDataset index _info.json")
+    return _read_json(storage.join(root, "wds", "_info.json"), "WebDataset index _info.json")
+
+
+def _missing_shards(wds_dir: str, urls: list[str]) -> list[str]:
+    """Shards of ``urls`` that do not exist: one listing for a folder or an S3 prefix, a HEAD each over HTTP."""
+    try:
+        if not storage.is_url(wds_dir):
+            return [u for u in urls if not Path(u).is_file()]
+        if wds_dir.startswith("s3://"):
+            present = {storage.join(wds_dir, n) for n in storage.listdir(wds_dir)}
+            return [u for u in urls if u not in present]
+        with ThreadPoolExecutor(16) as ex:
+            found = list(ex.map(storage.exists, urls))
+    except storage.StorageError as e:
+        raise ConfigError(f"data.root: cannot list the shards: {e}") from None
+    return [u for u, ok in zip(urls, found) if not ok]
 
 
 def load_split_index(root: str | Path, split: str, field: str = "data.train_split") -> SplitIndex:
     """The shard list of ``split``; relative file names are resolved against ``OUT/wds``."""
-    wds_dir = Path(root) / "wds"
+    wds_dir = storage.join(root, "wds")
+    index_path = storage.join(wds_dir, "_info.json")
     info = read_wds_info(root)
     splits = info.get("splits", {})
     if split not in splits:
         raise ConfigError(f"{field}: {split!r} is not in "
-                          f"{wds_dir / '_info.json'} (available: {sorted(splits)})")
+                          f"{index_path} (available: {sorted(splits)})")
     s = splits[split]
     names = list(s.get("filenames", []))
     lengths = [int(n) for n in s.get("shard_lengths", [])]
     if not names or len(names) != len(lengths):
-        raise ConfigError(f"data.root: {wds_dir / '_info.json'}: split {split!r} needs matching non-empty "
+        raise ConfigError(f"data.root: {index_path}: split {split!r} needs matching non-empty "
                           f"'filenames' and 'shard_lengths'")
-    urls = []
-    for n in names:
-        p = Path(n)
-        p = p if p.is_absolute() else wds_dir / p
-        if not p.is_file():
-            raise ConfigError(f"data.root: shard {p} listed in _info.json does not exist")
-        urls.append(str(p))
+    urls = [n if storage.is_url(n) or Path(n).is_absolute() else storage.join(wds_dir, n) for n in names]
+    missing = _missing_shards(wds_dir, urls)
+    if missing:
+        raise ConfigError(f"data.root: shard {missing[0]} listed in _info.json does not exist")
     num = int(s.get("num_samples", sum(lengths)))
     if num != sum(lengths):
-        raise ConfigError(f"data.root: {wds_dir / '_info.json'}: split {split!r} num_samples {num} != "
+        raise ConfigError(f"data.root: {index_path}: split {split!r} num_samples {num} != "
                           f"sum(shard_lengths) {sum(lengths)}")
     return SplitIndex(name=split, num_samples=num, urls=tuple(urls), shard_lengths=tuple(lengths))
 
 
 def ffcv_path(root: str | Path, split: str) -> str:
+    if storage.is_url(root):
+        raise ConfigError(f"data.root: {root!r} is a URL; FFCV memory-maps a local .beton (data.format 'wds' "
+                          f"streams shards from s3:// and http(s)://)")
     p = Path(root) / "ffcv" / f"{split}.beton"
     if not p.is_file():
         raise ConfigError(f"data.root: FFCV file {p} not found (write it with `python -m data_prep ffcv ...`)")

@@ -14,11 +14,17 @@ honoured, and a shard that ends early (inside a member, or without the end-of-ar
 puts last) raises :class:`TarFormatError` naming the shard: a damaged shard stops the job loudly instead of
 silently yielding fewer samples (``python -m data_prep verify``
 checks the shards' sha256 against ``_info.json``).
+
+A shard ``url`` is a local path or an ``s3://`` / ``http(s)://`` URL, opened by :func:`pipeline.storage.open_read`
+(bounded retries; a stream that breaks is resumed at its byte offset); a shard that stays unreadable raises
+:class:`pipeline.storage.StorageError` naming it.
 """
 from __future__ import annotations
 
 import re
 from typing import IO, Iterable, Iterator
+
+from pipeline.storage import open_read
 
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")          # regular file (old "\0", contiguous "7")
@@ -88,10 +94,10 @@ def tar_members(f: IO[bytes], url: str = "") -> Iterator[tuple[str, bytes]]:
 
 
 def tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
-    """Pipeline stage: ``{"url": path}`` dicts -> webdataset samples (see the module docstring)."""
+    """Pipeline stage: ``{"url": path or URL}`` dicts -> webdataset samples (see the module docstring)."""
     for source in sources:
         url = source["url"]
-        with open(url, "rb", buffering=1 << 20) as f:
+        with open_read(url) as f:
             sample: dict | None = None
             for name, data in tar_members(f, url):
                 if _META.match(name):
