@@ -87,6 +87,9 @@ def build_eval_loader(data_cfg: DataConfig, *, resolution: int, rank: int, world
     if mode == "native":
         check_native(resolution, patch_size, max_aspect)
     root = _check_root(data_cfg)
+    if mode == "native" and is_url(root):   # the size pass seeks through local tar headers
+        raise ConfigError(f"eval.mode: 'native' reads image sizes from local shards; data.root {root} is a URL "
+                          f"(allowed with a URL: ['center_crop'], or copy the val split locally)")
     if mode == "native":
         kw = dict(resolution=resolution, rank=rank, world_size=world_size, patch_size=patch_size,
                   max_aspect=max_aspect, device=device)
