@@ -128,17 +128,21 @@ def pick(name: str, flag: Any, site: SiteConfig, site_file: Path | None, default
 def train_defaults(site: SiteConfig, site_file: Path | None, environ: Mapping[str, str] | None = None,
                    run_dir: bool = True) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     """Training-config defaults from the site file (below the recipe and the command line) and, per value,
-    ``(dotted field, value, note)``: data.root, tracking.uri (only without MLFLOW_TRACKING_URI, which is more
-    specific), and the run dir ``<runs_root>/default`` (``run_dir=False``: the launcher names run dirs itself)."""
+    ``(dotted field, value, note)``: data.root, tracking.uri (``mlflow_uri``, else the SQLite store under
+    ``runs_root``; only without MLFLOW_TRACKING_URI, which is more specific), and the run dir
+    ``<runs_root>/default`` (``run_dir=False``: the launcher names run dirs itself)."""
     env = os.environ if environ is None else environ
     out: dict[str, Any] = {}
     notes: list[tuple[str, str, str]] = []
     if site.data_root:
         out["data"] = {"root": site.data_root}
         notes.append(("data.root", site.data_root, f"data.root={site.data_root} (site file {site_file})"))
-    if site.mlflow_uri and not env.get("MLFLOW_TRACKING_URI"):
-        out["tracking"] = {"uri": site.mlflow_uri}
-        notes.append(("tracking.uri", site.mlflow_uri, f"tracking.uri={site.mlflow_uri} (site file {site_file})"))
+    if not env.get("MLFLOW_TRACKING_URI") and (site.mlflow_uri or site.runs_root):
+        # the project's one store: the site's server, else the SQLite store under the site's runs root
+        uri = site.mlflow_uri or f"sqlite:///{(Path(site.runs_root) / 'mlflow.db').resolve()}"
+        out["tracking"] = {"uri": uri}
+        what = "" if site.mlflow_uri else " runs_root"
+        notes.append(("tracking.uri", uri, f"tracking.uri={uri} (site file {site_file}{what})"))
     if run_dir and site.runs_root:
         value = str(Path(site.runs_root) / "default")
         out["run"] = {"run_dir": value}

@@ -242,6 +242,7 @@ def test_card_dry_run_nodes_4_model_cpvt_b(capsys, tiny_data, tmp_path, monkeypa
                  f"cpus_per_task: 12  {src}", "loader workers: 11 per rank (12 CPUs per task)"):
         assert f"  {line}" in out, line
     assert f"run dir: {tmp_path / 'runs'}/cpvt_b-" in out
+    assert f"MLflow: sqlite:///{tmp_path / 'runs' / 'mlflow.db'} " in out   # the project store under runs_root
     assert "repeats: 3" in out and "global_batch_size: 1024" in out and '"train_micro_batch_size_per_gpu": 32' in out
     if "sbatch parameters:" in out:
         assert "#SBATCH --ntasks-per-node=8" in out and "#SBATCH --gpus-per-node=8" in out
