@@ -256,7 +256,18 @@ class NodeMetricsTracker(NullTracker):
         self.monitor = start_system_metrics(run_id, uri, node_id)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.monitor.finish()
+        stop_system_metrics(self.monitor)
+
+
+def stop_system_metrics(monitor) -> None:
+    """Publish one last sample, then stop: MLflow's monitor publishes only after a full sampling interval, so a
+    node whose part of the job is shorter than that would otherwise leave no series at all."""
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+    except Exception as e:  # noqa: BLE001 - metrics must never fail the training's exit
+        print(f"warning: last system-metrics sample not logged: {e}", file=sys.stderr)
+    monitor.finish()   # flushes while the run is still RUNNING
 
 
 def start_system_metrics(run_id: str, uri: str, node_id: str | None):
@@ -320,7 +331,7 @@ class MLflowTracker(NullTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.monitor is not None:
-            self.monitor.finish()   # flushes its last samples while the run is still RUNNING
+            stop_system_metrics(self.monitor)
         self.mlflow.end_run(status=status)
 
 

@@ -21,6 +21,11 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["CPVT_SITE"] = ""
 
 
+# Session fixtures shared by several test modules are registered here, once: a fixture imported into each module
+# is a separate fixture per module, and its session scope then runs it once per module.
+from tests.helpers_tracking import shared_store  # noqa: E402,F401 - the MLflow store of two trainings and a demo
+
+
 @pytest.fixture(scope="session", autouse=True)
 def suite_runs_root(tmp_path_factory) -> Path:
     """The suite's own runs root, so the default MLflow store (pipeline.tracking.default_uri) of every training a
@@ -29,3 +34,16 @@ def suite_runs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.getbasetemp() / "runs"
     os.environ["CPVT_RUNS_ROOT"] = str(root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri():
+    """``mlflow.set_tracking_uri()`` also exports ``MLFLOW_TRACKING_URI``; a test that calls it must not move the
+    default store of the tests after it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+

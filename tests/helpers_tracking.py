@@ -15,7 +15,7 @@ from tests.helpers_train import PY, ROOT, TORCHRUN, free_port, job_env
 def suite_store() -> str:
     from pipeline import tracking
 
-    return tracking.prepare_store(tracking.default_uri())
+    return tracking.prepare_store(tracking.project_uri())   # not default_uri(): MLFLOW_TRACKING_URI may be set
 
 
 def runs_of(run_dir: str | Path, uri: str | None = None, experiment: str = "cpvt") -> list:

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers_tracking import runs_of, shared_store  # noqa: F401 - session fixture
+from tests.helpers_tracking import runs_of
 from tests.helpers_train import ROOT, job_env, tiny_data, tiny_recipe  # noqa: F401 - session fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]   # the session store: 3 trainings + a demo

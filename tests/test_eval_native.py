@@ -89,7 +89,7 @@ def test_native_config_errors_before_data_is_read(root, tmp_path):
         build_eval_loader(data_cfg(root), resolution=32, rank=0, world_size=1, mode="letterbox")
     from pipeline.recipe import load_train_config
 
-    with pytest.raises(ConfigError, match=r"eval\.resolutions\[0\]: 40 must be a multiple of 16"):
+    with pytest.raises(ConfigError, match=r"eval\.resolutions\[0\]: 40 must be a multiple of the patch size 16"):
         load_train_config(None, ["eval.mode=native", "eval.resolutions=[40]", "data.root=/x"], 1)
 
 

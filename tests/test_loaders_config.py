@@ -29,7 +29,7 @@ class _Top:
     (["aug.remode=noise"], r"^aug\.remode: 'noise' is not one of \['const', 'rand', 'pixel'\]$"),
     (["aug.scale=[0.9, 0.1]"], r"^aug\.scale: \[0\.9, 0\.1\] must satisfy 0 < min <= max$"),
     (["aug.crop_pct=0"], r"^aug\.crop_pct: 0\.0 must be in \(0, 1\]$"),
-    (["aug.mixup=-0.1"], r"^aug\.mixup: -0\.1 must be >= 0$"),
+    (["aug.mixup=-0.1"], r"^aug\.mixup: -0\.1 must be in \[0\.0, 1\.0\]$"),
     (["aug.std=[0.2, 0.2]"], r"^aug\.std: expected 3 values"),
     (["aug.smoothing=1"], r"^aug\.smoothing: 1\.0 must be in"),
 ])

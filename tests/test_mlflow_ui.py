@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_tracking import runs_of, shared_store  # noqa: F401 - session fixture
+from tests.helpers_tracking import runs_of
 from tests.helpers_train import job_env, tiny_data, tiny_recipe  # noqa: F401 - session fixtures
 from tests.helpers_ui import Browser, UIServer, chromium
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline import tracking
-from tests.helpers_tracking import runs_of, shared_store  # noqa: F401 - session fixture
+from tests.helpers_tracking import runs_of
 from tests.helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]   # the session store: 3 trainings + a demo

@@ -265,7 +265,8 @@ def test_evaluate_command_checkpoint_and_export_1_and_2_processes(ema_run, tiny_
         assert a[res]["loss"] == pytest.approx(trainer["loss"], abs=0.05)
     for name, path in (("single", ckpt), ("torchrun", exported), ("deepspeed", run_dir)):
         out = procs[name].stdout
-        assert out.count("cpvt_ti from") == 1 and f"cpvt_ti from {path}\n" in out, out[-2000:]   # rank 0 prints
+        # rank 0 prints
+        assert out.count("cpvt_ti from") == 1 and f"cpvt_ti from {path}, center_crop evaluation\n" in out, out[-2000:]
         rows = {int(line.split()[0]): line.split() for line in out.splitlines()
                 if line.strip() and line.split()[0].isdigit()}
         assert set(rows) == {TRAIN_RES, TEST_RES}
@@ -300,7 +301,7 @@ def test_evaluate_uses_the_runs_eval_settings(ema_run, ema_eval, tiny_data, tmp_
     ckpt = _ckpt(run_dir, TOTAL_STEPS)
     assert _settings_line(stdout) == (f"eval settings (from {ckpt}/train_config.yaml): {EVAL_SETTINGS} "
                                       f"resolutions=[{TRAIN_RES}, {TEST_RES}] format=wds val_split=val batch_size=8 "
-                                      f"dtype=float32 channels_last=False jpeg_draft=True")
+                                      f"dtype=float32 channels_last=False jpeg_draft=True mode=center_crop")
     assert results[str(TRAIN_RES)]["top1"] == _mlflow_history(run_dir, "eval_ema/top1")[TOTAL_STEPS]
     assert set(results) == {str(TRAIN_RES), str(TEST_RES)} and results[str(TEST_RES)]["n"] == VAL_SIZE
 
@@ -329,7 +330,7 @@ def test_evaluate_uses_the_runs_eval_settings(ema_run, ema_eval, tiny_data, tmp_
         f"eval settings (defaults: no training config stored with {bare}; command line: data.num_workers, "
         f"resolutions): crop_pct=0.875 interpolation=bicubic mean=[0.485, 0.456, 0.406] std=[0.229, 0.224, 0.225] "
         f"resolutions=[{TRAIN_RES}] format=wds val_split=val batch_size=128 dtype=float32 channels_last=False "
-        f"jpeg_draft=True")
+        f"jpeg_draft=True mode=center_crop")
 
 
 def test_ema_export_and_evaluate(ema_run, ema_eval, tmp_path):
@@ -353,7 +354,7 @@ def test_ema_export_and_evaluate(ema_run, ema_eval, tmp_path):
     model.load_state_dict(got)  # strict
 
     stdout, results = ema_eval
-    assert f"cpvt_ti from {run_dir} (EMA weights)\n" in stdout
+    assert f"cpvt_ti from {run_dir} (EMA weights), center_crop evaluation\n" in stdout
     assert results[str(TRAIN_RES)]["n"] == VAL_SIZE
     assert results[str(TRAIN_RES)]["top1"] == _mlflow_history(run_dir, "eval_ema/top1")[TOTAL_STEPS]
 
