@@ -164,6 +164,10 @@ def _check_data(cfg) -> None:
     root = cfg.data.root
     if not root:
         raise ConfigError("--data: must be set (the data_prep output folder, e.g. runs/demo/data)")
+    from pipeline.storage import is_url
+
+    if is_url(root):   # s3:// or http(s)://: read_num_classes and the loader check it through pipeline.storage
+        return
     path = Path(root)
     if not path.is_dir():
         raise ConfigError(f"--data: {root} does not exist")
@@ -174,10 +178,11 @@ def _check_data(cfg) -> None:
 
 
 def _train_samples(cfg) -> int | None:
-    info = Path(cfg.data.root) / "wds" / "_info.json"
+    from pipeline.data.shard_index import read_wds_info
+
     try:
-        return int(json.loads(info.read_text())["splits"]["train"]["num_samples"])
-    except (OSError, KeyError, ValueError, TypeError):
+        return int(read_wds_info(cfg.data.root)["splits"]["train"]["num_samples"])
+    except (ConfigError, KeyError, ValueError, TypeError):
         return None
 
 

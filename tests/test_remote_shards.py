@@ -320,3 +320,18 @@ def test_a_broken_stream_is_resumed_at_its_offset_and_bounded(tmp_path, monkeypa
             list(tar_samples([{"url": url}]))
     finally:
         server.shutdown()
+
+
+def test_launcher_plans_a_run_on_a_bucket(remote_tiny, tiny_recipe, tmp_path, capsys):
+    """``slurm_submit.py --data s3://...`` validates the remote data (classes.json, the train size for the
+    time-limit check) instead of asking for a local folder."""
+    from launchers import slurm_submit
+
+    s3_root, _, _ = remote_tiny
+    argv = ["--cluster", "local", "--recipe", str(tiny_recipe), "--data", s3_root, "--run-dir", str(tmp_path / "run"),
+            "--step-time-s", "1", "--dry-run", "checkpoint.every_steps=0"]
+    assert slurm_submit.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"root: {s3_root}" in out and "one epoch = 8 steps" in out, out[-3000:]
+    assert slurm_submit.main([*argv[:5], f"s3://{BUCKET}/nothing-here", *argv[6:]]) == 2
+    assert "classes.json not found at" in capsys.readouterr().err
