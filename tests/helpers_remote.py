@@ -17,16 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from tests.helpers_train import free_port
+
 PY = sys.executable
 # distinctive, so a test can assert that no output contains it
 SECRET = "cpvtSECRETkey0123456789abcdefghijklmnopqrs"
 ACCESS_KEY = "cpvttestaccesskey"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
