@@ -145,6 +145,8 @@ def log_mlflow_model(path: str | Path, run_id: str, *, tracking_uri: str | None 
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
             f"safetensors=={safetensors.__version__}", f"mlflow=={mlflow.__version__}"]
     mlflow.set_tracking_uri(tracking.prepare_store(tracking.default_uri(tracking_uri)))
+    # start_run(run_id=...) refuses a run outside the process's active experiment: make the run's own one active
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=_pyfunc_model(), signature=signature, pip_requirements=reqs,

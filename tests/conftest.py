@@ -38,12 +38,17 @@ def suite_runs_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def no_leaked_tracking_uri():
-    """``mlflow.set_tracking_uri()`` also exports ``MLFLOW_TRACKING_URI``; a test that calls it must not move the
-    default store of the tests after it."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    """``mlflow.set_tracking_uri()`` / ``set_experiment()`` also export ``MLFLOW_TRACKING_URI`` /
+    ``MLFLOW_EXPERIMENT_ID`` and keep the active experiment in-process: a test that calls them must not move the
+    store or the experiment of the tests (and the trainings they start) after it."""
+    import mlflow.tracking.fluent as fluent
 
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    fluent._active_experiment_id = None   # no public API unsets set_experiment()
