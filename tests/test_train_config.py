@@ -282,7 +282,7 @@ def test_too_many_workers_hide_no_later_check(tiny_data, tmp_path):
     assert bad.stderr.count("\n") == 1 and not run_dir.exists()
 
 
-def _site_with_recipe(tmp_path: Path, data: Path, **recipe_data) -> Path:
+def _site_with_recipe(tmp_path: Path, data_root: Path, **recipe_data) -> Path:
     """A site file giving the data root, and a site recipe folder whose cpvt_ti.yaml narrows the shipped one."""
     import yaml
 
@@ -290,7 +290,7 @@ def _site_with_recipe(tmp_path: Path, data: Path, **recipe_data) -> Path:
     (tmp_path / "recipes" / "cpvt_ti.yaml").write_text(yaml.safe_dump({"_base_": str(RECIPES / "cpvt_ti.yaml"),
                                                                         **recipe_data}))
     site = tmp_path / "site.yaml"
-    site.write_text(yaml.safe_dump({"data_root": str(data), "recipe_dirs": [str(tmp_path / "recipes")],
+    site.write_text(yaml.safe_dump({"data_root": str(data_root), "recipe_dirs": [str(tmp_path / "recipes")],
                                     "runs_root": str(tmp_path / "runs"),
                                     "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
     return site
