@@ -9,9 +9,7 @@ micro-batches), so the final parameters match the uninterrupted 2-rank run withi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ import pytest
 import torch
 
 from pipeline import checkpointing
-from tests.helpers_train import ROOT, final_params, job_env, run_train, train_cmd
+from tests.helpers_train import ROOT, final_params, job_env, kill_job, run_train, train_cmd
 from tests.helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures
 
 pytestmark = pytest.mark.slow
@@ -31,10 +29,14 @@ COMMON = ("data.canonical_streams=4", "model.drop_path_rate=0", "checkpoint.reco
           "checkpoint.every_steps=2", "checkpoint.keep_last=2", "tracking.enabled=false")
 TWO = ("data.batch_size=4", "optim.grad_accum=1")   # 2 ranks: global batch 8
 ONE = ("data.batch_size=4", "optim.grad_accum=2")   # 1 rank:  global batch 8
-# fp32 on CPU, 8 AdamW steps at lr <= 2e-3: measured max |diff| 9.6e-7 (2 -> 1 rank; reduction order only).
-# AdamW moves every parameter by ~lr per step whatever the gradient's scale, so a step on other samples differs
-# by ~1e-3: 1e-4 (absolute: some parameters are ~0, where relative differences mean nothing) tells them apart
-ATOL, RTOL = 1e-4, 1e-4
+# fp32 on CPU, 8 AdamW steps at lr <= 2e-3; the layouts differ only in the order of the gradient reduction.
+# AdamW moves every parameter by ~lr per step whatever the gradient's scale, so a step on other samples moves
+# (nearly) every element by ~1e-3, while rounding moves almost all by far less -- except the rare element whose
+# gradient is ~0, where m / sqrt(v) amplifies rounding to ~lr (measured after 2 -> 1 rank ZeRO-2: max |diff|
+# 5.7e-7). So: the mean |diff| over all elements <= MEAN_ATOL (another trajectory fails it: 1 -> 2 ranks ZeRO-3
+# measured 1.1e-4 in one run), and at most a fraction OUTLIERS of them outside atol = rtol = 1e-4 (absolute as
+# well: some parameters are ~0, where relative differences mean nothing)
+ATOL, RTOL, MEAN_ATOL, OUTLIERS = 1e-4, 1e-4, 1e-5, 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def epoch_keys(run_dir: Path) -> dict[int, Counter]:
     return dict(out)
 
 
-def assert_same_run(reference: Path, run_dir: Path) -> float:
+def assert_same_run(reference: Path, run_dir: Path) -> str:
     want, got = epoch_keys(reference), epoch_keys(run_dir)
     assert sorted(want) == sorted(got) == [0, 1]
     for epoch in want:
@@ -68,11 +70,15 @@ def assert_same_run(reference: Path, run_dir: Path) -> float:
         assert sum(want[epoch].values()) == len(want[epoch]) == 32   # the epoch reads every image exactly once
     a, b = final_params(reference), final_params(run_dir)
     assert a.keys() == b.keys()
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
+    want_p = torch.cat([a[k].flatten().double() for k in a])
+    got_p = torch.cat([b[k].flatten().double() for k in a])
+    diff = (got_p - want_p).abs()
+    off = diff > ATOL + RTOL * want_p.abs()
+    outside = float(off.double().mean())
+    assert float(diff.mean()) <= MEAN_ATOL, f"mean |param diff| {float(diff.mean()):.3g}: another trajectory"
+    assert outside <= OUTLIERS, f"{outside:.2%} of the parameters differ by more than {ATOL}"
     assert json.loads((run_dir / "final_metrics.json").read_text())["global_step"] == 8
-    return diff
+    return f"max |diff| {float(diff.max()):.3g}, mean {float(diff.mean()):.3g}, {int(off.sum())}/{diff.numel()} outside"
 
 
 def zero_to_fp32_matches(run_dir: Path) -> None:
@@ -88,7 +94,7 @@ def zero_to_fp32_matches(run_dir: Path) -> None:
 
 
 def _kill_during_save(cmd: list[str], ckpt: Path, timeout: float = 600) -> None:
-    """Start a job, SIGKILL its process group the moment the checkpoint folder ``ckpt`` appears (mid-save)."""
+    """Start a job, SIGKILL all its processes the moment the checkpoint folder ``ckpt`` appears (mid-save)."""
     p = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     deadline = time.time() + timeout
@@ -98,8 +104,7 @@ def _kill_during_save(cmd: list[str], ckpt: Path, timeout: float = 600) -> None:
             assert time.time() < deadline
             time.sleep(0.002)
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        kill_job(p)
 
 
 def _replace_a_shard(data: Path, dest: Path) -> Path:
@@ -152,8 +157,11 @@ def test_two_ranks_killed_during_save_resume_on_one_rank(reference, tiny_data, t
 
     proc = run_train(1, tiny_recipe, tiny_data, run_dir, "zero2", *COMMON, *ONE, "--resume", "auto", timeout=900)
     assert "ZeRO state re-partitioned from DeepSpeed's universal checkpoint" in proc.stdout
-    assert "resume self-check passed: RNG state" in proc.stdout
-    print(f"2 -> 1 rank: max |param diff| vs the uninterrupted run {assert_same_run(reference, run_dir):.3g}")
+    # the newest is step 4 (an epoch end: no next-step keys) or, when the kill landed after the marker, step 6
+    mid_epoch = checkpointing.read_meta(newest)["next_keys_sha256"] is not None
+    checked = "next step's 8 sample keys, RNG state" if mid_epoch else "RNG state"
+    assert f"resume self-check passed: {checked}\n" in proc.stdout
+    print(f"2 -> 1 rank: params vs the uninterrupted run: {assert_same_run(reference, run_dir)}")
     zero_to_fp32_matches(run_dir)    # ZeRO-2
     zero_to_fp32_matches(reference)  # ZeRO-1
 
@@ -163,5 +171,5 @@ def test_one_rank_then_two_ranks_zero3(reference, tiny_data, tiny_recipe, tmp_pa
     run_train(1, tiny_recipe, tiny_data, run_dir, "zero3", *COMMON, *ONE, "run.max_steps=3", timeout=900)
     proc = run_train(2, tiny_recipe, tiny_data, run_dir, "zero3", *COMMON, *TWO, "--resume", "auto", timeout=900)
     assert "continuing a 1-rank checkpoint on 2 ranks at global sample 24 of epoch 0" in proc.stdout
-    print(f"1 -> 2 ranks: max |param diff| vs the uninterrupted run {assert_same_run(reference, run_dir):.3g}")
+    print(f"1 -> 2 ranks: params vs the uninterrupted run: {assert_same_run(reference, run_dir)}")
     zero_to_fp32_matches(run_dir)    # ZeRO-3
