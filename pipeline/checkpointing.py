@@ -136,11 +136,19 @@ def load(engine, path: str | Path, *, rank: int, restore_rng: bool = True) -> di
     """Restore model/optimizer/scheduler shards (from ``path`` or, when the engine was built with
     ``load_universal``, from its universal copy) + this rank's RNG; returns the client state."""
     path = Path(path)
-    source = universal_path(path) if engine.load_universal_checkpoint() else path
+    universal = engine.load_universal_checkpoint()
+    source = universal_path(path) if universal else path
+    # DeepSpeed's ZeRO-3 universal load gives every param group the hyper-parameters of group 0
+    # (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): the no-decay group (norms, biases, PEG)
+    # would take the decay group's weight decay or the other way round. The groups' own values are the config's.
+    own = [g["weight_decay"] for g in engine.optimizer.param_groups]
     _, client_state = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None:
         raise RuntimeError(f"failed to load checkpoint {source}")
+    if universal:
+        for group, weight_decay in zip(engine.optimizer.param_groups, own):
+            group["weight_decay"] = weight_decay
     rng_file = path / f"rng_rank{rank}.pt"
     if restore_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
