@@ -479,16 +479,36 @@ def end_mlflow_run(p: Plan, status: str) -> None:
         client.set_terminated(p.mlflow_run_id, status=status)
 
 
+def previous_mlflow_run(p: Plan) -> str | None:
+    """The MLflow run of an earlier submission of this run dir (same store) that left a complete checkpoint: a
+    resubmission (e.g. on fewer nodes after a preemption) continues it instead of creating another run."""
+    from pipeline.checkpointing import find_latest
+
+    record = p.run_dir / "submissions.jsonl"
+    if p.run_name is None or not record.is_file() or find_latest(p.run_dir / "checkpoints") is None:
+        return None
+    runs = [r.get("mlflow_run_id") for r in map(json.loads, record.read_text().splitlines())
+            if r.get("tracking_uri") == p.tracking_uri]
+    return next((r for r in reversed(runs) if r), None)
+
+
 def submit(p: Plan):
     """Create the MLflow run (``p.mlflow_run_id``), submit the plan; returns the submitit job (one task per rank).
 
-    The job continues that run (``TrainJob`` passes its id as ``MLFLOW_RUN_ID``), requeued runs too."""
+    The job continues that run (``TrainJob`` passes its id as ``MLFLOW_RUN_ID``), requeued runs too; a
+    resubmission of a run dir that holds a checkpoint continues the earlier submission's run."""
     from launchers.executor import make_executor
     from launchers.train_job import TrainJob
 
     p.run_dir.mkdir(parents=True, exist_ok=True)
     executor = make_executor(p.folder, p.cluster, **p.executor_params)
-    p.mlflow_run_id = create_mlflow_run(p)
+    p.mlflow_run_id = previous_mlflow_run(p)
+    if p.mlflow_run_id is not None:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(p.tracking_uri).update_run(p.mlflow_run_id, status="SCHEDULED")
+    else:
+        p.mlflow_run_id = create_mlflow_run(p)
     task = TrainJob(p.train_argv, str(p.run_dir), p.max_requeues, mlflow_run_id=p.mlflow_run_id,
                     tracking_uri=p.tracking_uri if p.mlflow_run_id else None)
     try:

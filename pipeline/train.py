@@ -11,8 +11,10 @@ formed on any world size: the per-rank batch and the accumulation steps are deri
 
 The whole config (recipe YAML <- CLI overrides), the DeepSpeed batch arithmetic, the device and the precision are
 validated before any data is read or a process group exists. ``--resume auto`` continues from the newest
-*complete* checkpoint under ``<run_dir>/checkpoints`` and the same MLflow run. SIGUSR1/SIGTERM: save a checkpoint
-at a step boundary all ranks agree on and exit with :data:`EXIT_PREEMPTED` so a launcher can requeue.
+*complete* checkpoint under ``<run_dir>/checkpoints`` and the same MLflow run, on any world size with the same
+global batch (:mod:`pipeline.resume_check`; checked before anything starts, self-checked before the first step).
+SIGUSR1/SIGTERM: save a checkpoint at a step boundary all ranks agree on and exit with :data:`EXIT_PREEMPTED` so
+a launcher can requeue.
 
 The loop: :class:`Trainer` builds the parts once (engine, EMA, schedules, loader, evaluator, checkpointer,
 tracker); each part owns its cadence and state. :meth:`Trainer.train_step` runs one optimizer step and never
@@ -148,10 +150,15 @@ def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None, *, train_load
 
     import pipeline.models  # noqa: F401
 
+    from pipeline.resume_check import plan_resume
+
+    # the checkpoint's layout vs this start's (global batch, canonical streams): refused before anything starts
+    resume_plan = plan_resume(cfg, detect_env().world_size)
     env = init_distributed(choice, timeout_s=cfg.run.dist_timeout_s)
     install_stop_handlers()
     try:
-        trainer = Trainer(cfg, ds_config, env, num_classes, choice, prec, train_loader=train_loader)
+        trainer = Trainer(cfg, ds_config, env, num_classes, choice, prec, train_loader=train_loader,
+                          resume_plan=resume_plan)
         trainer.log.line(f"device {choice.reason}; {prec_line}")
         return trainer.fit()
     except (Exception, KeyboardInterrupt) as e:
@@ -165,7 +172,8 @@ def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None, *, train_load
 @dataclass
 class TrainState:
     """Where the loop is; saved in every checkpoint. ``step_in_epoch`` counts data steps (a skipped step consumed
-    its batches too), ``global_step`` counts optimizer steps that were applied."""
+    its batches too), ``global_step`` counts optimizer steps that were applied. The checkpoint's ``COMPLETE``
+    record also states the position as a global sample index (:func:`pipeline.resume_check.layout_meta`)."""
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
@@ -215,7 +223,7 @@ class Trainer:
     (``run.log_every``), the stop agreement (``run.stop_check_steps``)."""
 
     def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int, choice, precision: str,
-                 train_loader=None):
+                 train_loader=None, resume_plan=None):
         from pipeline import device as devices
         from pipeline.checkpointing import Checkpointer
         from pipeline.data.loader import build_train_loader
@@ -234,6 +242,12 @@ class Trainer:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "train_config.yaml").write_text(cfg.to_yaml())
 
+        from pipeline.resume_check import plan_resume
+
+        self.resume_plan = resume_plan if resume_plan is not None else plan_resume(cfg, self.world)
+        if self.resume_plan is not None and self.resume_plan.universal:   # ZeRO partitions of another world size
+            self.ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        self._self_check, self._next_keys, self._pending = None, None, []
         self.engine, self.ema, self.num_params = self._build_engine(num_classes)
         self.res_schedule = ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs)
         self.lr_scheduler = LRScheduler(LRSchedule(cfg.schedule.lr, cfg.run.epochs), self.engine.optimizer)
@@ -244,7 +258,11 @@ class Trainer:
         if self.ema is not None:
             parts["ema"] = self.ema.module
         self.checkpointer = Checkpointer(self.engine, cfg.run_dir / "checkpoints", cfg.checkpoint, rank=self.rank,
-                                         config_yaml=cfg.to_yaml(), components=parts, log=self.log.line)
+                                         config_yaml=cfg.to_yaml(), components=parts, log=self.log.line,
+                                         meta=self._layout_meta)
+        self.keys_log = None
+        if cfg.checkpoint.record_keys:
+            (cfg.run_dir / "keys").mkdir(parents=True, exist_ok=True)
         self.tracker = self._resume_and_track(num_classes)
         self.loader = train_loader or build_train_loader(
             cfg.data, cfg.aug, num_classes=num_classes, rank=self.rank, world_size=self.world, seed=cfg.run.seed,
@@ -290,7 +308,7 @@ class Trainer:
         from pipeline.config import to_dict
 
         cfg, s = self.cfg, self.state
-        resumed = self.checkpointer.resume()
+        resumed = self._resume()
         if resumed is not None:
             self.log.line(f"resumed from {resumed} at epoch {s.epoch} step {s.step_in_epoch} (global {s.global_step})")
         tracker = tracking.make_tracker(cfg, rank=self.rank, world_size=self.world, run_id=s.mlflow_run_id)
@@ -308,6 +326,63 @@ class Trainer:
             tracker.log_text(cfg.to_yaml(), "config/train_config.yaml")
             tracker.log_dict(self.ds_config, "config/deepspeed_config.json")
         return tracker
+
+    def _resume(self):
+        """Load the planned checkpoint: directly on its own world size, through DeepSpeed's universal checkpoint
+        (made once, by rank 0) on another one, where each rank's RNG restarts from (seed, rank, global step)
+        since per-rank streams cannot be carried over. Arms the self-check; returns the folder or None."""
+        from pipeline import checkpointing
+        from pipeline.distributed import barrier
+        from pipeline.resume_check import SelfCheck
+        from pipeline.rng import make_seed, rng_state, seed_everything
+
+        plan = self.resume_plan
+        if plan is None:
+            return None
+        if plan.universal:
+            if self.rank == 0:
+                checkpointing.universal_for(plan.path, log=self.log.line)
+            barrier()
+        path = self.checkpointer.resume(plan.path, restore_rng=not plan.elastic)
+        if plan.elastic:
+            seed_everything(make_seed(self.cfg.run.seed, self.rank, self.state.global_step, self.world))
+            self.log.line(f"continuing a {plan.world_size}-rank checkpoint on {self.world} ranks at global sample "
+                          f"{plan.meta['samples_in_epoch']} of epoch {plan.meta['epoch']}"
+                          + (" (ZeRO state re-partitioned from DeepSpeed's universal checkpoint)"
+                             if plan.universal else ""))
+        self._self_check = SelfCheck(plan.meta, path.name, world_size=self.world, rng_state=rng_state())
+        return path
+
+    def _layout_meta(self) -> dict[str, Any]:
+        """What a checkpoint's ``COMPLETE`` records besides the step: the layout and the self-check digest."""
+        from pipeline.resume_check import layout_meta
+
+        s = self.state
+        meta = layout_meta(self.cfg, world_size=self.world, epoch=s.epoch, step_in_epoch=s.step_in_epoch,
+                           global_step=s.global_step, zero_stage=self.engine.zero_optimization_stage())
+        meta["next_keys_sha256"], self._next_keys = self._next_keys, None
+        return meta
+
+    def _peek_next_step(self, batches: Iterator) -> None:
+        """Fetch the next step's micro-batches now (the step uses them next) and digest their keys over all ranks,
+        for the checkpoint about to be saved."""
+        from pipeline.resume_check import gather_keys, keys_digest
+
+        self._pending = next(batches, [])
+        keys = [k for _, _, ks in self._pending for k in ks] if all(m[2] is not None for m in self._pending) else None
+        keys = gather_keys(keys if self._pending else None, self.world)
+        self._next_keys = keys_digest(keys) if keys else None
+
+    def _record_keys(self, epoch: int, micro: list) -> None:
+        import json
+
+        if self.keys_log is None:
+            self.keys_log = open(self.cfg.run_dir / "keys" / f"rank{self.rank}.jsonl", "a")
+            self._keys_start = self.state.global_step
+        self.keys_log.write(json.dumps({"start": self._keys_start, "epoch": epoch, "step": self.state.step_in_epoch,
+                                        "world": self.world, "keys": [k for _, _, ks in micro for k in ks or []]})
+                            + "\n")
+        self.keys_log.flush()
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list) -> StepResult:
@@ -392,24 +467,41 @@ class Trainer:
         steps, global_batch = len(self.loader) // self.accum, batch * self.accum * self.world
         self.last_res, self._steps = res, steps
         self.log.start_epoch(epoch, steps, s.step_in_epoch, res)
+        with_keys = getattr(self.loader, "iter_with_keys", None)
         with torch.random.fork_rng(devices=[]):  # creating the iterator must not shift the trainer's RNG stream
-            batches = _micro_batches(iter(self.loader), self.accum)
+            batches = _micro_batches(with_keys() if with_keys else ((x, y, None) for x, y in self.loader),
+                                     self.accum)
+        self._pending = []
         reason = None
         self.timer.start()
         self.run_timer.start()
         while reason is None and s.step_in_epoch < steps:
-            micro = next(batches, [])
+            micro, self._pending = self._pending or next(batches, []), []
             if len(micro) < self.accum:
                 raise RuntimeError(f"loader ended at step {s.step_in_epoch} of {steps} in epoch {epoch}")
+            if self._self_check is not None:   # the first step after a resume: does it read what was recorded?
+                from pipeline.rng import rng_state
+
+                with torch.random.fork_rng(devices=[]):
+                    checked = self._self_check.verify([k for _, _, ks in micro for k in ks or []]
+                                                      if all(m[2] is not None for m in micro) else None, rng_state())
+                self._self_check = None
+                self.log.line("resume self-check passed: " + (", ".join(checked) or "nothing recorded to check"))
+            if self.cfg.checkpoint.record_keys:
+                self._record_keys(epoch, micro)
             self.timer.wait_done()
             self.run_timer.wait_done()
             self.lr_scheduler.step(epoch, s.step_in_epoch, steps, global_batch)
-            result = self.train_step(micro)
+            result = self.train_step([(x, y) for x, y, _ in micro])
             s.step_in_epoch += 1
             self.after_step(result, epoch, res, global_batch)
             reason = self.stop_reason()
-            if reason is None:
-                self.checkpointer.maybe_save(s.global_step, at_epoch_end=s.step_in_epoch >= steps)
+            mid_epoch = s.step_in_epoch < steps
+            if reason is None and self.checkpointer.due(s.global_step, at_epoch_end=not mid_epoch):
+                self._peek_next_step(batches)
+                self.checkpointer.save(s.global_step)
+            elif reason == "stop" and mid_epoch:
+                self._peek_next_step(batches)   # for the preemption checkpoint fit() saves next
             self.timer.start()
             self.run_timer.start()
         self.log.close()

@@ -100,9 +100,39 @@ def free_port() -> int:
     return _free_port()
 
 
+def kill_job(p: subprocess.Popen) -> None:
+    """SIGKILL a job like a preemption: its process group *and* every descendant's. torchrun starts each rank in
+    a session of its own, so killing torchrun's group alone leaves the ranks training on as orphans."""
+    import psutil
+
+    try:
+        procs = psutil.Process(p.pid).children(recursive=True)   # before the kill: orphans cannot be found after
+    except psutil.NoSuchProcess:
+        procs = []
+    groups = {p.pid}
+    for proc in procs:
+        try:
+            groups.add(os.getpgid(proc.pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in procs:   # a rank in a group of its own that the loop missed
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    p.wait()
+    _, alive = psutil.wait_procs(procs, timeout=60)
+    assert not alive, f"still running after SIGKILL: {alive}"
+
+
 def run_and_kill(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str, kill_at_step: int, *overrides: str,
                  timeout: int = 300) -> str:
-    """Start a job and SIGKILL its whole process group once rank 0 printed ``step <kill_at_step>``."""
+    """Start a job and SIGKILL all its processes (:func:`kill_job`) once rank 0 printed ``step <kill_at_step>``."""
     p = subprocess.Popen(train_cmd(nproc, recipe, data, run_dir, ds, *overrides), cwd=ROOT, env=job_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out, deadline = [], time.time() + timeout
@@ -110,16 +140,11 @@ def run_and_kill(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str, k
         for line in p.stdout:
             out.append(line)
             if line.startswith(f"step {kill_at_step} "):
-                os.killpg(p.pid, signal.SIGKILL)
                 break
             if time.time() > deadline:
                 break
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
+        kill_job(p)
     text = "".join(out)
     assert f"step {kill_at_step} " in text, text[-3000:]
     return text

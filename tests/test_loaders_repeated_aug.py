@@ -65,7 +65,10 @@ def test_repeat_stage():
 
 
 def test_wds_epoch_draws_each_image_repeats_times_with_different_augmentations(root):
-    loader = build_train_loader(data_cfg(root, shuffle_buffer=48, shuffle_initial=48), aug_cfg(repeats=3, **PLAIN),
+    # 8 canonical streams of 6 positions (2 images x 3 copies each); the default 64 would give each of these 48
+    # positions its own stream, and a stream's copies of an image would fall past the epoch
+    loader = build_train_loader(data_cfg(root, shuffle_buffer=48, shuffle_initial=48, canonical_streams=8),
+                                aug_cfg(repeats=3, **PLAIN),
                                 num_classes=NUM_CLASSES, rank=0, world_size=1, seed=0)
     loader.set_epoch(0, 32)
     batches = list(loader.iter_with_keys())
@@ -81,7 +84,8 @@ def test_wds_epoch_draws_each_image_repeats_times_with_different_augmentations(r
             images.setdefault(k, []).append(img)
     copies = next(v for v in images.values() if len(v) == 3)
     assert not torch.equal(copies[0], copies[1])                            # independently augmented
-    again = build_train_loader(data_cfg(root, shuffle_buffer=48, shuffle_initial=48), aug_cfg(repeats=3, **PLAIN),
+    again = build_train_loader(data_cfg(root, shuffle_buffer=48, shuffle_initial=48, canonical_streams=8),
+                               aug_cfg(repeats=3, **PLAIN),
                                num_classes=NUM_CLASSES, rank=0, world_size=1, seed=0)
     again.set_epoch(0, 32, skip_batches=2)
     assert [ks for _, _, ks in again.iter_with_keys()] == [ks for _, _, ks in batches[2:]]   # exact resume

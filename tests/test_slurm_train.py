@@ -36,11 +36,15 @@ def job_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-def _submit(capsys, tiny_data, tiny_recipe, run_dir: Path, *overrides: str):
-    """``slurm_submit.py`` as its command line runs it; returns the plan, the job and the MLflow run id it printed."""
-    argv = ["--cluster", "slurm", "--nodes", "2", "--time", "20", "--signal-delay-s", "30", "--recipe",
+def _argv(tiny_data, tiny_recipe, run_dir: Path, *overrides: str, nodes: int = 2) -> list[str]:
+    return ["--cluster", "slurm", "--nodes", str(nodes), "--time", "20", "--signal-delay-s", "30", "--recipe",
             str(tiny_recipe), "--data", str(tiny_data), "--run-dir", str(run_dir), "--deepspeed-config",
             "deepspeed_configs/zero2.json", *overrides]
+
+
+def _submit(capsys, tiny_data, tiny_recipe, run_dir: Path, *overrides: str):
+    """``slurm_submit.py`` as its command line runs it; returns the plan, the job and the MLflow run id it printed."""
+    argv = _argv(tiny_data, tiny_recipe, run_dir, *overrides)
     plan = slurm_submit.plan(argv)  # what main() resolves (side-effect free), for the checks below
     assert plan.world_size == 2
     capsys.readouterr()
@@ -148,6 +152,40 @@ def test_preemption_and_requeue_resume_the_same_run(slurm_cluster, job_env, tiny
     assert sorted(steps) == list(range(1, total + 1))  # continuous: nothing lost, nothing logged twice
     final = json.loads((plan.run_dir / "final_metrics.json").read_text())
     assert final["mlflow_run_id"] == runs[0].info.run_id and final["global_step"] == total
+
+
+def test_preempted_two_node_job_continues_on_one_node(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path,
+                                                      capsys):
+    """Preempted on 2 nodes (SIGTERM: checkpoint, no self-requeue), resubmitted with ``--nodes 1`` and the same
+    global batch 8 (4 x accumulation 2): the run continues from the checkpoint (ZeRO-2 state re-partitioned) in
+    the same MLflow run, which finishes with every step logged once."""
+    epochs = 3
+    total = epochs * STEPS_PER_EPOCH
+    common = (f"run.epochs={epochs}", "checkpoint.every_steps=2", "run.stop_check_steps=1")
+    plan, job, run_id = _submit(capsys, tiny_data, tiny_recipe, tmp_path / "run", *common)
+    _wait_for_checkpoint_after(job, plan.run_dir / "checkpoints", 0)
+    slurm_cluster.run("scancel", "--signal=TERM", job.job_id)
+    deadline = time.time() + 300
+    while job_infos([job.job_id])[job.job_id].state in ("PENDING", "RUNNING", "COMPLETING"):
+        assert time.time() < deadline, job_infos([job.job_id])
+        time.sleep(0.5)
+    [stop] = [e for e in read_state(plan.run_dir)["events"] if e["event"] == "stopped"]
+    assert stop["signal"] == "SIGTERM" and 0 < stop["global_step"] < total
+
+    capsys.readouterr()
+    argv = _argv(tiny_data, tiny_recipe, plan.run_dir, *common, "data.batch_size=4", "optim.grad_accum=2", nodes=1)
+    assert slurm_submit.main(argv) == 0
+    out = capsys.readouterr().out
+    job_id = re.search(r"^submitted job (\d+) on slurm \(1 tasks\)$", out, re.M).group(1)
+    assert re.search(r"^MLflow: .* run (\w+)$", out, re.M).group(1) == run_id   # the same run, not a new one
+    [summary] = wait_for(submitit.SlurmJob(plan.folder, job_id, tasks=(0,)), timeout=600)
+    assert (summary["world_size"], summary["global_step"], summary["exit_code"]) == (1, total, 0)
+    log = Path(str(submitit.SlurmJob(plan.folder, job_id, tasks=(0,)).paths.stdout).replace("%t", "0")).read_text()
+    assert "continuing a 2-rank checkpoint on 1 ranks" in log and f"(global {stop['global_step']})" in log
+    client, runs = _mlflow_runs(plan)
+    assert len(runs) == 1 and runs[0].info.run_id == run_id and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, total + 1))   # continuous over the two jobs: nothing lost or repeated
 
 
 def _srun(cluster, *cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -3,7 +3,8 @@ with exactly the parameters of an uninterrupted run (1 and 2 ranks, ZeRO-2/3). E
 on CPU every kernel and gloo's 2-rank all-reduce are deterministic, checkpoints hold the fp32 master weights
 and optimizer state, RNG states per rank and the loader position, and the loader re-derives augmentation from
 (seed, epoch, rank, batch). A newer checkpoint folder without its completeness marker (a crash during save)
-must be ignored, and the resumed job continues the same MLflow run."""
+must be ignored (DeepSpeed's ``latest`` keeps naming the complete one), and the resumed job continues the same
+MLflow run."""
 from __future__ import annotations
 
 import json
@@ -26,10 +27,10 @@ CASES = [(1, "zero2", 7, ("data.batch_size=8",)), (2, "zero3", 5, ("data.batch_s
 def test_sigkill_then_resume_matches_uninterrupted(tiny_data, tiny_recipe, tmp_path, nproc, ds, kill_at,  # noqa: F811
                                                    overrides):
     full = tmp_path / "full"
-    run_train(nproc, tiny_recipe, tiny_data, full, ds, *overrides)
+    run_train(nproc, tiny_recipe, tiny_data, full, ds, *overrides, timeout=900)
 
     killed = tmp_path / "killed"
-    run_and_kill(nproc, tiny_recipe, tiny_data, killed, ds, kill_at, *overrides)
+    run_and_kill(nproc, tiny_recipe, tiny_data, killed, ds, kill_at, *overrides, timeout=900)
     ckpts = killed / "checkpoints"
     last = checkpointing.find_latest(ckpts)
     assert last is not None and checkpointing.tag_for(kill_at) != last.name
@@ -38,8 +39,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_data, tiny_recipe, tmp_p
     shutil.copytree(last, partial)
     (partial / checkpointing.MARKER).unlink()
     assert checkpointing.find_latest(ckpts) == last
+    assert (ckpts / checkpointing.LATEST).read_text() == last.name   # DeepSpeed's pointer: the complete one
 
-    proc = run_train(nproc, tiny_recipe, tiny_data, killed, ds, "--resume", "auto", *overrides)
+    proc = run_train(nproc, tiny_recipe, tiny_data, killed, ds, "--resume", "auto", *overrides, timeout=900)
     assert f"resumed from {last}" in proc.stdout
 
     want, got = final_params(full), final_params(killed)

@@ -6,7 +6,17 @@
     on every rank; iteration yields the batches ``skip_batches .. len-1`` of the epoch as
     ``(images, targets)``: images normalised float32/bfloat16 ``(B, 3, res, res)`` (NCHW, or channels-last
     memory format), targets ``(B,)`` int64 or ``(B, num_classes)`` float soft targets when Mixup/CutMix is on.
-    The order and the batch-level augmentation are a function of (seed, epoch, rank, batch index).
+    ``iter_with_keys()`` yields ``(images, targets, keys)``: each sample's key (host strings the back end has
+    anyway; None from a back end that cannot name its samples).
+
+    Global positions: the epoch is one global sequence of samples and rank ``r`` of ``R`` takes positions
+    ``r, r + R, r + 2R, ...`` in batches of ``batch_size``, so ``k`` global steps of ``G = batch_size x
+    accumulation x R`` samples consume exactly the positions ``[0, kG)``, and which sample sits at a position
+    does not depend on ``R`` (WebDataset: canonical streams; FFCV: one permutation per epoch). A run can
+    therefore continue at another world size with the same ``G`` from the global sample index ``kG``
+    (``skip_batches = kG / (batch_size x R)``). The per-sample augmentation follows the position on WebDataset
+    (FFCV's own per-sample draws are not reproducible); the batch-level augmentation (random erasing,
+    Mixup/CutMix) is a function of (seed, epoch, rank, batch index) and so follows the layout.
 
 :class:`EvalLoader`
     Every sample of the split exactly once across ranks, the same number of full-size batches on every rank
@@ -88,10 +98,16 @@ class TrainLoader:
         self._configure()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, targets, _ in self.iter_with_keys():
+            yield images, targets
+
+    def iter_with_keys(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str] | None]]:
+        """Like iteration, plus each batch's sample keys (None where the back end cannot name them)."""
         if self.resolution is None:
             raise RuntimeError("call set_epoch(epoch, resolution) before iterating a TrainLoader")
-        for index, (images, labels) in enumerate(self._iter_raw(), start=self.skip_batches):
-            yield self._finish(images, labels, index)
+        for index, (images, labels, keys) in enumerate(self._iter_raw_keys(), start=self.skip_batches):
+            x, y = self._finish(images, labels, index)
+            yield x, y, keys
 
     # ------------------------------------------------------------------ helpers for back ends
     def _finish(self, images_u8: torch.Tensor, labels: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +121,11 @@ class TrainLoader:
 
     def _iter_raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _iter_raw_keys(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str] | None]]:
+        """``_iter_raw`` plus keys; back ends that know their samples' keys override it."""
+        for images, labels in self._iter_raw():
+            yield images, labels, None
 
 
 class EvalLoader:

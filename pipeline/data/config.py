@@ -41,8 +41,11 @@ class DataConfig:
     num_workers: Optional[int] = 4
     prefetch_factor: int = 2            # WebDataset: batches prefetched per worker
     pin_memory: bool = True             # pinned host batches (uint8, copied non_blocking); only with a CUDA device
-    shuffle_buffer: int = 2000          # WebDataset: samples in each worker's shuffle buffer
+    shuffle_buffer: int = 2000          # WebDataset: samples in each canonical stream's shuffle buffer
     shuffle_initial: int = 500          # WebDataset: samples buffered before the first one is yielded
+    # WebDataset training: the epoch's sample streams, independent of the world size and the worker count (the
+    # world size must divide it; a rank's workers share its canonical_streams / world streams); keep it to resume
+    canonical_streams: int = 64
     jpeg_draft: bool = True             # WebDataset: decode big JPEGs at a reduced DCT scale (PIL draft)
     # WebDataset training: where JPEGs are decoded. cpu: in the DataLoader workers; device: the workers draw the
     # crop/flip/jitter from the JPEG header and ship the bytes, the batch is decoded on the loader's device
@@ -64,6 +67,7 @@ class DataConfig:
             check_positive("num_workers", self.num_workers, allow_zero=True)
         check_positive("prefetch_factor", self.prefetch_factor)
         check_positive("shuffle_buffer", self.shuffle_buffer)
+        check_positive("canonical_streams", self.canonical_streams)
         check_range("shuffle_initial", self.shuffle_initial, 0, self.shuffle_buffer)
         check_positive("ffcv_batches_ahead", self.ffcv_batches_ahead)
         for name in ("train_split", "val_split"):

@@ -1,10 +1,14 @@
 """FFCV back end over data_prep's ``OUT/ffcv/{split}.beton`` (fields ``image``: RGBImageField, ``label``: IntField).
 
 Training: ``RandomResizedCropRGBImageDecoder`` -> flip -> [timm RandAugment] -> uint8 NHWC tensor, then the
-shared batch ops (normalise, random erasing, Mixup/CutMix). Order ``RANDOM`` (``distributed=True`` across
-ranks: FFCV's DistributedSampler emulation, seeded by (seed, epoch)), ``QUASI_RANDOM`` allowed in a single
-process with ``os_cache=False``; ``drop_last``. With ``aug.repeats > 1`` (DeiT's repeated augmentation) the
-order is DeiT's ``RASampler`` order instead (:func:`repeated_aug_order`).
+shared batch ops (normalise, random erasing, Mixup/CutMix). Order ``RANDOM``: the epoch's permutation of FFCV's
+distributed order (``torch.utils.data.DistributedSampler``, seeded by seed + epoch), dealt ``[rank::world]``
+-- at every world size, one rank included (FFCV's own single-process order is a NumPy permutation instead), so
+global position ``p`` of the epoch holds the same sample at any world size and a run resumes on another one
+from its global sample index (:mod:`pipeline.data.base`). ``QUASI_RANDOM`` (a single process with
+``os_cache=False``) is FFCV's own order and resumes on one rank only. ``drop_last``. With ``aug.repeats > 1``
+(DeiT's repeated augmentation) the order is DeiT's ``RASampler`` order instead (:func:`repeated_aug_order`,
+also dealt ``[rank::world]``). The keys of a batch are its sample indices (``iter_with_keys``).
 
 Changing resolution/batch size between epochs reuses the compiled pipeline: FFCV re-declares its buffers from
 the operations' current state at the start of every epoch, and the numba-compiled decode writes into whatever
@@ -61,14 +65,30 @@ class _EpochOrder:
         self.skip = 0
         self.num_samples, self.repeats, self.seed = num_samples, repeats, seed
         self.rank, self.world_size = rank, world_size
+        self.quasi_random = False
 
     def sample_order(self, epoch: int):
         if self.repeats > 1:
             order = repeated_aug_order(self.num_samples, repeats=self.repeats, seed=self.seed, epoch=epoch,
                                        rank=self.rank, world_size=self.world_size)
-        else:
+        elif self.quasi_random:
             order = self.base.sample_order(epoch)
+        else:
+            order = distributed_order(self.num_samples, seed=self.seed, epoch=epoch, rank=self.rank,
+                                      world_size=self.world_size)
         return order[: self.take][self.skip:]
+
+
+def distributed_order(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """FFCV's distributed ``RANDOM`` order for one rank (``DistributedSampler(shuffle=True, seed=seed)`` at
+    ``epoch``: ``torch.randperm`` seeded by seed + epoch, padded, dealt ``[rank::world_size]``), computed the
+    same way at any world size."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=False)
+    sampler.set_epoch(epoch)
+    return np.fromiter(iter(sampler), dtype=np.int64)
 
 
 def _ffcv_threads(num_workers: int) -> int:
@@ -101,6 +121,7 @@ class FfcvTrainLoader(TrainLoader):
         self._threads = threads
         self.order = _EpochOrder(self.loader.traversal_order, num_samples=int(self.loader.reader.num_samples),
                                  repeats=aug.repeats, seed=seed, rank=rank, world_size=world_size)
+        self.order.quasi_random = data.ffcv_order == "quasi_random"
         self.loader.traversal_order = self.order
         super().__init__(data, aug, num_classes=num_classes, rank=rank, world_size=world_size, seed=seed,
                          num_samples=int(self.loader.reader.num_samples), device=device)
@@ -114,15 +135,23 @@ class FfcvTrainLoader(TrainLoader):
         self.loader.next_epoch = self.epoch
 
     def _iter_raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self._iter_raw_keys():
+            yield images, labels
+
+    def _iter_raw_keys(self):
         self.loader.next_epoch = self.epoch   # iterating again replays the configured epoch
         if self.skip_batches >= len(self):
             return
+        # RANDOM / RASampler orders: batch k holds order[k*B:(k+1)*B]; QUASI_RANDOM reorders within its pages
+        order = None if self.order.quasi_random else self.order.sample_order(self.epoch)
+        bs = self.batch_size
         it = iter(self.loader)
         try:
             for k, (images, labels) in enumerate(it):
                 if k == 0:   # FFCV's worker thread has set its thread count by now: put ours back
                     self._threads.restore()
-                yield images, labels.reshape(-1).clone()   # FFCV's Squeeze makes a 1-sample batch 0-d
+                keys = None if order is None else [str(i) for i in order[k * bs:(k + 1) * bs]]
+                yield images, labels.reshape(-1).clone(), keys   # FFCV's Squeeze makes a 1-sample batch 0-d
         finally:
             it.close()
             self._threads.restore()
@@ -244,4 +273,5 @@ class FfcvNativeEvalLoader(NativeEvalLoader):
                          world_size=world_size, patch_size=patch_size, max_aspect=max_aspect, device=device)
 
 
-__all__ = ["FfcvEvalLoader", "FfcvNativeEvalLoader", "FfcvNativeSource", "FfcvTrainLoader", "repeated_aug_order"]
+__all__ = ["FfcvEvalLoader", "FfcvNativeEvalLoader", "FfcvNativeSource", "FfcvTrainLoader", "distributed_order",
+           "repeated_aug_order"]

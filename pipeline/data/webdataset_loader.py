@@ -1,23 +1,34 @@
 """WebDataset back end: tar shards from data_prep (``OUT/wds``), read with webdataset's pipeline stages.
 
-Training (resampled, every rank the same number of batches)
-    The rank's epoch is ``len(loader)`` batches. With ``W`` DataLoader workers, batch ``i`` of the rank is made
-    by *stream* ``(rank, i mod W)``; each stream is an independent, infinite, seeded sample source:
+Training (canonical streams: the epoch does not depend on the world size or the worker count)
+    The epoch is one global sample sequence, positions ``p = 0, 1, ...``, made of ``V = data.canonical_streams``
+    *streams*; position ``p`` is sample ``p // V`` of stream ``p % V``. Each stream is a pure function of
+    (seed, epoch, stream, V, the shards):
 
-    * shards are split by node and worker: every epoch the shard list is shuffled with ``(seed, epoch)``
-      (same permutation on all ranks) and dealt round-robin to the ``world_size * W`` streams; a stream reads
-      its own shards first and then keeps *resampling* (with replacement, ``wds.ResampledShards``) from them,
-      or from all shards when it was dealt none. Uneven shard counts therefore never starve a rank: every
-      rank stops after exactly ``len(loader)`` batches (``islice``), with no collective needed;
+    * every epoch the shard list is shuffled with ``(seed, epoch)`` and the shuffled shards, concatenated,
+      are cut into ``V`` contiguous segments, stream ``v`` getting the ``ceil((N - v) / V)`` samples that its
+      positions need (``/ aug.repeats`` with repeated augmentation) -- so a ``drop_last`` epoch reads every
+      sample at most once, and exactly once when the global batch divides ``N``; a stream skips into its first
+      shard (read, not decoded: about one shard per stream per epoch);
     * tar members -> samples (:func:`pipeline.data.tar_samples.tar_samples`, webdataset's sample format from a
       leaner header reader) -> [``aug.repeats`` copies of each sample: DeiT's repeated augmentation]
-      -> ``wds.shuffle`` (buffer seeded by the stream) -> skip -> decode/augment
-      -> batch. Each batch's per-sample augmentation runs under a seed derived from the stream and the batch
-      index, so the epoch is a pure function of (seed, epoch, rank, num_workers).
+      -> ``wds.shuffle`` (a ``data.shuffle_buffer`` buffer per stream, seeded by the stream) -> decode/augment,
+      each sample under a seed derived from its global position ``p`` alone.
 
-    ``skip_batches=k`` drops the first ``k`` batches of the epoch *before decoding*: each stream discards
-    the raw (still-encoded) samples of its batches below ``k``, and physical worker ``p`` runs stream
-    ``(p + k) mod W`` so that the DataLoader's round-robin resumes exactly at batch ``k``.
+    Rank ``r`` of ``R`` takes positions ``r, r + R, r + 2R, ...`` (so ``R`` must divide ``V``: a one-line
+    ConfigError otherwise) and cuts them into batches of ``batch_size``: its streams are ``v = r + R*j``,
+    ``j < S = V/R``, and its ``q``-th sample is sample ``q // S`` of stream ``j = q % S``. A global step of
+    ``G = batch x accumulation x R`` samples therefore consumes positions ``[kG, (k+1)G)``: the same samples, with
+    the same per-sample augmentation, at any world size and micro-batch/accumulation split of the same ``G``;
+    the data position is the global sample index ``kG`` (:mod:`pipeline.resume_check`).
+
+    DataLoader workers split a rank's streams into ``min(num_workers, S)`` contiguous blocks; for every batch
+    each worker ships the samples of its block (ordered by stream, then position) and the trainer's process
+    concatenates the blocks in worker order, which is that same order: the batch does not depend on the
+    worker count either. Memory: ``V x data.shuffle_buffer`` still-encoded samples over the whole job.
+
+    ``skip_batches=k`` drops the first ``k`` batches of the epoch *before decoding*: every stream discards the
+    raw (still-encoded, shuffled) samples of the positions below ``k * batch_size * R``.
 
 Validation (exact)
     Rank ``r`` evaluates the contiguous global sample range ``[r*N/R, (r+1)*N/R)`` (shard lengths from
@@ -44,6 +55,7 @@ resized on the loader's device (:mod:`pipeline.data.device_decode`). Same order,
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import os
@@ -51,14 +63,16 @@ import random
 import tarfile
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.config import ConfigError
 from pipeline.data.aspect_buckets import check_native
 from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig
-from pipeline.data.device_decode import CropDrawer, decode_resized_crops
+from pipeline.data.device_decode import CropDrawer, EncodedBatch, decode_resized_crops
 from pipeline.rng import make_seed, seeded
 from pipeline.data.shard_index import SplitIndex
 from pipeline.data.tar_samples import _KEY_EXT, _META, TarFormatError, tar_samples
@@ -77,12 +91,16 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str]):
+def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str], resolution: int | None = None):
     """uint8 CHW images (views of HWC pixels, as timm's MaybePILToTensor returns them) -> (B, 3, H, W) batch.
 
     Stacked as HWC, so each image is one contiguous copy (``torch.stack`` of the permuted views is a strided
     gather, ~5x slower); the batch is NCHW with channels-last memory, which the batch normaliser turns into
-    the requested layout in the pass it makes anyway."""
+    the requested layout in the pass it makes anyway. An empty part of a batch (a worker whose streams have no
+    position in it) is an empty ``(0, 3, resolution, resolution)`` batch."""
+    if not images:
+        return (torch.empty((0, 3, resolution, resolution), dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
+                keys)
     batch = torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
     return batch, torch.tensor(labels, dtype=torch.int64), keys
 
@@ -98,16 +116,45 @@ def _decode_batch(samples: Iterator[dict[str, Any]], n: int, load) -> tuple[list
 
 
 # ----------------------------------------------------------------------------------------- training
-def stream_shards(urls: list[str], *, seed: int, epoch: int, stream: int, num_streams: int) -> Iterator[dict]:
-    """Shard URLs for one (rank, worker) stream: its dealt shards once, then resampled forever."""
-    order = list(range(len(urls)))
+def stream_counts(num_positions: int, num_streams: int) -> list[int]:
+    """Positions ``p < num_positions`` of each stream (``p % num_streams == v``)."""
+    return [max(0, -(-(num_positions - v) // num_streams)) for v in range(num_streams)]
+
+
+def segment_samples(urls: list[str], lengths: list[int], start: int, count: int) -> Iterator[dict]:
+    """Samples ``[start, start + count)`` of the concatenation of ``urls`` (``lengths``: their sample counts)."""
+    offset = 0
+    for url, n in zip(urls, lengths):
+        if count <= 0:
+            return
+        if offset + n <= start:
+            offset += n
+            continue
+        for sample in itertools.islice(tar_samples([{"url": url}]), max(0, start - offset), None):
+            if count <= 0:
+                return
+            yield sample
+            count -= 1
+        offset += n
+    if count > 0:
+        raise RuntimeError(f"WebDataset shards hold fewer samples than _info.json's shard_lengths claim "
+                           f"({count} missing in the segment at {start})")
+
+
+def canonical_stream(index: SplitIndex, data: DataConfig, aug: AugConfig, *, seed: int, epoch: int,
+                     stream: int) -> Iterator[dict[str, Any]]:
+    """The still-encoded, shuffled samples of canonical ``stream`` in ``epoch`` (see the module docstring)."""
+    num_streams = data.canonical_streams
+    order = list(range(len(index.urls)))
     random.Random(make_seed(seed, epoch, 0x5A4D)).shuffle(order)
-    mine = [urls[i] for i in order[stream::num_streams]]
-    for url in mine:
-        yield {"url": url}
-    resampled = wds.ResampledShards(mine or list(urls), seed=make_seed(seed, epoch, stream, num_streams),
-                                    worker_seed=lambda: 0, deterministic=True, empty_check=False)
-    yield from resampled
+    urls = [index.urls[i] for i in order]
+    lengths = [index.shard_lengths[i] for i in order]
+    raw = [-(-c // aug.repeats) for c in stream_counts(index.num_samples, num_streams)]
+    samples: Iterator[dict] = segment_samples(urls, lengths, sum(raw[:stream]), raw[stream])
+    if aug.repeats > 1:
+        samples = repeat_each(aug.repeats)(samples)
+    rng = random.Random(make_seed(seed, epoch, stream, num_streams, 0x5F))
+    return iter(wds.shuffle(data.shuffle_buffer, initial=data.shuffle_initial, rng=rng)(samples))
 
 
 def repeat_each(k: int):
@@ -120,59 +167,100 @@ def repeat_each(k: int):
     return stage
 
 
+def worker_blocks(num_streams: int, num_workers: int) -> list[range]:
+    """The rank-local streams ``j`` each worker reads: contiguous blocks, sizes differing by <= 1."""
+    return [range(w * num_streams // num_workers, (w + 1) * num_streams // num_workers) for w in range(num_workers)]
+
+
 class _TrainStream(IterableDataset):
-    """Yields this rank's uint8 batches for the configured epoch (see module docstring).
+    """Yields, for every batch of this rank's configured epoch, this worker's part of it (see module docstring).
 
     The epoch's settings live in a shared-memory tensor, so the DataLoader's persistent workers (forked once,
     at the first epoch) see each :meth:`configure` made in the trainer's process before the next iteration."""
 
     def __init__(self, index: SplitIndex, data: DataConfig, aug: AugConfig, *, rank: int, world_size: int,
-                 seed: int):
+                 seed: int, num_parts: int):
         super().__init__()
         self.index, self.data, self.aug = index, data, aug
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.streams_per_rank = data.canonical_streams // world_size
+        self.blocks = worker_blocks(self.streams_per_rank, num_parts)
         # epoch, resolution, batch size, batches in the epoch, batches to skip
         self.settings = torch.tensor([0, 224, 1, 0, 0], dtype=torch.int64).share_memory_()
 
     def configure(self, *, epoch: int, resolution: int, batch_size: int, num_batches: int, skip: int) -> None:
         self.settings.copy_(torch.tensor([epoch, resolution, batch_size, num_batches, skip], dtype=torch.int64))
 
-    def raw_samples(self, epoch: int, logical: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        """The still-encoded sample stream of one logical worker (shuffled, before skipping)."""
-        stream = self.rank * num_workers + logical
-        stream_seed = make_seed(self.seed, epoch, self.rank, logical, num_workers)
-        pipeline = wds.DataPipeline(
-            lambda: stream_shards(list(self.index.urls), seed=self.seed, epoch=epoch, stream=stream,
-                                  num_streams=self.world_size * num_workers),
-            tar_samples,
-            *([repeat_each(self.aug.repeats)] if self.aug.repeats > 1 else []),
-            wds.shuffle(self.data.shuffle_buffer, initial=self.data.shuffle_initial,
-                        rng=random.Random(stream_seed)),
-        )
-        return iter(pipeline)
+    def raw_samples(self, epoch: int, j: int) -> Iterator[dict[str, Any]]:
+        """The still-encoded sample stream of this rank's ``j``-th canonical stream (shuffled, before skipping)."""
+        return canonical_stream(self.index, self.data, self.aug, seed=self.seed, epoch=epoch,
+                                stream=self.rank + self.world_size * j)
 
     def __iter__(self):
-        worker, num_workers = _worker()
+        worker, _ = _worker()
         epoch, res, bs, num_batches, skip = self.settings.tolist()
-        logical = (worker + skip) % num_workers
-        mine = range(logical, num_batches, num_workers)               # batch indices of the rank's epoch
-        skipped = len(range(logical, skip, num_workers))
-        stream_seed = make_seed(self.seed, epoch, self.rank, logical, num_workers)
-        raw = self.raw_samples(epoch, logical, num_workers)
-        samples = itertools.islice(raw, skipped * bs, None)          # skipped batches: never decoded
+        S, R = self.streams_per_rank, self.world_size
+        block = self.blocks[worker]
+        streams = {}
+        for j in block:   # skipped positions: read, never decoded
+            raw = self.raw_samples(epoch, j)
+            streams[j] = itertools.islice(raw, len(range(j, skip * bs, S)), None)
         if self.data.decode == "device":   # same draws, bytes shipped: decoded on the trainer's device
             drawer = CropDrawer(self.aug, res, draft=self.data.jpeg_draft)
             transform, collate = drawer, lambda drawn, labels, keys: (
-                drawer.pack(drawn), torch.tensor(labels, dtype=torch.int64), keys)
+                _pack(drawer, drawn, res), torch.tensor(labels, dtype=torch.int64), keys)
         else:
             transform = train_transform_from_bytes(self.aug, res, draft=self.data.jpeg_draft)
-            collate = _collate
-        for b in range(skipped, len(mine)):
-            with seeded(make_seed(stream_seed, b)):   # per batch: skipping is whole batches, so this is exact
-                images, labels, keys = _decode_batch(samples, bs, transform)
-            if len(images) < bs:
-                raise RuntimeError(f"WebDataset stream ran dry after {b} batches (empty shards?)")
+            collate = functools.partial(_collate, resolution=res)
+        for b in range(skip, num_batches):
+            images, labels, keys = [], [], []
+            with seeded(0):   # the caller's generators stay untouched; every sample is reseeded below
+                for j in block:   # this worker's positions of batch b, by stream then position
+                    for q in range(b * bs + (j - b * bs) % S, (b + 1) * bs, S):
+                        sample = next(streams[j], None)
+                        if sample is None:
+                            raise RuntimeError(f"WebDataset stream {self.rank + R * j} ran dry at batch {b} "
+                                               f"(empty shards?)")
+                        _reseed(make_seed(self.seed, epoch, self.rank + R * q))   # by global position
+                        images.append(transform(sample["jpg"]))
+                        labels.append(int(sample["cls"]))
+                        keys.append(sample["__key__"])
             yield collate(images, labels, keys)
+
+
+def _reseed(seed: int) -> None:
+    """Seed the generators the per-sample transforms draw from (inside a ``seeded`` block)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+
+
+def _pack(drawer: CropDrawer, drawn: list, res: int) -> EncodedBatch:
+    if drawn:
+        return drawer.pack(drawn)
+    e = torch.empty
+    return EncodedBatch(jpeg=e(0, dtype=torch.uint8), lengths=e(0, dtype=torch.int64),
+                        boxes=e((0, 4), dtype=torch.int64), interp=e(0, dtype=torch.int8),
+                        flips=e(0, dtype=torch.bool),
+                        jitter_order=e((0, 4 if drawer.jitter is not None else 0), dtype=torch.int8),
+                        jitter=e((0, 3), dtype=torch.float32), decoded=e((0, 3, res, res), dtype=torch.uint8),
+                        decoded_index=e(0, dtype=torch.int64))
+
+
+def _merge_encoded(parts: list[EncodedBatch]) -> EncodedBatch:
+    """Concatenate the workers' parts of one batch (``decoded_index`` re-based to the merged batch)."""
+    offsets = itertools.accumulate([0] + [len(p.lengths) for p in parts[:-1]])
+    fields = {name: torch.cat([getattr(p, name) for p in parts]) for name in EncodedBatch._fields
+              if name != "decoded_index"}
+    fields["decoded_index"] = torch.cat([p.decoded_index + o for p, o in zip(parts, offsets)])
+    return EncodedBatch(**fields)
+
+
+def check_canonical_streams(data: DataConfig, world_size: int) -> None:
+    """WebDataset training: the world size must divide ``data.canonical_streams`` (one-line ConfigError)."""
+    if data.format == "wds" and data.canonical_streams % world_size:
+        raise ConfigError(f"data.canonical_streams: {data.canonical_streams} is not divisible by the world size "
+                          f"{world_size}; allowed: a multiple of {world_size} (keep the run's value to resume it)")
 
 
 class WdsTrainLoader(TrainLoader):
@@ -180,27 +268,46 @@ class WdsTrainLoader(TrainLoader):
 
     def __init__(self, index: SplitIndex, data: DataConfig, aug: AugConfig, *, num_classes: int, rank: int,
                  world_size: int, seed: int, device=None):
+        check_canonical_streams(data, world_size)
         super().__init__(data, aug, num_classes=num_classes, rank=rank, world_size=world_size, seed=seed,
                          num_samples=index.num_samples, device=device)
         self.index = index
-        self.dataset = _TrainStream(index, data, aug, rank=rank, world_size=world_size, seed=seed)
-        nw = data.num_workers
+        nw = min(data.num_workers, data.canonical_streams // world_size)
+        self.num_parts = max(1, nw)
+        self.dataset = _TrainStream(index, data, aug, rank=rank, world_size=world_size, seed=seed,
+                                    num_parts=self.num_parts)
         # workers are forked once and kept across epochs (the epoch's settings reach them through shared
         # memory); their base seed comes from this generator, not from the trainer's global RNG (augmentation
-        # is seeded per batch from (seed, epoch, rank, batch) anyway)
+        # is seeded per sample from (seed, epoch, position) anyway)
         self.generator = torch.Generator().manual_seed(make_seed(seed, rank, 0xD1))
+        self.pin = pin_batches(data, self.device, data.decode == "device")
         self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=nw,
                                      prefetch_factor=data.prefetch_factor if nw > 0 else None,
-                                     pin_memory=pin_batches(data, self.device, data.decode == "device"),
+                                     pin_memory=self.pin and self.num_parts == 1,
                                      persistent_workers=nw > 0, generator=self.generator)
 
     def _configure(self) -> None:
         self.dataset.configure(epoch=self.epoch, resolution=self.resolution, batch_size=self.batch_size,
                                num_batches=len(self), skip=self.skip_batches)
 
+    def _parts(self):
+        """The workers' parts of each batch, merged: (images or EncodedBatch, labels, keys)."""
+        if self.num_parts == 1:
+            yield from self.dataloader
+            return
+        it = iter(self.dataloader)
+        while parts := list(itertools.islice(it, self.num_parts)):   # one part per worker, in worker order
+            images, labels, keys = zip(*parts)
+            keys = [k for ks in keys for k in ks]
+            if self.data.decode == "device":
+                yield _merge_encoded(list(images)), torch.cat(labels), keys
+            else:
+                batch = torch.cat(images)
+                yield (batch.pin_memory() if self.pin else batch), torch.cat(labels), keys
+
     def _batches(self):
         """(uint8 images, labels, keys, the device path's EncodedBatch or None) for the configured epoch."""
-        for images, labels, keys in self.dataloader:
+        for images, labels, keys in self._parts():
             if self.data.decode == "device":
                 encoded = images
                 images = decode_resized_crops(encoded, (self.resolution, self.resolution), self.device)
@@ -212,11 +319,9 @@ class WdsTrainLoader(TrainLoader):
         for images, labels, _keys, _ in self._batches():
             yield images, labels
 
-    def iter_with_keys(self):
-        """Iterate the configured epoch, also yielding each batch's sample keys (for checks and analysis)."""
-        for index, (images, labels, keys, _) in enumerate(self._batches(), start=self.skip_batches):
-            x, y = self._finish(images, labels, index)
-            yield x, y, keys
+    def _iter_raw_keys(self):
+        for images, labels, keys, _ in self._batches():
+            yield images, labels, keys
 
     def iter_with_boxes(self):
         """``data.decode: device`` only: like :meth:`iter_with_keys`, plus each sample's RandomResizedCrop box
@@ -381,5 +486,5 @@ class WdsNativeEvalLoader(NativeEvalLoader):
                          world_size=world_size, patch_size=patch_size, max_aspect=max_aspect, device=device)
 
 
-__all__ = ["WdsEvalLoader", "WdsNativeEvalLoader", "WdsNativeSource", "WdsTrainLoader", "pin_batches",
-           "repeat_each", "stream_shards"]
+__all__ = ["WdsEvalLoader", "WdsNativeEvalLoader", "WdsNativeSource", "WdsTrainLoader", "canonical_stream",
+           "check_canonical_streams", "pin_batches", "repeat_each", "segment_samples", "stream_counts", "worker_blocks"]
