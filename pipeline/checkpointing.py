@@ -138,21 +138,33 @@ def load(engine, path: str | Path, *, rank: int, restore_rng: bool = True) -> di
     path = Path(path)
     universal = engine.load_universal_checkpoint()
     source = universal_path(path) if universal else path
-    # DeepSpeed's ZeRO-3 universal load gives every param group the hyper-parameters of group 0
-    # (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): the no-decay group (norms, biases, PEG)
-    # would take the decay group's weight decay or the other way round. The groups' own values are the config's.
     own = [g["weight_decay"] for g in engine.optimizer.param_groups]
     _, client_state = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None:
         raise RuntimeError(f"failed to load checkpoint {source}")
     if universal:
-        for group, weight_decay in zip(engine.optimizer.param_groups, own):
-            group["weight_decay"] = weight_decay
+        _repair_universal_zero3_load(engine.optimizer, own)
     rng_file = path / f"rng_rank{rank}.pt"
     if restore_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+def _repair_universal_zero3_load(optimizer, weight_decays: list[float]) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19, stage3.py
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``); no-ops after a ZeRO-1/2 one, which has neither.
+
+    * It gives every param group the hyper-parameters of group 0, so the no-decay group (norms, biases, PEG) and
+      the decay group end with one weight decay: each group gets its own (the config's) back.
+    * It puts *one* ``step`` tensor into the state of every sub-group; Adam increments it in place once per
+      sub-group per step, so the bias correction runs ahead (2 groups: step 13 after 5 steps from step 3, and
+      a 1 -> 2 rank resume drifted 1e-4 from the uninterrupted run). Each state gets its own copy."""
+    for group, weight_decay in zip(optimizer.param_groups, weight_decays):
+        group["weight_decay"] = weight_decay
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def has_zero_partitions(path: str | Path) -> bool:

@@ -171,5 +171,11 @@ def test_one_rank_then_two_ranks_zero3(reference, tiny_data, tiny_recipe, tmp_pa
     run_train(1, tiny_recipe, tiny_data, run_dir, "zero3", *COMMON, *ONE, "run.max_steps=3", timeout=900)
     proc = run_train(2, tiny_recipe, tiny_data, run_dir, "zero3", *COMMON, *TWO, "--resume", "auto", timeout=900)
     assert "continuing a 1-rank checkpoint on 2 ranks at global sample 24 of epoch 0" in proc.stdout
+    # DeepSpeed's ZeRO-3 universal load shares one Adam step counter between the param groups and gives them
+    # group 0's weight decay (undone by checkpointing.load): each group counts the 8 steps, with its own decay
+    for f in (run_dir / "checkpoints" / checkpointing.tag_for(8)).glob("*_optim_states.pt"):
+        inner = torch.load(f, weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]
+        assert [float(s["step"]) for s in inner["state"].values()] == [8.0, 8.0]
+        assert [g["weight_decay"] for g in inner["param_groups"]] == [0.0, 0.05]
     print(f"1 -> 2 ranks: params vs the uninterrupted run: {assert_same_run(reference, run_dir)}")
     zero_to_fp32_matches(run_dir)    # ZeRO-3
