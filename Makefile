@@ -24,6 +24,8 @@ FFCV_PIN := ffcv==1.0.2
 SYSTEM_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
 TEST_SYSTEM_PKGS := slurm-wlm munge chromium
 RUN_DIR ?= runs/demo
+# pytest-xdist workers: one per core, at most 4 (each test may start 2 training ranks of its own)
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 # Compiled DeepSpeed ops (shm comm) are cached here so they build once per checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -70,7 +72,7 @@ demo: setup
 
 test: setup-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all

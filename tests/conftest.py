@@ -52,3 +52,11 @@ def no_leaked_tracking_uri():
         else:
             os.environ[name] = value
     fluent._active_experiment_id = None   # no public API unsets set_experiment()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n N --dist loadgroup``, the Makefile's test command) a test module runs on one
+    worker, so its module fixtures are built once; the SLURM modules share one worker and its one cluster."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("slurm" if Path(module).name.startswith("test_slurm") else module))
