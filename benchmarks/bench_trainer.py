@@ -84,7 +84,8 @@ class InMemoryLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def set_epoch(self, epoch: int, resolution: int, batch_size: int | None = None, skip_batches: int = 0) -> None:
+    def set_epoch(self, epoch: int, resolution: int, batch_size: int | None = None, skip_batches: int = 0,
+                  accum: int = 1) -> None:
         self.set_epoch_calls.append((epoch, resolution, batch_size, skip_batches))
         if int(resolution) != self.resolution:
             raise ValueError(f"InMemoryLoader holds {self.resolution} px batches, asked for {resolution}")

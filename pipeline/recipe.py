@@ -171,6 +171,17 @@ class TrainConfig:
             if r % patch:
                 raise ConfigError(f"eval.resolutions[{i}]: {r} must be a multiple of the patch size {patch} "
                                   f"(e.g. {max(patch, r // patch * patch)} or {(r // patch + 1) * patch})")
+        if self.aug.aspect_buckets:
+            m = self.aug.aspect_multiple
+            if m % patch:
+                raise ConfigError(f"aug.aspect_multiple: {m} must be a multiple of the patch size {patch} "
+                                  f"(bucket sides are whole patches); e.g. {patch}")
+            schedule = ResolutionSchedule(res_cfg, self.run.epochs)
+            for epoch in range(self.run.epochs):
+                r = schedule.at(epoch)[0]
+                if r % m:
+                    raise ConfigError(f"schedule.resolution: epoch {epoch} trains at {r} px, not a multiple of "
+                                      f"aug.aspect_multiple={m} (aspect buckets are built from it)")
         if self.run.ema and self.ds_zero_stage_hint() == 3:
             raise ConfigError("run.ema: EMA needs full parameters on every rank; allowed with ZeRO stages [0, 1, 2]")
 

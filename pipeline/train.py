@@ -463,10 +463,17 @@ class Trainer:
         s = self.state
         res, batch = self.res_schedule.at(epoch)
         batch = batch or self.cfg.data.batch_size
-        self.loader.set_epoch(epoch, res, batch_size=batch, skip_batches=s.step_in_epoch * self.accum)
+        self.loader.set_epoch(epoch, res, batch_size=batch, skip_batches=s.step_in_epoch * self.accum,
+                              accum=self.accum)
         steps, global_batch = len(self.loader) // self.accum, batch * self.accum * self.world
         self.last_res, self._steps = res, steps
         self.log.start_epoch(epoch, steps, s.step_in_epoch, res)
+        if self.cfg.aug.aspect_buckets:
+            from pipeline.data.aspect_buckets import train_bucket_shapes
+
+            shapes = train_bucket_shapes(res, self.cfg.aug.aspect_multiple, tuple(self.cfg.aug.ratio))
+            self.log.line(f"aspect buckets at {res} px (H x W), one per step: "
+                          + ", ".join(f"{h}x{w}" for h, w in shapes))
         with_keys = getattr(self.loader, "iter_with_keys", None)
         with torch.random.fork_rng(devices=[]):  # creating the iterator must not shift the trainer's RNG stream
             batches = _micro_batches(with_keys() if with_keys else ((x, y, None) for x, y in self.loader),

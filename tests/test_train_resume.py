@@ -20,14 +20,20 @@ pytestmark = pytest.mark.slow
 
 # 32 train images, global batch 8: 4 steps per epoch, 3 epochs; checkpoints every 3 steps + epoch ends.
 # Random crops, flips and drop-path are on, so the RNG/loader state has to be restored too.
-CASES = [(1, "zero2", 7, ("data.batch_size=8",)), (2, "zero3", 5, ("data.batch_size=4",))]
+# Aspect buckets (64 px, crops' W/H in [1/2, 2]: 80x48, 64x64, 48x80, 48x96): each step's shape is drawn from
+# (seed, epoch, step), so the resumed job has to find the same sequence mid-epoch.
+BUCKETS = ("data.batch_size=4", "aug.aspect_buckets=true", "aug.ratio=[0.5,2.0]",
+           "schedule.resolution.resolution=64")
+CASES = [(1, "zero2", 7, ("data.batch_size=8",)), (2, "zero3", 5, ("data.batch_size=4",)), (2, "zero2", 6, BUCKETS)]
 
 
-@pytest.mark.parametrize("nproc,ds,kill_at,overrides", CASES, ids=["1rank-zero2", "2rank-zero3"])
+@pytest.mark.parametrize("nproc,ds,kill_at,overrides", CASES, ids=["1rank-zero2", "2rank-zero3", "2rank-buckets"])
 def test_sigkill_then_resume_matches_uninterrupted(tiny_data, tiny_recipe, tmp_path, nproc, ds, kill_at,  # noqa: F811
                                                    overrides):
     full = tmp_path / "full"
-    run_train(nproc, tiny_recipe, tiny_data, full, ds, *overrides, timeout=900)
+    proc = run_train(nproc, tiny_recipe, tiny_data, full, ds, *overrides, timeout=900)
+    if overrides == BUCKETS:
+        assert "aspect buckets at 64 px (H x W), one per step: 80x48, 64x64, 48x80, 48x96" in proc.stdout
 
     killed = tmp_path / "killed"
     run_and_kill(nproc, tiny_recipe, tiny_data, killed, ds, kill_at, *overrides, timeout=900)

@@ -1,5 +1,5 @@
-"""Aspect-ratio buckets: the HxW shapes a PEG model is fed instead of square crops, and the rank-balanced batch
-schedule of native-aspect evaluation.
+"""Aspect-ratio buckets: the HxW shapes a PEG model is fed instead of square crops -- the rank-balanced batch
+schedule of native-aspect evaluation, and the per-step shapes of aspect-bucketed training.
 
 The shape rule (:func:`native_shape`), for a target resolution ``s`` (a multiple of the patch size ``p``) and an
 image of ``w x h`` pixels:
@@ -26,14 +26,26 @@ bucket (padding every bucket's last batch to full size, as the center-crop loade
 batch, would forward 67 % padding on the 203-image demo val split at 64 px with 9 buckets). A bucket's batch
 holds ``bs = max(1, floor(batch * s^2 / (H * W)))`` images, so no batch has more pixels than a center-crop
 batch at ``s``.
+
+Training (``aug.aspect_buckets: true``, :func:`train_bucket_shapes`, :func:`train_bucket`): at resolution ``s``
+the buckets are the shapes ``H x W`` with ``W`` a multiple of ``m = aug.aspect_multiple`` (the patch size),
+``H = s^2 / W`` rounded to the nearest multiple of ``m`` -- so ``H * W`` is ``s^2`` up to that rounding -- and
+``W / H`` inside ``aug.ratio``, RandomResizedCrop's aspect range (224 px, patch 16, DeiT's ``[3/4, 4/3]``:
+``192x256, 208x240, 224x224, 240x208, 256x192``). Each optimizer step draws one bucket, uniformly, from
+``(seed, epoch, step)`` alone: every rank and micro-batch of the step takes it, at any world size and
+accumulation split, and a mid-epoch resume finds the same sequence. Every image of the step is then
+RandomResizedCropped with the bucket's aspect ratio (area from ``aug.scale``) and resized to the bucket without
+distortion, where the square recipe draws an aspect per image and squeezes it to ``s x s``.
 """
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
 from pipeline.config import ConfigError
+from pipeline.rng import make_seed
 
 DEFAULT_MAX_ASPECT = 2.0
 
@@ -108,5 +120,27 @@ def plan_native_batches(shapes: Sequence[tuple[int, int]], *, resolution: int, b
     return plan
 
 
+def train_bucket_shapes(resolution: int, multiple: int = 16,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> list[tuple[int, int]]:
+    """The training buckets (H, W) at ``resolution`` (see the module docstring), by increasing ``W / H``;
+    always includes the square."""
+    if int(resolution) <= 0 or int(resolution) % multiple:
+        raise ConfigError(f"resolution: {resolution!r} must be a positive multiple of aug.aspect_multiple="
+                          f"{multiple} for aspect-bucketed training")
+    lo, hi = ratio
+    area = resolution * resolution
+    shapes = {(resolution, resolution)}
+    for w in range(multiple, int(math.sqrt(area * hi)) + 2 * multiple, multiple):
+        h = max(multiple, int(math.floor(area / w / multiple + 0.5)) * multiple)
+        if lo - 1e-9 <= w / h <= hi + 1e-9:
+            shapes.add((h, w))
+    return sorted(shapes, key=lambda hw: hw[1] / hw[0])
+
+
+def train_bucket(shapes: Sequence[tuple[int, int]], *, seed: int, epoch: int, step: int) -> tuple[int, int]:
+    """The bucket of optimizer step ``step`` (counted within ``epoch``): a pure function of (seed, epoch, step)."""
+    return tuple(shapes[random.Random(make_seed(seed, epoch, step, 0xB0C7)).randrange(len(shapes))])
+
+
 __all__ = ["DEFAULT_MAX_ASPECT", "NativeBatch", "bucket_batch_size", "bucket_shapes", "check_native",
-           "max_long_side", "native_shape", "plan_native_batches"]
+           "max_long_side", "native_shape", "plan_native_batches", "train_bucket", "train_bucket_shapes"]

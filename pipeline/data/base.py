@@ -7,7 +7,9 @@
     ``(images, targets)``: images normalised float32/bfloat16 ``(B, 3, res, res)`` (NCHW, or channels-last
     memory format), targets ``(B,)`` int64 or ``(B, num_classes)`` float soft targets when Mixup/CutMix is on.
     ``iter_with_keys()`` yields ``(images, targets, keys)``: each sample's key (host strings the back end has
-    anyway; None from a back end that cannot name its samples).
+    anyway; None from a back end that cannot name its samples). With ``aug.aspect_buckets`` (WebDataset) the
+    images of each optimizer step (``accum`` micro-batches, ``set_epoch(..., accum=)``) are ``(B, 3, H, W)`` in
+    that step's bucket (:mod:`pipeline.data.aspect_buckets`), the same on every rank.
 
     Global positions: the epoch is one global sequence of samples and rank ``r`` of ``R`` takes positions
     ``r, r + R, r + 2R, ...`` in batches of ``batch_size``, so ``k`` global steps of ``G = batch_size x
@@ -39,7 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check_positive
 from pipeline.data.aspect_buckets import (DEFAULT_MAX_ASPECT, NativeBatch, check_native, native_shape,
                                          plan_native_batches)
 from pipeline.data.config import AugConfig, DataConfig, check_data_aug
@@ -68,6 +70,7 @@ class TrainLoader:
         self.resolution: int | None = None
         self.batch_size = data.batch_size
         self.skip_batches = 0
+        self.accum = 1
 
     # ------------------------------------------------------------------ contract
     @property
@@ -81,7 +84,9 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.num_samples // self.global_batch_size
 
-    def set_epoch(self, epoch: int, resolution: int, batch_size: int | None = None, skip_batches: int = 0) -> None:
+    def set_epoch(self, epoch: int, resolution: int, batch_size: int | None = None, skip_batches: int = 0,
+                  accum: int = 1) -> None:
+        """``accum``: micro-batches per optimizer step (aspect-bucketed training gives a whole step one shape)."""
         bs = self.data.batch_size if batch_size is None else int(batch_size)
         check_data_aug(self.data, self.aug, batch_size=bs)
         if epoch < 0:
@@ -94,7 +99,9 @@ class TrainLoader:
                               f"{self.num_samples} training samples")
         if not (0 <= skip_batches <= n):
             raise ValueError(f"skip_batches must be in [0, {n}], got {skip_batches}")
+        check_positive("accum", accum)
         self.epoch, self.resolution, self.batch_size, self.skip_batches = epoch, int(resolution), bs, skip_batches
+        self.accum = int(accum)
         self._configure()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

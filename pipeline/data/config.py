@@ -92,6 +92,11 @@ class AugConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     hflip: float = 0.5
+    # aspect-bucketed training (WebDataset): each optimizer step crops all its images to one H x W bucket of
+    # ~resolution^2 pixels with W/H inside `ratio`, sides multiples of `aspect_multiple` (the model's patch);
+    # pipeline.data.aspect_buckets
+    aspect_buckets: bool = False
+    aspect_multiple: int = 16
     train_interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm spec; null/"" disables
     color_jitter: float = 0.3                              # only used when auto_augment is off (timm rule)
@@ -118,6 +123,7 @@ class AugConfig:
 
     def validate(self) -> None:
         check_positive("repeats", self.repeats)
+        check_positive("aspect_multiple", self.aspect_multiple)
         for name in ("scale", "ratio"):
             lo, hi = getattr(self, name)
             if not (0 < lo <= hi):
@@ -185,6 +191,12 @@ def check_data_aug(data: DataConfig, aug: AugConfig, batch_size: int | None = No
         raise ConfigError(f"{data_prefix}decode: 'device' cannot be combined with {aug_prefix}auto_augment="
                           f"{aug.auto_augment!r} (it needs decoded pixels in the workers); set "
                           f"{aug_prefix}auto_augment: null or {data_prefix}decode: 'cpu'")
+    if aug.aspect_buckets and data.format != "wds":
+        raise ConfigError(f"{aug_prefix}aspect_buckets: true needs {data_prefix}format: 'wds' (FFCV's decoder "
+                          f"pipeline has one output size per loader); allowed with {data.format!r}: [false]")
+    if aug.aspect_buckets and data.decode == "device":
+        raise ConfigError(f"{aug_prefix}aspect_buckets: true cannot be combined with {data_prefix}decode: 'device' "
+                          f"(its batch decoder crops one square size); set {data_prefix}decode: 'cpu'")
     if aug.mixup_active and bs % 2:
         raise ConfigError(f"{data_prefix}batch_size: {bs} must be even when {aug_prefix}mixup/{aug_prefix}cutmix "
                           f"is on (timm Mixup pairs samples within the batch)")

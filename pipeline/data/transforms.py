@@ -150,15 +150,18 @@ def eval_scale_size(resolution: int, crop_pct: float) -> int:
 
 
 # ----------------------------------------------------------------------------------------- timm transforms
-def train_transform(aug: AugConfig, resolution: int) -> Callable[[Image.Image], torch.Tensor]:
-    """RandomResizedCrop + flip + RandAugment (DeiT) -> uint8 CHW tensor (normalisation happens per batch)."""
+def train_transform(aug: AugConfig, resolution: int,
+                    shape: tuple[int, int] | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """RandomResizedCrop + flip + RandAugment (DeiT) -> uint8 CHW tensor (normalisation happens per batch).
+    ``shape`` (H, W): an aspect bucket -- the crop takes its aspect ratio and is resized to it, undistorted."""
     from timm.data import create_transform
 
+    ratio = tuple(aug.ratio) if shape is None else (shape[1] / shape[0],) * 2
     tf = create_transform(
-        input_size=resolution,
+        input_size=resolution if shape is None else (3, *shape),
         is_training=True,
         scale=tuple(aug.scale),
-        ratio=tuple(aug.ratio),
+        ratio=ratio,
         hflip=aug.hflip,
         vflip=0.0,
         color_jitter=aug.color_jitter if aug.color_jitter > 0 else None,
@@ -174,14 +177,14 @@ def train_transform(aug: AugConfig, resolution: int) -> Callable[[Image.Image], 
     return tf
 
 
-def train_transform_from_bytes(aug: AugConfig, resolution: int,
-                               draft: bool = True) -> Callable[[bytes], torch.Tensor]:
+def train_transform_from_bytes(aug: AugConfig, resolution: int, draft: bool = True,
+                               shape: tuple[int, int] | None = None) -> Callable[[bytes], torch.Tensor]:
     """:func:`train_transform` for encoded image bytes: its RandomResizedCrop becomes
     :class:`DraftRandomResizedCrop`, which decodes only at the scale the crop needs (``draft``). Same augmentation
     distribution and RNG consumption as :func:`train_transform` on the decoded image."""
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
-    tf = train_transform(aug, resolution)
+    tf = train_transform(aug, resolution, shape)
     first = tf.transforms[0]
     if not isinstance(first, RandomResizedCropAndInterpolation):
         raise TypeError(f"expected timm's RandomResizedCropAndInterpolation first, got {first!r}")

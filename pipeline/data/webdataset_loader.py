@@ -69,7 +69,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError
-from pipeline.data.aspect_buckets import check_native
+from pipeline.data.aspect_buckets import check_native, train_bucket, train_bucket_shapes
 from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
 from pipeline.data.config import AugConfig, DataConfig
 from pipeline.data.device_decode import CropDrawer, EncodedBatch, decode_resized_crops
@@ -91,16 +91,15 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str], resolution: int | None = None):
+def _collate(images: list[torch.Tensor], labels: list[int], keys: list[str], shape: tuple[int, int] = (0, 0)):
     """uint8 CHW images (views of HWC pixels, as timm's MaybePILToTensor returns them) -> (B, 3, H, W) batch.
 
     Stacked as HWC, so each image is one contiguous copy (``torch.stack`` of the permuted views is a strided
     gather, ~5x slower); the batch is NCHW with channels-last memory, which the batch normaliser turns into
     the requested layout in the pass it makes anyway. An empty part of a batch (a worker whose streams have no
-    position in it) is an empty ``(0, 3, resolution, resolution)`` batch."""
+    position in it) is an empty ``(0, 3, H, W)`` batch of the batch's ``shape``."""
     if not images:
-        return (torch.empty((0, 3, resolution, resolution), dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
-                keys)
+        return torch.empty((0, 3, *shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), keys
     batch = torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
     return batch, torch.tensor(labels, dtype=torch.int64), keys
 
@@ -185,11 +184,20 @@ class _TrainStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.streams_per_rank = data.canonical_streams // world_size
         self.blocks = worker_blocks(self.streams_per_rank, num_parts)
-        # epoch, resolution, batch size, batches in the epoch, batches to skip
-        self.settings = torch.tensor([0, 224, 1, 0, 0], dtype=torch.int64).share_memory_()
+        # epoch, resolution, batch size, batches in the epoch, batches to skip, batches per optimizer step
+        self.settings = torch.tensor([0, 224, 1, 0, 0, 1], dtype=torch.int64).share_memory_()
 
-    def configure(self, *, epoch: int, resolution: int, batch_size: int, num_batches: int, skip: int) -> None:
-        self.settings.copy_(torch.tensor([epoch, resolution, batch_size, num_batches, skip], dtype=torch.int64))
+    def configure(self, *, epoch: int, resolution: int, batch_size: int, num_batches: int, skip: int,
+                  accum: int = 1) -> None:
+        self.settings.copy_(torch.tensor([epoch, resolution, batch_size, num_batches, skip, accum],
+                                         dtype=torch.int64))
+
+    def batch_shapes(self, epoch: int, resolution: int, accum: int):
+        """The (H, W) of each batch index: one aspect bucket per optimizer step, or the square."""
+        if not self.aug.aspect_buckets:
+            return lambda b: (resolution, resolution)
+        shapes = train_bucket_shapes(resolution, self.aug.aspect_multiple, tuple(self.aug.ratio))
+        return lambda b: train_bucket(shapes, seed=self.seed, epoch=epoch, step=b // accum)
 
     def raw_samples(self, epoch: int, j: int) -> Iterator[dict[str, Any]]:
         """The still-encoded sample stream of this rank's ``j``-th canonical stream (shuffled, before skipping)."""
@@ -198,7 +206,7 @@ class _TrainStream(IterableDataset):
 
     def __iter__(self):
         worker, _ = _worker()
-        epoch, res, bs, num_batches, skip = self.settings.tolist()
+        epoch, res, bs, num_batches, skip, accum = self.settings.tolist()
         S, R = self.streams_per_rank, self.world_size
         block = self.blocks[worker]
         streams = {}
@@ -210,9 +218,14 @@ class _TrainStream(IterableDataset):
             transform, collate = drawer, lambda drawn, labels, keys: (
                 _pack(drawer, drawn, res), torch.tensor(labels, dtype=torch.int64), keys)
         else:
-            transform = train_transform_from_bytes(self.aug, res, draft=self.data.jpeg_draft)
-            collate = functools.partial(_collate, resolution=res)
+            shape_of, transforms = self.batch_shapes(epoch, res, accum), {}
         for b in range(skip, num_batches):
+            if self.data.decode != "device":
+                shape = shape_of(b)
+                if shape not in transforms:   # one transform per bucket, built when the bucket first comes up
+                    transforms[shape] = train_transform_from_bytes(self.aug, res, draft=self.data.jpeg_draft,
+                                                                   shape=None if shape == (res, res) else shape)
+                transform, collate = transforms[shape], functools.partial(_collate, shape=shape)
             images, labels, keys = [], [], []
             with seeded(0):   # the caller's generators stay untouched; every sample is reseeded below
                 for j in block:   # this worker's positions of batch b, by stream then position
@@ -288,7 +301,7 @@ class WdsTrainLoader(TrainLoader):
 
     def _configure(self) -> None:
         self.dataset.configure(epoch=self.epoch, resolution=self.resolution, batch_size=self.batch_size,
-                               num_batches=len(self), skip=self.skip_batches)
+                               num_batches=len(self), skip=self.skip_batches, accum=self.accum)
 
     def _parts(self):
         """The workers' parts of each batch, merged: (images or EncodedBatch, labels, keys)."""
