@@ -54,9 +54,23 @@ def no_leaked_tracking_uri():
     fluent._active_experiment_id = None   # no public API unsets set_experiment()
 
 
+# The modules that take minutes (each starts several multi-rank trainings), longest first, from the suite's
+# --durations report: under pytest-xdist they start first and the short modules fill the gaps at the end.
+LONG_MODULES = ("test_train_elastic", "test_train_features", "test_train_deepspeed", "test_remote_shards",
+                "test_slurm_train", "test_train_resume", "test_analysis_compare", "test_tracking_store",
+                "test_mlflow_ui", "test_gpu_check", "test_train_nonfinite", "test_benchmarks_progressive",
+                "test_analysis_ablations", "test_benchmarks_trainer", "test_slurm_card", "test_launcher_submit")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``-n N --dist loadgroup``, the Makefile's test command) a test module runs on one
-    worker, so its module fixtures are built once; the SLURM modules share one worker and its one cluster."""
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group("slurm" if Path(module).name.startswith("test_slurm") else module))
+    """Order for pytest-xdist (``-n N --dist loadfile``, the Makefile's test command: a module stays on one
+    worker, so its module fixtures are built once): :data:`LONG_MODULES` first, then the other modules with slow
+    tests, then the rest; stable, so each module's tests stay contiguous and in file order."""
+    def rank(item) -> tuple[int, int]:
+        name = Path(item.nodeid.split("::")[0]).stem
+        if name in LONG_MODULES:
+            return 0, LONG_MODULES.index(name)
+        return (1 if name in slow else 2), 0
+
+    slow = {Path(item.nodeid.split("::")[0]).stem for item in items if item.get_closest_marker("slow")}
+    items.sort(key=rank)

@@ -178,7 +178,7 @@ def test_preempted_two_node_job_continues_on_one_node(slurm_cluster, job_env, ti
     out = capsys.readouterr().out
     job_id = re.search(r"^submitted job (\d+) on slurm \(1 tasks\)$", out, re.M).group(1)
     assert re.search(r"^MLflow: .* run (\w+)$", out, re.M).group(1) == run_id   # the same run, not a new one
-    [summary] = wait_for(submitit.SlurmJob(plan.folder, job_id, tasks=(0,)), timeout=600)
+    summary = wait_for(submitit.SlurmJob(plan.folder, job_id, tasks=(0,)), timeout=600)   # one task: its result
     assert (summary["world_size"], summary["global_step"], summary["exit_code"]) == (1, total, 0)
     log = Path(str(submitit.SlurmJob(plan.folder, job_id, tasks=(0,)).paths.stdout).replace("%t", "0")).read_text()
     assert "continuing a 2-rank checkpoint on 1 ranks" in log and f"(global {stop['global_step']})" in log

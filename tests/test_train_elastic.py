@@ -155,10 +155,11 @@ def test_two_ranks_killed_during_save_resume_on_one_rank(reference, tiny_data, t
     [line] = [ln for ln in proc.stderr.splitlines() if "resume self-check" in ln]
     assert line.startswith(f"config error: resume self-check: the next step after {mid.name} reads other samples")
 
+    # the newest is step 4 (an epoch end: no next-step keys) or, when the kill landed after the marker, step 6
+    # (read now: the resumed run prunes step 4 once it saves steps 6 and 8)
+    mid_epoch = checkpointing.read_meta(newest)["next_keys_sha256"] is not None
     proc = run_train(1, tiny_recipe, tiny_data, run_dir, "zero2", *COMMON, *ONE, "--resume", "auto", timeout=900)
     assert "ZeRO state re-partitioned from DeepSpeed's universal checkpoint" in proc.stdout
-    # the newest is step 4 (an epoch end: no next-step keys) or, when the kill landed after the marker, step 6
-    mid_epoch = checkpointing.read_meta(newest)["next_keys_sha256"] is not None
     checked = "next step's 8 sample keys, RNG state" if mid_epoch else "RNG state"
     assert f"resume self-check passed: {checked}\n" in proc.stdout
     print(f"2 -> 1 rank: params vs the uninterrupted run: {assert_same_run(reference, run_dir)}")
