@@ -242,8 +242,9 @@ class Checkpointer:
     ``components`` maps a client-state key to anything with ``state_dict()`` / ``load_state_dict()`` (the loop
     position, the LR schedule, the EMA weights); the DeepSpeed engine saves model and optimizer shards itself.
     ``meta()`` (optional) returns the layout record written into ``COMPLETE`` at each save.
-    ``maybe_save(step, at_epoch_end)`` saves every ``checkpoint.every_steps`` optimizer steps inside an epoch
-    (the epoch end always saves, after evaluation, through :meth:`save`)."""
+    ``due(step, at_epoch_end)`` is the cadence: every ``checkpoint.every_steps`` optimizer steps inside an epoch
+    (the trainer then records the next step's keys and calls :meth:`save`; the epoch end always saves, after
+    evaluation)."""
 
     def __init__(self, engine, ckpt_dir: str | Path, cfg: CheckpointConfig, *, rank: int, config_yaml: str,
                  components: dict[str, Any], log=print, meta=None):
@@ -256,12 +257,9 @@ class Checkpointer:
         return {name: part.state_dict() for name, part in self.components.items()}
 
     def due(self, step: int, at_epoch_end: bool) -> bool:
-        """Whether :meth:`maybe_save` saves at ``step``."""
+        """Whether the cadence saves at ``step`` (the caller then calls :meth:`save`)."""
         every = self.cfg.every_steps
         return bool(every) and step % every == 0 and not at_epoch_end and step != self.last_saved_step
-
-    def maybe_save(self, step: int, at_epoch_end: bool) -> Path | None:
-        return self.save(step) if self.due(step, at_epoch_end) else None
 
     def save(self, step: int, metric: float | None = None) -> Path:
         path = save(self.engine, self.dir, step, self.state_dict(), rank=self.rank, config_yaml=self.config_yaml,

@@ -156,7 +156,7 @@ class TrainConfig:
         # cross-section rules (sections validated themselves already)
         res_cfg = self.schedule.resolution
         try:
-            ResolutionSchedule(res_cfg, self.run.epochs)
+            res_schedule = ResolutionSchedule(res_cfg, self.run.epochs)
             LRSchedule(self.schedule.lr, self.run.epochs)
         except ConfigError as e:
             raise ConfigError(f"schedule.{e}") from None
@@ -176,9 +176,8 @@ class TrainConfig:
             if m % patch:
                 raise ConfigError(f"aug.aspect_multiple: {m} must be a multiple of the patch size {patch} "
                                   f"(bucket sides are whole patches); e.g. {patch}")
-            schedule = ResolutionSchedule(res_cfg, self.run.epochs)
             for epoch in range(self.run.epochs):
-                r = schedule.at(epoch)[0]
+                r = res_schedule.at(epoch)[0]
                 if r % m:
                     raise ConfigError(f"schedule.resolution: epoch {epoch} trains at {r} px, not a multiple of "
                                       f"aug.aspect_multiple={m} (aspect buckets are built from it)")

@@ -169,6 +169,9 @@ def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None, *, train_load
 
 
 # ----------------------------------------------------------------------------------------- the parts
+_UNPLANNED = object()   # Trainer(resume_plan=...) not given
+
+
 @dataclass
 class TrainState:
     """Where the loop is; saved in every checkpoint. ``step_in_epoch`` counts data steps (a skipped step consumed
@@ -217,13 +220,18 @@ def _micro_batches(batches: Iterator, n: int) -> Iterator[list]:
         yield group
 
 
+def _step_keys(micro: list) -> list[str] | None:
+    """The sample keys of one step's ``(x, y, keys)`` micro-batches; None if a micro-batch has none."""
+    return None if any(m[2] is None for m in micro) else [k for _, _, ks in micro for k in ks]
+
+
 class Trainer:
     """Builds the parts once; :meth:`fit` runs the epochs. Each part owns its cadence: the checkpointer
     (``checkpoint.every_steps`` and epoch ends), the evaluator (``eval.every_epochs``), the metrics
     (``run.log_every``), the stop agreement (``run.stop_check_steps``)."""
 
     def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], env, num_classes: int, choice, precision: str,
-                 train_loader=None, resume_plan=None):
+                 train_loader=None, resume_plan=_UNPLANNED):
         from pipeline import device as devices
         from pipeline.checkpointing import Checkpointer
         from pipeline.data.loader import build_train_loader
@@ -244,7 +252,8 @@ class Trainer:
 
         from pipeline.resume_check import plan_resume
 
-        self.resume_plan = resume_plan if resume_plan is not None else plan_resume(cfg, self.world)
+        # run() plans before the process group exists (None: start fresh); another caller gets it planned here
+        self.resume_plan = plan_resume(cfg, self.world) if resume_plan is _UNPLANNED else resume_plan
         if self.resume_plan is not None and self.resume_plan.universal:   # ZeRO partitions of another world size
             self.ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         self._self_check, self._next_keys, self._pending = None, None, []
@@ -369,9 +378,19 @@ class Trainer:
         from pipeline.resume_check import gather_keys, keys_digest
 
         self._pending = next(batches, [])
-        keys = [k for _, _, ks in self._pending for k in ks] if all(m[2] is not None for m in self._pending) else None
-        keys = gather_keys(keys if self._pending else None, self.world)
+        keys = gather_keys(_step_keys(self._pending) if self._pending else None, self.world)
         self._next_keys = keys_digest(keys) if keys else None
+
+    def _verify_resume(self, micro: list) -> None:
+        """The first step after a resume: does it read the samples, with the RNG state, the checkpoint recorded?"""
+        import torch
+
+        from pipeline.rng import rng_state
+
+        with torch.random.fork_rng(devices=[]):
+            checked = self._self_check.verify(_step_keys(micro), rng_state())
+        self._self_check = None
+        self.log.line("resume self-check passed: " + (", ".join(checked) or "nothing recorded to check"))
 
     def _record_keys(self, epoch: int, micro: list) -> None:
         import json
@@ -486,14 +505,8 @@ class Trainer:
             micro, self._pending = self._pending or next(batches, []), []
             if len(micro) < self.accum:
                 raise RuntimeError(f"loader ended at step {s.step_in_epoch} of {steps} in epoch {epoch}")
-            if self._self_check is not None:   # the first step after a resume: does it read what was recorded?
-                from pipeline.rng import rng_state
-
-                with torch.random.fork_rng(devices=[]):
-                    checked = self._self_check.verify([k for _, _, ks in micro for k in ks or []]
-                                                      if all(m[2] is not None for m in micro) else None, rng_state())
-                self._self_check = None
-                self.log.line("resume self-check passed: " + (", ".join(checked) or "nothing recorded to check"))
+            if self._self_check is not None:
+                self._verify_resume(micro)
             if self.cfg.checkpoint.record_keys:
                 self._record_keys(epoch, micro)
             self.timer.wait_done()

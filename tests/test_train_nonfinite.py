@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.train import EXIT_NONFINITE
-from tests.helpers_train import ROOT, final_params, job_env, tiny_data, tiny_recipe, train_cmd  # noqa: F401
+from tests.helpers_train import ROOT, final_params, job_env, kill_job, tiny_data, tiny_recipe, train_cmd  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -76,28 +75,10 @@ def run_job(nproc: int, recipe: Path, data: Path, run_dir: Path, *overrides: str
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(p.pid)
+        kill_job(p)   # torchrun's ranks run in sessions of their own: every descendant
         out, err = p.communicate(timeout=30)
         pytest.fail(f"training job hung for {timeout}s (killed)\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}")
     return Job(run_dir, p.returncode, out, err)
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a job and all its descendants: torchrun starts each worker in a session of its own, so killing
-    the launcher's process group would leave hung workers holding the pipes."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def events(stdout: str) -> list[tuple[str, int, int]]:

@@ -192,12 +192,26 @@ class _TrainStream(IterableDataset):
         self.settings.copy_(torch.tensor([epoch, resolution, batch_size, num_batches, skip, accum],
                                          dtype=torch.int64))
 
-    def batch_shapes(self, epoch: int, resolution: int, accum: int):
-        """The (H, W) of each batch index: one aspect bucket per optimizer step, or the square."""
-        if not self.aug.aspect_buckets:
-            return lambda b: (resolution, resolution)
-        shapes = train_bucket_shapes(resolution, self.aug.aspect_multiple, tuple(self.aug.ratio))
-        return lambda b: train_bucket(shapes, seed=self.seed, epoch=epoch, step=b // accum)
+    def batch_tools(self, epoch: int, resolution: int, accum: int):
+        """``tools(b)`` -> (per-sample transform, collate) of batch index ``b``: on the CPU path the transform of the
+        batch's shape (one aspect bucket per optimizer step, or the square), built once per shape."""
+        if self.data.decode == "device":   # same draws, bytes shipped: decoded on the trainer's device
+            drawer = CropDrawer(self.aug, resolution, draft=self.data.jpeg_draft)
+            device_tools = (drawer, lambda drawn, labels, keys: (
+                _pack(drawer, drawn, resolution), torch.tensor(labels, dtype=torch.int64), keys))
+            return lambda b: device_tools
+        shapes = (train_bucket_shapes(resolution, self.aug.aspect_multiple, tuple(self.aug.ratio))
+                  if self.aug.aspect_buckets else None)
+        square, built = (resolution, resolution), {}
+
+        def tools(b: int):
+            shape = train_bucket(shapes, seed=self.seed, epoch=epoch, step=b // accum) if shapes else square
+            if shape not in built:   # when the bucket first comes up
+                built[shape] = (train_transform_from_bytes(self.aug, resolution, draft=self.data.jpeg_draft,
+                                                           shape=None if shape == square else shape),
+                                functools.partial(_collate, shape=shape))
+            return built[shape]
+        return tools
 
     def raw_samples(self, epoch: int, j: int) -> Iterator[dict[str, Any]]:
         """The still-encoded sample stream of this rank's ``j``-th canonical stream (shuffled, before skipping)."""
@@ -213,19 +227,9 @@ class _TrainStream(IterableDataset):
         for j in block:   # skipped positions: read, never decoded
             raw = self.raw_samples(epoch, j)
             streams[j] = itertools.islice(raw, len(range(j, skip * bs, S)), None)
-        if self.data.decode == "device":   # same draws, bytes shipped: decoded on the trainer's device
-            drawer = CropDrawer(self.aug, res, draft=self.data.jpeg_draft)
-            transform, collate = drawer, lambda drawn, labels, keys: (
-                _pack(drawer, drawn, res), torch.tensor(labels, dtype=torch.int64), keys)
-        else:
-            shape_of, transforms = self.batch_shapes(epoch, res, accum), {}
+        tools = self.batch_tools(epoch, res, accum)
         for b in range(skip, num_batches):
-            if self.data.decode != "device":
-                shape = shape_of(b)
-                if shape not in transforms:   # one transform per bucket, built when the bucket first comes up
-                    transforms[shape] = train_transform_from_bytes(self.aug, res, draft=self.data.jpeg_draft,
-                                                                   shape=None if shape == (res, res) else shape)
-                transform, collate = transforms[shape], functools.partial(_collate, shape=shape)
+            transform, collate = tools(b)
             images, labels, keys = [], [], []
             with seeded(0):   # the caller's generators stay untouched; every sample is reseeded below
                 for j in block:   # this worker's positions of batch b, by stream then position
