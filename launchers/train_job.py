@@ -21,7 +21,7 @@ waiting for the requeued run (see :func:`launchers.executor.wait_for`).
 
 A run stopped on N nodes can also be resubmitted on fewer (or more) with the same ``--run-dir`` and the same
 global batch (``data.batch_size`` x ``optim.grad_accum`` x world): the trainer continues the checkpoint on the new
-world size (:mod:`pipeline.resume_check`) and the launcher continues the earlier submission's MLflow run
+world size (:mod:`pipeline.resume`) and the launcher continues the earlier submission's MLflow run
 (:func:`launchers.slurm_submit.previous_mlflow_run`).
 """
 from __future__ import annotations

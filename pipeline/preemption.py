@@ -9,6 +9,10 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+import torch
+
+from pipeline.distributed import all_reduce_
+
 _STOP = {"requested": False, "signal": None}
 
 
@@ -46,8 +50,4 @@ class StopAgreement:
             return stop_requested()
         if self._calls % self.check_every:
             return False
-        import torch
-
-        from pipeline.distributed import all_reduce_
-
         return bool(all_reduce_(torch.tensor([float(stop_requested())], device=self.device), "MAX").item())

@@ -20,9 +20,19 @@ def test_interleaved_rounds_rotate_and_count():
     assert all(len(v.samples) == 3 for v in t.values())
 
 
-def test_timings_measure_the_candidate():
-    t = measure_interleaved({"fast": lambda: None, "slow": lambda: time.sleep(0.02)}, warmup=0, rounds=3)
-    assert t["slow"].median >= 0.02 > t["fast"].median
+def test_timings_measure_the_candidate(monkeypatch):
+    """Each sample is the clock time of that candidate's calls alone (per call), read around them and nothing
+    else: on a clock that only the candidates move (1 and 5 units a call), the samples are exactly 1 and 5."""
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    def cost(units: float):
+        def call():
+            clock[0] += units
+        return call
+
+    t = measure_interleaved({"fast": cost(1.0), "slow": cost(5.0)}, warmup=2, rounds=3, calls_per_round=2)
+    assert t["fast"].samples == [1.0, 1.0, 1.0] and t["slow"].samples == [5.0, 5.0, 5.0]
 
 
 def test_timing_stats():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import shutil
-import time
 from collections import Counter
 
 import numpy as np
@@ -129,16 +128,15 @@ def test_rerun_after_a_complete_write_reuses_it_untouched(prepared, tmp_path):
     # a complete .beton under a temp name (a run killed between its last write and the rename) is never taken
     # for the output: it is only deleted
     shutil.copy(fd / "val.beton", fd / "val.beton.tmp.7.dead")
-    t0 = time.perf_counter()
     again = write_ffcv(src, o, workers=2, **KW)
-    elapsed = time.perf_counter() - t0
     assert _stamp(fd) == before   # same inodes and mtimes: neither .beton nor manifest was rewritten
     for split in ("train", "val"):
         assert again[split]["reused"] is True
         assert again[split]["counts"] == manifests[split]["counts"]
         assert again[split]["outputs"]["sha256"] == manifests[split]["outputs"]["sha256"]
     assert again["val"]["outputs"]["removed_stale"] == ["val.beton.tmp.7.dead"]
-    assert elapsed < 10, elapsed   # a check (listing + sha256 + header), no probe pass and no write
+    for split in ("train", "val"):   # the reused manifest is the one the write left (no new probe or write pass)
+        assert again[split]["timings"] == manifests[split]["timings"]
     assert verify(o)["ok"]
 
 
@@ -190,7 +188,8 @@ def test_submitit_array_one_job_per_split(prepared, tmp_path, cluster):
         assert read_beton(o / "ffcv" / f"{split}.beton") == read_beton(out / "ffcv" / f"{split}.beton")
     if cluster == "local":   # the split really was written by a job in its own subprocess
         assert len(list((tmp_path / "logs").glob("*_result.pkl"))) == 1
-        assert m["val"]["timings"]["import_ffcv_s"] > 0.5   # a fresh interpreter (this one has ffcv loaded)
+        # ... in a fresh interpreter: its log is the job's own (submitit's), not this process's output
+        assert len(list((tmp_path / "logs").glob("*_log.out"))) == 1
     assert verify(o)["ok"]
     before = _stamp(o / "ffcv")
     again = write_ffcv(src, o, **run)   # the rerun's array tasks find their splits complete

@@ -209,6 +209,16 @@ def test_resume_restores_the_ema_exactly(ema_run, tiny_data, tiny_recipe, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------- retention
+def test_epoch_time_is_each_epochs_own(ema_run):
+    """``epoch/time_s`` is the time of that epoch alone (its steps, evaluation and save), not the time since the
+    run started: the epochs' times add up to at most the run's wall time (running totals would exceed it)."""
+    run_dir, _ = ema_run
+    times = _mlflow_history(run_dir, "epoch/time_s")
+    assert sorted(times) == [STEPS_PER_EPOCH * (e + 1) for e in range(EPOCHS)], times
+    wall = json.loads((run_dir / "final_metrics.json").read_text())["wall_time_s"]
+    assert all(t > 0 for t in times.values()) and sum(times.values()) <= wall, (times, wall)
+
+
 def test_retention_keeps_last_k_plus_best(ema_run):
     """12 checkpoints saved, kept: the last 2 and the best by eval top-1 at the training resolution (on this
     deterministic WebDataset run the best is epoch 1's, step 8, older than the last 2)."""
@@ -223,7 +233,7 @@ def test_retention_keeps_last_k_plus_best(ema_run):
     assert json.loads((ckpts / "best.json").read_text()) == {"tag": checkpointing.tag_for(best_step),
                                                             "metric": best_value}
     marker = json.loads((ckpts / checkpointing.tag_for(best_step) / checkpointing.MARKER).read_text())
-    assert (marker["step"], marker["metric"]) == (best_step, best_value)   # (+ the layout: pipeline.resume_check)
+    assert (marker["step"], marker["metric"]) == (best_step, best_value)   # (+ the layout: pipeline.resume)
     assert checkpointing.resolve_resume("auto", ckpts) == _ckpt(run_dir, TOTAL_STEPS)
 
 

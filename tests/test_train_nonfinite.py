@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
+from pipeline.logging_utils import LossMeter
 from pipeline.train import EXIT_NONFINITE
 from tests.helpers_train import ROOT, final_params, job_env, kill_job, tiny_data, tiny_recipe, train_cmd  # noqa: F401
 
@@ -46,10 +48,12 @@ TRANSIENT = ("data.batch_size=1", "model.drop_path_rate=0.0", "schedule.lr.lr=1e
 # above a run of 4 (the job stops).
 TRANSIENT_1RANK = (*TRANSIENT, "schedule.lr.warmup_lr=16800")
 MAX_STEPS = 16
-# 2 ranks x batch 1: each rank overflows on its own images. With 1.7e4, two skips in a row within the 4 steps
-# (calibrated with DeepSpeed's gradient overflow check deciding the skip: 1.6e4 and 1.68e4 give one skip, 1.75e4
-# and 1.85e4 two runs of 2, 2e4 a run of 4); if a rank skipped alone, ZeRO's next collective would hang the job.
-TRANSIENT_2RANK = (*TRANSIENT, "schedule.lr.warmup_lr=17000")
+# 2 ranks x batch 1: each rank overflows on its own images; if a rank skipped alone, ZeRO's next collective would
+# hang the job. With 1.7e4 there are skips within the 4 steps, but how many in a row depends on the CPU's bf16
+# arithmetic (one machine gave runs of 2; another runs of 3 and 12), so this test lifts the patience: it checks
+# that the ranks agree on every skip, not where the patience stops a job (the 1-rank tests above do that).
+PATIENCE_2RANK = 100
+TRANSIENT_2RANK = (*TRANSIENT, "schedule.lr.warmup_lr=17000", f"run.nonfinite_patience={PATIENCE_2RANK}")
 MAX_STEPS_2RANK = 4
 
 STEP_RE = re.compile(r"^step (\d+) ")
@@ -237,7 +241,7 @@ def test_two_ranks_skip_together_when_one_rank_overflows(tiny_data, tiny_recipe,
     ev = events(job.stdout)
     runs = check_skip_lines(ev)
     assert job.rc == 0, job.tail()
-    assert runs and max(runs) < PATIENCE, f"calibration premise failed (runs of skips {runs})"
+    assert runs and max(runs) < PATIENCE_2RANK, f"calibration premise failed (runs of skips {runs})"
     steps = [s for kind, s, _ in ev if kind == "step"]
     assert steps == list(range(1, MAX_STEPS_2RANK + 1)) and ev[-1][0] == "step", ev
     final = json.loads((job.run_dir / "final_metrics.json").read_text())
@@ -245,3 +249,25 @@ def test_two_ranks_skip_together_when_one_rank_overflows(tiny_data, tiny_recipe,
     assert final["nonfinite_skipped"] == sum(runs), final
     params = final_params(job.run_dir)  # both ranks' ZeRO partitions
     assert all(v.isfinite().all() for v in params.values())
+
+
+# ----------------------------------------------------------------------------------------- fp16: which skip is it?
+def test_a_nonfinite_loss_in_any_micro_batch_of_the_step_counts():
+    """fp16 skips a step on a loss-scale overflow (routine) and on a non-finite loss (counted towards
+    ``run.nonfinite_patience``). With gradient accumulation the trainer's question after a skipped step is
+    whether ANY micro-batch's loss of that step was non-finite, not only the last one's: a NaN in the first of
+    two micro-batches followed by a finite one is non-finite."""
+    meter = LossMeter(torch.device("cpu"))
+    meter.start_step()
+    meter.add(torch.tensor(float("nan")))
+    meter.add(torch.tensor(1.0))
+    assert meter.step_nonfinite()
+    meter.start_step()   # the next step starts clean
+    meter.add(torch.tensor(2.0))
+    meter.add(torch.tensor(3.0))
+    assert not meter.step_nonfinite()
+    meter.start_step()
+    meter.add(torch.tensor(1.0))
+    meter.add(torch.tensor(float("inf")))
+    assert meter.step_nonfinite()
+    assert meter.mean() == pytest.approx((1.0 + 2.0 + 3.0 + 1.0) / 4)   # the window's finite losses only

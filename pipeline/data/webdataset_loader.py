@@ -20,7 +20,7 @@ Training (canonical streams: the epoch does not depend on the world size or the 
     ``j < S = V/R``, and its ``q``-th sample is sample ``q // S`` of stream ``j = q % S``. A global step of
     ``G = batch x accumulation x R`` samples therefore consumes positions ``[kG, (k+1)G)``: the same samples, with
     the same per-sample augmentation, at any world size and micro-batch/accumulation split of the same ``G``;
-    the data position is the global sample index ``kG`` (:mod:`pipeline.resume_check`).
+    the data position is the global sample index ``kG`` (:mod:`pipeline.resume`).
 
     DataLoader workers split a rank's streams into ``min(num_workers, S)`` contiguous blocks; for every batch
     each worker ships the samples of its block (ordered by stream, then position) and the trainer's process

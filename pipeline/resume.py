@@ -1,5 +1,7 @@
-"""Resuming anywhere, checked: whether a checkpoint can continue exactly at this start's layout (decided from its
-``COMPLETE`` record before any process group or data exists), and the self-check before the first step.
+"""Resuming a run, exactly and anywhere: the plan (whether a checkpoint can continue at this start's layout,
+decided from its ``COMPLETE`` record before any process group or data exists), the load (through DeepSpeed's
+universal checkpoint on another world size), the self-check before the first step, and the sample-key log.
+:class:`Resumer` is the trainer's one resume component.
 
 The layout record (:func:`layout_meta`, written into ``COMPLETE`` at every save) holds the world size, the
 per-rank batch, the accumulation, the global batch ``G`` of the epoch to continue, and the data position as a
@@ -16,13 +18,21 @@ changed ``data.*`` settings) or the RNG would diverge.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
-from pipeline.checkpointing import has_zero_partitions, read_meta, resolve_resume
+import torch
+
+from pipeline import checkpointing
+from pipeline.checkpointing import DamagedCheckpointError, has_zero_partitions, read_meta, resolve_resume
 from pipeline.config import ConfigError
+from pipeline.data.step_batches import MicroBatch, step_keys
+from pipeline.distributed import all_gather_object, barrier
+from pipeline.rng import make_seed, rng_state, seed_everything
+from pipeline.schedules import ResolutionSchedule
 
 
 class ResumeMismatchError(ConfigError):
@@ -40,8 +50,6 @@ class ResumePlan:
 
 def epoch_batch(cfg, epoch: int) -> int:
     """The per-rank batch of ``epoch``: the resolution schedule's, else ``data.batch_size``."""
-    from pipeline.schedules import ResolutionSchedule
-
     return ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs).at(epoch)[1] or cfg.data.batch_size
 
 
@@ -61,10 +69,13 @@ def _checkpoint_world(path: Path, meta: dict[str, Any]) -> int | None:
     return meta.get("world_size") or len(list(path.glob("rng_rank*.pt"))) or None
 
 
-def plan_resume(cfg, world_size: int) -> ResumePlan | None:
+def plan_resume(cfg, world_size: int, log: Callable[[str], None] = print) -> ResumePlan | None:
     """The checkpoint ``checkpoint.resume`` names (None: start fresh) and how to load it at ``world_size``;
     raises :class:`ResumeMismatchError` (one line, with the numbers) when it cannot continue exactly."""
-    path = resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
+    try:
+        path = resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints", log=log)
+    except (FileNotFoundError, DamagedCheckpointError) as e:   # a named checkpoint that cannot be resumed
+        raise ConfigError(str(e)) from None
     if path is None:
         return None
     meta = read_meta(path)
@@ -132,10 +143,7 @@ def gather_keys(keys: list[str] | None, world_size: int) -> list[str] | None:
     """Every rank's ``keys`` of one global step (a collective with several ranks); None if any rank has none."""
     if world_size == 1:
         return keys
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, keys)
+    out = all_gather_object(keys)
     return None if any(k is None for k in out) else [k for ks in out for k in ks]
 
 
@@ -167,5 +175,74 @@ class SelfCheck:
         return checked
 
 
-__all__ = ["ResumeMismatchError", "ResumePlan", "SelfCheck", "check_layout", "epoch_batch", "gather_keys",
+class Resumer:
+    """The trainer's resume component. Made with the plan :func:`plan_resume` returned before the process group
+    existed (None: a fresh start). :meth:`deepspeed_config` asks DeepSpeed for the universal load when the ZeRO
+    partitions come from another world size; :meth:`load` converts (rank 0, once), loads, reseeds an elastic
+    continuation and arms the self-check; :meth:`before_step` runs the self-check on the first step and appends
+    to the key log (``checkpoint.record_keys``); :meth:`next_step_digest` is what a checkpoint records of the
+    step after it."""
+
+    def __init__(self, plan: ResumePlan | None, cfg, *, rank: int, world_size: int, log: Callable[[str], None]):
+        self.plan, self.cfg, self.rank, self.world, self.log = plan, cfg, rank, world_size, log
+        self._check: SelfCheck | None = None
+        self._keys_log: IO[str] | None = None
+        self._keys_start = 0
+
+    def deepspeed_config(self, ds_config: dict[str, Any]) -> dict[str, Any]:
+        if self.plan is None or not self.plan.universal:
+            return ds_config
+        return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+    def load(self, checkpointer, state) -> Path | None:
+        """Load the planned checkpoint into ``checkpointer``'s engine and parts (``state``, the loop position, is
+        one of them); returns its folder or None. On
+        another world size each rank's RNG restarts from (seed, rank, global step, world): per-rank streams
+        cannot be carried over."""
+        plan = self.plan
+        if plan is None:
+            return None
+        if plan.universal:
+            if self.rank == 0:
+                checkpointing.universal_for(plan.path, log=self.log)
+            barrier()
+        checkpointer.load(plan.path, restore_rng=not plan.elastic)
+        if plan.elastic:
+            seed_everything(make_seed(self.cfg.run.seed, self.rank, state.global_step, self.world))
+            self.log(f"continuing a {plan.world_size}-rank checkpoint on {self.world} ranks at global sample "
+                     f"{plan.meta['samples_in_epoch']} of epoch {plan.meta['epoch']}"
+                     + (" (ZeRO state re-partitioned from DeepSpeed's universal checkpoint)" if plan.universal
+                        else ""))
+        self._check = SelfCheck(plan.meta, plan.path.name, world_size=self.world, rng_state=rng_state())
+        self.log(f"resumed from {plan.path} at epoch {state.epoch} step {state.step_in_epoch} "
+                 f"(global {state.global_step})")
+        return plan.path
+
+    def before_step(self, micro: list[MicroBatch], *, epoch: int, step_in_epoch: int, global_step: int) -> None:
+        if self._check is not None:   # the first step after a resume: the samples and RNG the checkpoint recorded?
+            with torch.random.fork_rng(devices=[]):
+                checked = self._check.verify(step_keys(micro), rng_state())
+            self._check = None
+            self.log("resume self-check passed: " + (", ".join(checked) or "nothing recorded to check"))
+        if self.cfg.checkpoint.record_keys:
+            self._record_keys(micro, epoch, step_in_epoch, global_step)
+
+    def next_step_digest(self, micro: list[MicroBatch]) -> str | None:
+        """Collective: the digest of the sample keys all ranks read in the step ``micro`` is this rank's part of."""
+        keys = gather_keys(step_keys(micro) if micro else None, self.world)
+        return keys_digest(keys) if keys else None
+
+    def _record_keys(self, micro: list[MicroBatch], epoch: int, step_in_epoch: int, global_step: int) -> None:
+        if self._keys_log is None:
+            folder = self.cfg.run_dir / "keys"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._keys_log = open(folder / f"rank{self.rank}.jsonl", "a")
+            self._keys_start = global_step
+        self._keys_log.write(json.dumps({"start": self._keys_start, "epoch": epoch, "step": step_in_epoch,
+                                         "world": self.world, "keys": [k for _, _, ks in micro for k in ks or []]})
+                             + "\n")
+        self._keys_log.flush()
+
+
+__all__ = ["ResumeMismatchError", "ResumePlan", "Resumer", "SelfCheck", "check_layout", "epoch_batch", "gather_keys",
            "keys_digest", "layout_meta", "plan_resume", "rng_digest"]
