@@ -285,7 +285,7 @@ def finalize_deepspeed_config(ds: Mapping[str, Any], cfg, choice: DeviceChoice, 
                               native_bf16: bool | None = None) -> tuple[dict[str, Any], str, str]:
     """``(DeepSpeed dict for deepspeed.initialize, precision, one log line)``.
 
-    ``ds`` is :func:`pipeline.recipe.resolve_deepspeed_config`'s output (pure validation, any machine); this
+    ``ds`` is :func:`pipeline.config.resolve_deepspeed_config`'s output (pure validation, any machine); this
     adds what depends on the hardware: the precision (explicit ``run.precision`` > the JSON's bf16/fp16 >
     ``auto``) written as the JSON's ``bf16``/``fp16`` sections, and on CPU ``overlap_comm`` off (gloo on
     DeepSpeed's CPU accelerator has no side streams to overlap on)."""

@@ -6,8 +6,8 @@
     torchrun --nproc_per_node 8 pipeline/train.py ...        # or srun python pipeline/train.py ... (SLURM vars)
 
 ``--model X`` without ``--recipe`` trains the paper's recipe for X (``pipeline/recipes/X.yaml``); the data root,
-runs root and MLflow store may come from the site file (:mod:`launchers.site`). The recipe's global batch is
-formed on any world size: the per-rank batch and the accumulation steps are derived (:mod:`pipeline.recipe`).
+runs root and MLflow store may come from the site file (:mod:`pipeline.config.site`). The recipe's global batch
+is formed on any world size: the per-rank batch and the accumulation steps are derived (:mod:`pipeline.config`).
 
 The whole config (recipe YAML <- CLI overrides), the DeepSpeed batch arithmetic, the device and the precision are
 validated before any data is read or a process group exists. ``--resume auto`` continues from the newest
@@ -34,9 +34,9 @@ from typing import Any, Iterator
 if __package__ in (None, ""):  # `deepspeed pipeline/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError  # noqa: E402
+from pipeline.config import ConfigError, TrainConfig, load_train_config  # noqa: E402
 from pipeline.preemption import install_stop_handlers, request_stop, stop_signal  # noqa: E402,F401
-from pipeline.recipe import TrainConfig, load_train_config, read_num_classes  # noqa: E402
+from pipeline.data.shard_index import read_num_classes  # noqa: E402
 
 EXIT_PREEMPTED = 75   # checkpoint saved after SIGUSR1/SIGTERM; requeue me (EX_TEMPFAIL)
 EXIT_NONFINITE = 65   # too many non-finite losses in a row
@@ -69,8 +69,7 @@ class CommandLine:
 
 
 def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> CommandLine:
-    from launchers.site import load_site, train_defaults
-    from pipeline.recipe import RECIPES, model_recipe
+    from pipeline.config import load_site, recipe_for_model, train_defaults
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, help="recipe YAML (path or name under pipeline/recipes)")
@@ -88,10 +87,9 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Comman
     defaults, site_notes = train_defaults(site, site_file, environ)
     notes: list[str] = []
     recipe = args.recipe
-    if recipe is None and (found := model_recipe(args.model, site.recipe_dirs)) is not None:
-        recipe = str(found)
-        whose = "the paper's" if found.parent == RECIPES else f"the site's (site file {site_file} recipe_dirs)"
-        notes.insert(0, f"recipe {found} ({whose} recipe for --model {args.model}; --recipe picks another)")
+    if recipe is None and (found := recipe_for_model(args.model, site.recipe_dirs, site_file)) is not None:
+        recipe, why = str(found[0]), found[1]
+        notes.insert(0, f"recipe {recipe} ({why}; --recipe picks another)")
     flags = {"model.name": args.model, "data.root": args.data, "run.deepspeed_config": args.deepspeed_config,
              "run.run_dir": args.run_dir, "checkpoint.resume": args.resume}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
@@ -111,7 +109,7 @@ def check_resume(cfg: TrainConfig) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Validate everything (config, data folder, resume checkpoint, loader workers, device, precision), then
     train; returns the final summary."""
-    from pipeline.data.config import fit_num_workers, task_cpus
+    from pipeline.data.workers import fit_num_workers, task_cpus
     from pipeline.distributed import detect_env
 
     cmd = parse_args(sys.argv[1:] if argv is None else argv)
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data, workers_line = fit_num_workers(cfg.data, task_cpus())   # before ffcv/numba are imported
     cfg.data = data
     if env.rank == 0:
-        from pipeline.recipe import batch_plan
+        from pipeline.config import batch_plan
 
         for line in [*cmd.lines(cfg), workers_line, f"batch: {batch_plan(cfg, env.world_size).line()}"]:
             if line:
@@ -136,7 +134,7 @@ def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None, *, train_load
     batches); by default the recipe's WebDataset/FFCV loader."""
     from pipeline import device as devices, tracking
     from pipeline.distributed import destroy, detect_env, init_distributed
-    from pipeline.recipe import resolve_deepspeed_config
+    from pipeline.config import resolve_deepspeed_config
 
     if ds_config is None:
         ds_config = resolve_deepspeed_config(cfg, detect_env().world_size)

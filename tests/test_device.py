@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_train_config
 from pipeline.device import (DeviceChoice, DeviceError, apply_device, cpu_has_native_bf16, decide_device,
                              finalize_deepspeed_config, json_precision_request, resolve_precision, select_device)
-from pipeline.recipe import load_train_config
 from tests.helpers_train import PY, ROOT, TINY_RECIPE, job_env, tiny_data, tiny_recipe  # noqa: F401
 
 DS = ROOT / "deepspeed_configs"
@@ -258,7 +257,7 @@ import torch
 torch.set_num_threads(1)
 from pipeline.device import finalize_deepspeed_config, select_device
 from pipeline.distributed import init_distributed
-from pipeline.recipe import load_train_config
+from pipeline.config import load_train_config
 import timm, pipeline.models
 choice = select_device()
 init_distributed(choice, timeout_s=120)

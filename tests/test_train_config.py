@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpointing
-from pipeline.config import ConfigError
-from pipeline.recipe import RECIPES, load_train_config, resolve_deepspeed_config
+from pipeline.config import RECIPES, ConfigError, load_train_config, resolve_deepspeed_config
 from tests.helpers_train import ROOT, TINY_RECIPE, job_env
 from tests.helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures (shared tiny dataset)
 
@@ -148,7 +147,8 @@ def test_no_weight_decay_groups_follow_the_official_rule():
     import torch
 
     import pipeline.models  # noqa: F401
-    from pipeline.optim import OptimConfig, build_optimizer, no_decay_names
+    from pipeline.config import OptimConfig
+    from pipeline.optim import build_optimizer, no_decay_names
 
     model = timm.create_model("cpvt_ti", num_classes=4, embed_dim=48, depth=2, num_heads=2,
                               peg_positions=(-1, 0, 1), pos_embed="learned")
@@ -195,7 +195,7 @@ def test_same_recipe_same_training_on_1_2_4_ranks():
 
 
 def test_derive_batch_refuses_with_the_numbers():
-    from pipeline.recipe import derive_batch
+    from pipeline.config import derive_batch
 
     assert derive_batch(1024, 32, max_micro=128).line() == \
         "global batch 1024 = per-rank batch 32 x accumulation 1 x 32 ranks"
@@ -229,7 +229,8 @@ def test_progressive_batches_are_global_too():
 
 
 def test_loader_workers_fit_the_cpus():
-    from pipeline.data.config import DataConfig, fit_num_workers, task_cpus
+    from pipeline.config import DataConfig
+    from pipeline.data.workers import fit_num_workers, task_cpus
 
     assert fit_num_workers(DataConfig(num_workers=8), 2) == (
         DataConfig(num_workers=2), "data.num_workers: 8 lowered to 2, the CPUs this rank may use (its CPU affinity)")
