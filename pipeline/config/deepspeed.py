@@ -1,9 +1,9 @@
 """The DeepSpeed JSON resolved against a recipe: the dict handed to ``deepspeed.initialize``.
 
 The JSON holds what a user picks between (ZeRO stage, buckets, communication dtype); the recipe decides the rest:
-batch sizes (``train_batch_size = micro x accumulation x world``) and, with ``optim.implementation: deepspeed``,
-the optimizer section. A batch size the JSON pins is checked against the recipe's, and a disagreement is one
-ConfigError line naming both. The precision is ``run.precision``'s
+batch sizes (``train_batch_size = micro x accumulation x world``), ``gradient_clipping`` (``optim.grad_clip``)
+and, with ``optim.implementation: deepspeed``, the optimizer section. A value the JSON pins is checked against
+the recipe's, and a disagreement is one ConfigError line naming both. The precision is ``run.precision``'s
 (applied per machine by :func:`pipeline.device.finalize_deepspeed_config`).
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _check_precision_fields(ds: dict[str, Any], where: str) -> None:
 
 
 def _fill_from_recipe(ds: dict[str, Any], cfg: TrainConfig, world_size: int, where: str) -> None:
-    """Batch sizes from the recipe (a value the JSON pins must agree with it), and gradient clipping."""
+    """Batch sizes and gradient clipping from the recipe; a value the JSON pins must agree with it."""
     micro = cfg.data.batch_size
     accum = cfg.optim.grad_accum
     want = micro * accum * world_size
@@ -84,8 +84,12 @@ def _fill_from_recipe(ds: dict[str, Any], cfg: TrainConfig, world_size: int, whe
                               f"{micro} (data.batch_size) x accumulation {accum} (optim.grad_accum) x world "
                               f"{world_size} = {want}; remove it from the JSON or make them agree")
         ds[key] = value
-    if "gradient_clipping" not in ds or ds["gradient_clipping"] == "auto":
-        ds["gradient_clipping"] = cfg.optim.grad_clip
+    clip = cfg.optim.grad_clip
+    given = ds.get("gradient_clipping", "auto")
+    if given != "auto" and given != clip:
+        raise ConfigError(f"{where}: gradient_clipping={given} does not match the recipe's optim.grad_clip={clip}; "
+                          f"remove it from the JSON (the recipe decides) or make them agree")
+    ds["gradient_clipping"] = clip
 
 
 def resolve_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:

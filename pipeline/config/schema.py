@@ -374,7 +374,9 @@ class OptimConfig:
     # gradient accumulation steps (DeepSpeed gradient_accumulation_steps); with data.global_batch_size set, the
     # fewest steps >= this value that keep the micro-batch within data.max_batch_per_gpu (derived per world size)
     grad_accum: int = 1
-    grad_clip: float = 1.0          # written into the DeepSpeed config's gradient_clipping (0 = off)
+    # max global gradient norm, the DeepSpeed config's gradient_clipping (0: off, DeiT's default). The default is
+    # DeepSpeed's own (1.0); a JSON that sets gradient_clipping must agree (pipeline.config.deepspeed)
+    grad_clip: float = 1.0
     implementation: Literal["client", "deepspeed"] = "client"  # torch AdamW handed to DeepSpeed, or DS torch_adam
     decay_peg_weights: bool = False   # true: weight decay on the PEG conv weights (the reference exempts them)
 
