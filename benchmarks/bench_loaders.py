@@ -72,7 +72,7 @@ def build_candidates(base: Path, *, batch_size: int, workers: int) -> tuple[dict
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.config import AugConfig, DataConfig
     from pipeline.data.ffcv_pipelines import ffcv_label_pipeline, ffcv_train_image_pipeline
     from pipeline.data.loader import build_train_loader
     from pipeline.data.mixup import BatchAugment
@@ -158,7 +158,7 @@ def per_image_ms(base: Path, *, images: int, rounds: int) -> dict[str, float]:
     into memory first), interleaved: ``timm@R`` = PIL decode + timm's DeiT train transform (what the ImageFolder
     baseline runs per sample), ``ours@R`` = the WebDataset loader's transform (crop-aware decode + torchvision
     resize, then the same flip / RandAugment)."""
-    from pipeline.data.config import AugConfig
+    from pipeline.config import AugConfig
     from pipeline.rng import seeded
     from pipeline.data.transforms import decode_image, train_transform, train_transform_from_bytes
 

@@ -51,8 +51,7 @@ def _passes(model: torch.nn.Module, batches):
 
 def run(model: torch.nn.Module, data_root: str | Path, resolutions: Sequence[int], *, fmt: str, batch_size: int,
         workers: int, rounds: int, max_aspect: float) -> dict[str, Any]:
-    from pipeline.config import from_dict
-    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.config import AugConfig, DataConfig, from_dict
     from pipeline.evaluate import evaluate
 
     data_cfg = from_dict(DataConfig, {"format": fmt, "root": str(data_root), "eval_batch_size": batch_size,

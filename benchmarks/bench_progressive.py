@@ -120,7 +120,8 @@ def time_resolutions(overrides: list[str], resolutions: Sequence[int], *, rounds
     import pipeline.models  # noqa: F401 - registers cpvt_* in timm
     from pipeline.data.loader import build_train_loader
     from pipeline.optim import build_optimizer
-    from pipeline.recipe import load_train_config, precision, read_num_classes
+    from pipeline.config import load_train_config, precision
+    from pipeline.data.shard_index import read_num_classes
 
     cfg, ds = load_train_config(None, overrides)
     num_classes = read_num_classes(cfg)

@@ -68,8 +68,7 @@ def _read_all(urls: list[str], open_fn: Callable | None = None) -> int:
 
 
 def _loader(root: str, *, batch_size: int, workers: int):
-    from pipeline.config import from_dict
-    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.config import AugConfig, DataConfig, from_dict
     from pipeline.data.loader import build_train_loader
 
     data = from_dict(DataConfig, {"format": "wds", "root": root, "batch_size": batch_size, "num_workers": workers,

@@ -1,7 +1,7 @@
 """Trainer overhead: steady-state images/s of the real ``pipeline.train`` loop against a bare DeepSpeed loop.
 
 Both loops run in their own process (1 rank), on the same model, the same DeepSpeed config dict (resolved once by
-``pipeline.recipe.resolve_deepspeed_config`` from the same recipe), the same precision and the same in-memory
+``pipeline.config.resolve_deepspeed_config`` from the same recipe), the same precision and the same in-memory
 batches (:class:`InMemoryLoader`: a few pre-built normalised batches on the training device, cycled), so the
 only difference is the loop itself:
 
@@ -167,7 +167,7 @@ def ds_json_for(precision: str, stage: int) -> dict[str, Any]:
 
 
 def load_cfg(recipe: Path, precision: str):
-    from pipeline.recipe import load_train_config
+    from pipeline.config import load_train_config
 
     return load_train_config(recipe, [f"run.precision={precision}"], 1)
 

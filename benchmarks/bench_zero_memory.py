@@ -1,6 +1,6 @@
 """ZeRO memory: measured per-rank bytes of parameters, gradients and optimizer states, beside DeepSpeed's estimate.
 
-For ZeRO stage 0/1/2/3 (the project's ``deepspeed_configs/zero*_bf16.json``, AdamW) and 1 and 2 ranks (CPU +
+For ZeRO stage 0/1/2/3 (the project's ``deepspeed_configs/zero*.json`` in bf16, AdamW) and 1 and 2 ranks (CPU +
 gloo, ranks started with ``torch.multiprocessing``), each rank builds a DeepSpeed engine around CPVT-Ti, runs one
 training step (so Adam's moments exist) and a second forward/backward (so gradients are live), then walks the
 engine's own objects and adds up the bytes of every distinct tensor storage it holds, in four classes:
@@ -108,11 +108,13 @@ def measure_engine(engine: Any) -> dict[str, Any]:
 
 
 def ds_config(stage: int, micro_batch: int) -> dict[str, Any]:
-    """The project's own ``deepspeed_configs/zero{1,2,3}_bf16.json`` (stage 0: the ZeRO-1 file with stage 0),
-    batch sizes filled in as pipeline/train.py does, and torch's AdamW (no fused-op compile on CPU)."""
-    path = ROOT / "deepspeed_configs" / f"zero{max(stage, 1)}_bf16.json"
+    """The project's own ``deepspeed_configs/zero{1,2,3}.json`` in bf16 (``run.precision=bf16``; stage 0: the
+    ZeRO-1 file with stage 0), batch sizes filled in as pipeline/train.py does, and torch's AdamW (no fused-op
+    compile on CPU)."""
+    path = ROOT / "deepspeed_configs" / f"zero{max(stage, 1)}.json"
     base = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")} if path.is_file() else {
-        "bf16": {"enabled": True}, "zero_optimization": {"overlap_comm": False, "contiguous_gradients": True}}
+        "zero_optimization": {"overlap_comm": False, "contiguous_gradients": True}}
+    base["bf16"] = {"enabled": True}
     base["zero_optimization"] = dict(base.get("zero_optimization", {}), stage=stage)
     return dict(base, train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
                 optimizer={"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.05, "torch_adam": True}},

@@ -576,8 +576,9 @@ class Check:
     # ---- commands
     def train_cmd(self, run: str, ds: str, *overrides: str, recipe: str = "cpvt_ti", resume: bool = False) -> list[str]:
         p = self.p
+        stage, _, precision = ds.partition("_")   # "zero2_bf16": deepspeed_configs/zero2.json, run.precision=bf16
         cmd = [self.py, "pipeline/train.py", "--recipe", recipe, "--data", str(self.data), "--run-dir",
-               str(self.work / "runs" / run), "--deepspeed_config", f"deepspeed_configs/{ds}.json"]
+               str(self.work / "runs" / run), "--deepspeed_config", f"deepspeed_configs/{stage}.json"]
         if resume:
             cmd += ["--resume", "auto"]
         base = ["data.format=wds", f"data.num_workers={p.workers}", f"data.eval_batch_size={p.eval_batch}",
@@ -585,6 +586,8 @@ class Check:
                 "run.progress_bar=false", f"run.log_every={p.log_every}", "eval.every_epochs=0",
                 f"eval.resolutions={yaml_flow(list(p.eval_res[:1]))}", f"eval.max_batches={p.eval_max_batches}",
                 "checkpoint.every_steps=0", "checkpoint.keep_last=2"]
+        if precision:
+            base.append(f"run.precision={precision}")
         if p.model_kwargs is not None:
             base.append(f"model.kwargs={yaml_flow(p.model_kwargs)}")
         return cmd + base + list(overrides)

@@ -1,6 +1,6 @@
 """Submit a CPVT training run to SLURM (or run the same path locally) with submitit.
 
-    python launchers/slurm_submit.py --nodes 4 --model cpvt_b      # with a site file (launchers/site.py)
+    python launchers/slurm_submit.py --nodes 4 --model cpvt_b      # with a site file (pipeline/config/site.py)
     python launchers/slurm_submit.py --nodes 4 --gpus-per-node 8 --model cpvt_b --data /data/imagenet_prep \\
         --partition p --account a --time 72:00:00 [section.field=value ...]
     python launchers/slurm_submit.py ... --dry-run          # resolved values and where each came from
@@ -42,10 +42,9 @@ from typing import Any
 if __package__ in (None, ""):  # `python launchers/slurm_submit.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, check_choice, check_positive  # noqa: E402
+from pipeline.config import ConfigError, Setting, check_choice, check_positive  # noqa: E402
 
 from launchers.executor import CLUSTERS  # noqa: E402
-from launchers.site import Setting  # noqa: E402
 
 # Training images/s of one GPU at 224 px per model, for the step-time estimate. Only the paper's 16 GB V100
 # numbers (CPVT Table 5; its GAP-B value is CPVT-B's) are known; A100/H100 rows are filled from `make gpu-check`
@@ -286,7 +285,8 @@ def plan(argv: list[str] | None = None) -> Plan:
 
 def resolve_resources(args: argparse.Namespace, site, site_file) -> dict[str, Setting]:
     """Every resource value with its source: flag > site file > SLURM (sinfo, scontrol) > default."""
-    from launchers.site import Setting, pick, query_partition
+    from launchers.partition import query_partition
+    from pipeline.config import pick
 
     out = {name: pick(name, getattr(args, flag), site, site_file) for name, flag in
            (("partition", "partition"), ("account", "account"), ("qos", "qos"), ("constraint", "constraint"),
@@ -319,9 +319,9 @@ def resolve_resources(args: argparse.Namespace, site, site_file) -> dict[str, Se
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    from launchers.site import load_site, train_defaults
-    from pipeline.data.config import fit_num_workers
-    from pipeline.recipe import RECIPES, batch_plan, find_recipe, load_train_config, model_recipe, read_num_classes
+    from pipeline.config import batch_plan, find_recipe, load_site, load_train_config, recipe_for_model, train_defaults
+    from pipeline.data.shard_index import read_num_classes
+    from pipeline.data.workers import fit_num_workers
     from pipeline.tracking import default_uri
 
     check_choice("--cluster", args.cluster, CLUSTERS)
@@ -350,9 +350,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         _check_model(args.model)
 
     recipe = Setting(str(find_recipe(args.recipe, site.recipe_dirs)), "--recipe") if args.recipe else None
-    if recipe is None and (found := model_recipe(args.model, site.recipe_dirs)) is not None:
-        recipe = Setting(str(found), f"the paper's recipe for --model {args.model}" if found.parent == RECIPES else
-                         f"the site's recipe for --model {args.model} (site file {site_file} recipe_dirs)")
+    if recipe is None and (found := recipe_for_model(args.model, site.recipe_dirs, site_file)) is not None:
+        recipe = Setting(str(found[0]), found[1])
     res["recipe"] = recipe or Setting(None, "none (dataclass defaults)")
     res["data_root"] = pick_data = (Setting(args.data, "flag") if args.data else
                                     Setting(site.data_root, f"site file {site_file}") if site.data_root else

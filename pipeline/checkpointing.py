@@ -39,14 +39,13 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline import distributed as dist_utils
-from pipeline.config import check_positive
+from pipeline.config import CheckpointConfig
 from pipeline.rng import rng_state, set_rng_state
 
 MARKER = "COMPLETE"
@@ -54,21 +53,6 @@ LATEST = "latest"                       # DeepSpeed's pointer file (its tools re
 UNIVERSAL_SUFFIX = "_universal"
 UNIVERSAL_MARKER = "UNIVERSAL_COMPLETE"
 _TAG_RE = re.compile(r"^step_(\d+)$")
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 0       # also save every N optimizer steps (0: only at epoch end)
-    keep_last: int = 3         # complete checkpoints kept besides the best one
-    keep_best: bool = True     # keep the checkpoint with the best eval top-1
-    resume: str = "none"       # "auto" (newest complete checkpoint under run_dir, else start fresh), "none", or a path
-    # debug: append every consumed micro-batch's sample keys to <run_dir>/keys/rank{r}.jsonl (host strings the
-    # loader has anyway; off: nothing is collected)
-    record_keys: bool = False
-
-    def validate(self) -> None:
-        check_positive("every_steps", self.every_steps, allow_zero=True)
-        check_positive("keep_last", self.keep_last)
 
 
 def tag_for(step: int) -> str:

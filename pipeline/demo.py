@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.time() - t0 - t_data
 
     print("== 3/4 export + evaluation of the export (FFCV val split)", flush=True)
-    from pipeline.config import from_dict
-    from pipeline.data.config import DataConfig
+    from pipeline.config import DataConfig, from_dict
     from pipeline.evaluate import evaluate, load_model
     from pipeline.export import export
 

@@ -23,7 +23,7 @@ DeepSpeed picks its device from ``LOCAL_RANK`` (``deepspeed.init_distributed`` b
 ``CPVT_NODE_LOCAL_RANK``.
 
 Precision (:func:`resolve_precision`, :func:`finalize_deepspeed_config`): an explicit ``run.precision`` wins;
-else a DeepSpeed JSON that enables bf16/fp16 (or disables both explicitly, as ``zero*_fp32.json`` do) is the
+else a DeepSpeed JSON that enables bf16/fp16 (or disables both explicitly: a user's fp32 JSON) is the
 request; else ``auto``: bf16 on a CUDA GPU with bf16, bf16 on a CPU with native bf16 (AMX / AVX512-BF16),
 fp32 otherwise. fp16 only when asked, and only on CUDA.
 """
@@ -271,7 +271,7 @@ def torch_dtype(precision: str) -> "torch.dtype":  # noqa: F821 - keeps torch ou
 
 def json_precision_request(ds: Mapping[str, Any]) -> str | None:
     """What a DeepSpeed JSON asks for: ``"bf16"``/``"fp16"`` when enabled, ``"fp32"`` when it has a bf16 or fp16
-    section and enables neither (``zero*_fp32.json``), None when it says nothing (``zero{1,2,3}.json``)."""
+    section and enables neither, None when it says nothing (the shipped ``zero{1,2,3}.json``)."""
     if ds.get("bf16", {}).get("enabled"):
         return "bf16"
     if ds.get("fp16", {}).get("enabled"):
@@ -285,7 +285,7 @@ def finalize_deepspeed_config(ds: Mapping[str, Any], cfg, choice: DeviceChoice, 
                               native_bf16: bool | None = None) -> tuple[dict[str, Any], str, str]:
     """``(DeepSpeed dict for deepspeed.initialize, precision, one log line)``.
 
-    ``ds`` is :func:`pipeline.recipe.resolve_deepspeed_config`'s output (pure validation, any machine); this
+    ``ds`` is :func:`pipeline.config.resolve_deepspeed_config`'s output (pure validation, any machine); this
     adds what depends on the hardware: the precision (explicit ``run.precision`` > the JSON's bf16/fp16 >
     ``auto``) written as the JSON's ``bf16``/``fp16`` sections, and on CPU ``overlap_comm`` off (gloo on
     DeepSpeed's CPU accelerator has no side streams to overlap on)."""

@@ -145,8 +145,7 @@ def stored_config(path: str | Path):
     import yaml
 
     from pipeline import export as export_mod
-    from pipeline.config import from_dict
-    from pipeline.recipe import TrainConfig
+    from pipeline.config import TrainConfig, from_dict
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -163,8 +162,7 @@ def eval_settings(path: str | Path, data_flags: dict, aug_flags: dict, resolutio
     """(DataConfig, AugConfig, resolutions, where they came from) for evaluating the weights at ``path`` like the
     trainer did: its run config's ``data``/``aug`` sections and final evaluation resolutions (without a config:
     the defaults), each overridden by a flag that is not None (``data_flags``/``aug_flags``: field -> value)."""
-    from pipeline.config import ConfigError, validate
-    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.config import EVAL_RESOLUTIONS, AugConfig, ConfigError, DataConfig, validate
     from pipeline.schedules import ResolutionSchedule
 
     cfg, source = stored_config(path)
@@ -180,7 +178,7 @@ def eval_settings(path: str | Path, data_flags: dict, aug_flags: dict, resolutio
     if resolutions is not None:
         flags.append("resolutions")
     else:
-        resolutions = [160, 224, 288, 384]
+        resolutions = list(EVAL_RESOLUTIONS)
         if cfg is not None:  # what the trainer's final evaluation scored
             final_res = ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs).at(cfg.run.epochs - 1)[0]
             resolutions = [final_res, *cfg.eval.resolutions]
@@ -192,8 +190,7 @@ def eval_mode_settings(path: str | Path, mode: str | None = None,
                        max_aspect: float | None = None) -> tuple[str, float]:
     """(eval mode, native max aspect) for the weights at ``path``: the flags when given, else the run config's
     ``eval.mode`` / ``eval.native_max_aspect``, else center_crop / 2.0."""
-    from pipeline.config import ConfigError, check_choice
-    from pipeline.recipe import EvalConfig
+    from pipeline.config import ConfigError, EvalConfig, check_choice
 
     cfg, _ = stored_config(path)
     ev = cfg.eval if cfg is not None else EvalConfig()

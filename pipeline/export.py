@@ -25,8 +25,8 @@ import yaml
 
 def checkpoint_model_spec(ckpt: Path) -> tuple[str, dict[str, Any]]:
     """(timm model name, create_model kwargs) from the ``train_config.yaml`` saved in the checkpoint folder."""
-    from pipeline.config import from_dict
-    from pipeline.recipe import TrainConfig, read_num_classes
+    from pipeline.config import TrainConfig, from_dict
+    from pipeline.data.shard_index import read_num_classes
 
     cfg = from_dict(TrainConfig, yaml.safe_load((ckpt / "train_config.yaml").read_text()))
     kwargs = cfg.model.create_kwargs(read_num_classes(cfg))
@@ -90,8 +90,7 @@ def checkpoint_run(ckpt: Path) -> tuple[str | None, str | None]:
     """(MLflow run id, tracking.uri) of the training that wrote ``ckpt`` (None, None when tracking was off)."""
     import torch
 
-    from pipeline.config import from_dict
-    from pipeline.recipe import TrainConfig
+    from pipeline.config import TrainConfig, from_dict
 
     cfg = from_dict(TrainConfig, yaml.safe_load((ckpt / "train_config.yaml").read_text()))
     if not cfg.tracking.enabled:

@@ -22,100 +22,25 @@ scaling rule). :class:`LRScheduler` applies it to an optimizer and exposes ``sta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from pipeline.config import ConfigError, check_multiple, check_positive
+from pipeline.config import LRScheduleConfig, ResolutionScheduleConfig
 
 
 # ----------------------------------------------------------------------------------------- resolution
-@dataclass
-class ResolutionScheduleConfig:
-    kind: Literal["fixed", "linear", "steps", "low_then_full"] = "fixed"
-    resolution: int = 224                 # fixed, and the final resolution of low_then_full
-    start_res: int = 160                  # linear
-    end_res: int = 192                    # linear
-    start_epoch: int = 0                  # linear: last epoch at start_res
-    end_epoch: int = 0                    # linear: first epoch at end_res
-    steps: list[tuple[int, int]] = field(default_factory=list)        # steps: [[epoch, res], ...]
-    low_res: int = 160                    # low_then_full
-    full_res_epochs: int = 0              # low_then_full: the last N epochs run at `resolution`
-    patch_size: int = 16                  # every resolution is a multiple of this
-    batch_sizes: list[tuple[int, int]] = field(default_factory=list)  # [[res, per-rank batch], ...]
-
-    def validate(self) -> None:
-        check_positive("patch_size", self.patch_size)
-        p = self.patch_size
-
-        def res_ok(name: str, value: int) -> None:
-            check_positive(name, value)
-            check_multiple(name, value, p)
-
-        if self.kind == "fixed":
-            res_ok("resolution", self.resolution)
-        elif self.kind == "linear":
-            res_ok("start_res", self.start_res)
-            res_ok("end_res", self.end_res)
-            check_positive("start_epoch", self.start_epoch, allow_zero=True)
-            if self.end_epoch < self.start_epoch:
-                raise ConfigError(f"end_epoch: {self.end_epoch} must be >= start_epoch ({self.start_epoch})")
-        elif self.kind == "steps":
-            if not self.steps:
-                raise ConfigError("steps: must list [epoch, resolution] pairs for kind 'steps', e.g. "
-                                  "[[0, 128], [10, 160], [20, 224]]")
-            epochs = [e for e, _ in self.steps]
-            if epochs[0] != 0:
-                raise ConfigError(f"steps: the first entry must start at epoch 0, got epoch {epochs[0]}")
-            if any(b <= a for a, b in zip(epochs, epochs[1:])):
-                raise ConfigError(f"steps: epochs {epochs} must be strictly increasing")
-            for i, (_, r) in enumerate(self.steps):
-                res_ok(f"steps[{i}]", r)
-        else:  # low_then_full
-            res_ok("low_res", self.low_res)
-            res_ok("resolution", self.resolution)
-            check_positive("full_res_epochs", self.full_res_epochs, allow_zero=True)
-        seen = set()
-        for i, (r, b) in enumerate(self.batch_sizes):
-            res_ok(f"batch_sizes[{i}]", r)
-            check_positive(f"batch_sizes[{i}]", b)
-            if r in seen:
-                raise ConfigError(f"batch_sizes[{i}]: resolution {r} is listed twice")
-            seen.add(r)
-
-
 class ResolutionSchedule:
     """``at(epoch) -> (resolution, batch_size or None)``; epochs past the end keep the final value."""
 
     def __init__(self, cfg: ResolutionScheduleConfig, total_epochs: int):
-        if total_epochs <= 0:
-            raise ConfigError(f"epochs: {total_epochs!r} must be > 0")
-        if cfg.kind == "low_then_full" and cfg.full_res_epochs > total_epochs:
-            raise ConfigError(f"full_res_epochs: {cfg.full_res_epochs} must be <= epochs ({total_epochs})")
+        cfg.check_epochs(total_epochs)
         self.cfg = cfg
         self.total_epochs = total_epochs
         self._batch_table = sorted((int(r), int(b)) for r, b in cfg.batch_sizes)
 
     def resolution(self, epoch: int) -> int:
-        c = self.cfg
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if c.kind == "fixed":
-            return c.resolution
-        if c.kind == "linear":
-            if epoch >= c.end_epoch:
-                return c.end_res
-            if epoch <= c.start_epoch:
-                return c.start_res
-            frac = (epoch - c.start_epoch) / (c.end_epoch - c.start_epoch)
-            res = c.start_res + frac * (c.end_res - c.start_res)
-            return int(round(res / c.patch_size)) * c.patch_size
-        if c.kind == "steps":
-            res = c.steps[0][1]
-            for e, r in c.steps:
-                if epoch >= e:
-                    res = r
-            return res
-        return c.resolution if epoch >= self.total_epochs - c.full_res_epochs else c.low_res
+        return self.cfg.resolution_at(epoch, self.total_epochs)
 
     def batch_size(self, resolution: int) -> Optional[int]:
         for r, b in self._batch_table:
@@ -133,23 +58,6 @@ class ResolutionSchedule:
 
 
 # ----------------------------------------------------------------------------------------- learning rate
-@dataclass
-class LRScheduleConfig:
-    lr: float = 5e-4                       # peak lr at the reference global batch
-    ref_batch: int = 512                   # lr is scaled by global_batch / ref_batch
-    batch_scaling: Literal["linear", "sqrt", "none"] = "linear"
-    warmup_epochs: float = 5.0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-
-    def validate(self) -> None:
-        check_positive("lr", self.lr)
-        check_positive("ref_batch", self.ref_batch)
-        check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
-        check_positive("warmup_lr", self.warmup_lr, allow_zero=True)
-        check_positive("min_lr", self.min_lr, allow_zero=True)
-
-
 def epoch_progress(epoch: int, step: int, steps_in_epoch: int) -> float:
     """Fractional epochs completed before optimizer step ``step`` (0-based) of ``epoch``."""
     if steps_in_epoch <= 0:
@@ -161,10 +69,7 @@ class LRSchedule:
     """Warmup + cosine as a function of fractional-epoch progress and the current global batch."""
 
     def __init__(self, cfg: LRScheduleConfig, total_epochs: int):
-        if total_epochs <= 0:
-            raise ConfigError(f"epochs: {total_epochs!r} must be > 0")
-        if cfg.warmup_epochs >= total_epochs:
-            raise ConfigError(f"warmup_epochs: {cfg.warmup_epochs} must be < epochs ({total_epochs})")
+        cfg.check_epochs(total_epochs)
         self.cfg = cfg
         self.total_epochs = total_epochs
 
@@ -215,5 +120,4 @@ class LRScheduler:
         self.last_lr = float(state["last_lr"])   # (checkpoints before this also hold progress/samples_seen)
 
 
-__all__ = ["LRSchedule", "LRScheduleConfig", "LRScheduler", "ResolutionSchedule", "ResolutionScheduleConfig",
-           "epoch_progress"]
+__all__ = ["LRSchedule", "LRScheduler", "ResolutionSchedule", "epoch_progress"]

@@ -6,13 +6,13 @@
     torchrun --nproc_per_node 8 pipeline/train.py ...        # or srun python pipeline/train.py ... (SLURM vars)
 
 ``--model X`` without ``--recipe`` trains the paper's recipe for X (``pipeline/recipes/X.yaml``); the data root,
-runs root and MLflow store may come from the site file (:mod:`launchers.site`). The recipe's global batch is
-formed on any world size: the per-rank batch and the accumulation steps are derived (:mod:`pipeline.recipe`).
+runs root and MLflow store may come from the site file (:mod:`pipeline.config.site`). The recipe's global batch
+is formed on any world size: the per-rank batch and the accumulation steps are derived (:mod:`pipeline.config`).
 
 The whole config (recipe YAML <- CLI overrides), the DeepSpeed batch arithmetic, the device and the precision are
 validated before any data is read or a process group exists. ``--resume auto`` continues from the newest
 *complete* checkpoint under ``<run_dir>/checkpoints`` and the same MLflow run, on any world size with the same
-global batch (:mod:`pipeline.resume_check`; checked before anything starts, self-checked before the first step).
+global batch (:mod:`pipeline.resume`; checked before anything starts, self-checked before the first step).
 SIGUSR1/SIGTERM: save a checkpoint at a step boundary all ranks agree on and exit with :data:`EXIT_PREEMPTED` so
 a launcher can requeue.
 
@@ -47,16 +47,18 @@ import pipeline.models  # noqa: E402,F401  (registers cpvt_* with timm)
 from pipeline import checkpointing, deepspeed_compat, tracking  # noqa: E402
 from pipeline import device as devices  # noqa: E402
 from pipeline.checkpointing import Checkpointer  # noqa: E402
-from pipeline.config import ConfigError, to_dict  # noqa: E402
+from pipeline.config import (ConfigError, TrainConfig, batch_plan, flatten, load_site, load_train_config,  # noqa: E402
+                             recipe_for_model, resolve_deepspeed_config, to_dict, train_defaults)
 from pipeline.data.aspect_buckets import train_bucket_shapes  # noqa: E402
 from pipeline.data.loader import build_train_loader  # noqa: E402
+from pipeline.data.shard_index import read_num_classes  # noqa: E402
 from pipeline.data.step_batches import StepBatches  # noqa: E402
+from pipeline.data.workers import fit_num_workers, task_cpus  # noqa: E402
 from pipeline.distributed import all_reduce_sum, destroy, detect_env, init_distributed  # noqa: E402
 from pipeline.evaluate import Evaluator, format_table  # noqa: E402
 from pipeline.logging_utils import LossMeter, ProgressLog, StepTimer  # noqa: E402
 from pipeline.optim import build_optimizer, param_groups  # noqa: E402
 from pipeline.preemption import StopAgreement, install_stop_handlers  # noqa: E402
-from pipeline.recipe import TrainConfig, load_train_config, read_num_classes, resolve_deepspeed_config  # noqa: E402
 from pipeline.resume import ResumePlan, Resumer, layout_meta, plan_resume  # noqa: E402
 from pipeline.rng import seed_everything  # noqa: E402
 from pipeline.schedules import LRSchedule, LRScheduler, ResolutionSchedule  # noqa: E402
@@ -86,16 +88,11 @@ class CommandLine:
 
     def lines(self, cfg: TrainConfig) -> list[str]:
         """The notes for what ``cfg`` really took from the recipe choice and the site file."""
-        from pipeline.config import flatten, to_dict
-
         used = flatten(to_dict(cfg))
         return self.notes + [text for key, value, text in self.site_notes if str(used.get(key)) == value]
 
 
 def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> CommandLine:
-    from launchers.site import load_site, train_defaults
-    from pipeline.recipe import RECIPES, model_recipe
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, help="recipe YAML (path or name under pipeline/recipes)")
     p.add_argument("--model", default=None, help="model.name override (cpvt_ti, cpvt_s, ...); without --recipe "
@@ -112,10 +109,9 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Comman
     defaults, site_notes = train_defaults(site, site_file, environ)
     notes: list[str] = []
     recipe = args.recipe
-    if recipe is None and (found := model_recipe(args.model, site.recipe_dirs)) is not None:
-        recipe = str(found)
-        whose = "the paper's" if found.parent == RECIPES else f"the site's (site file {site_file} recipe_dirs)"
-        notes.insert(0, f"recipe {found} ({whose} recipe for --model {args.model}; --recipe picks another)")
+    if recipe is None and (found := recipe_for_model(args.model, site.recipe_dirs, site_file)) is not None:
+        recipe, why = str(found[0]), found[1]
+        notes.insert(0, f"recipe {recipe} ({why}; --recipe picks another)")
     flags = {"model.name": args.model, "data.root": args.data, "run.deepspeed_config": args.deepspeed_config,
              "run.run_dir": args.run_dir, "checkpoint.resume": args.resume}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
@@ -125,9 +121,6 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Comman
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Validate everything (config, data folder, resume checkpoint, loader workers, device, precision), then
     train; returns the final summary."""
-    from pipeline.data.config import fit_num_workers, task_cpus
-    from pipeline.distributed import detect_env
-
     cmd = parse_args(sys.argv[1:] if argv is None else argv)
     env = detect_env()
     cfg, ds_config = load_train_config(cmd.recipe, cmd.overrides, env.world_size, defaults=cmd.defaults,
@@ -136,8 +129,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data, workers_line = fit_num_workers(cfg.data, task_cpus())   # before ffcv/numba are imported
     cfg.data = data
     if env.rank == 0:
-        from pipeline.recipe import batch_plan
-
         for line in [*cmd.lines(cfg), workers_line, f"batch: {batch_plan(cfg, env.world_size).line()}"]:
             if line:
                 print(f"config: {line}", flush=True)

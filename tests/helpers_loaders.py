@@ -5,7 +5,7 @@ import json
 import socket
 from pathlib import Path
 
-from pipeline.data.config import AugConfig, DataConfig
+from pipeline.config import AugConfig, DataConfig
 
 NUM_CLASSES = 4
 TRAIN_PER_CLASS = 12          # 48 train samples -> 3 shards of <= 17 (an odd shard count)

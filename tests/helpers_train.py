@@ -27,6 +27,7 @@ aug: {auto_augment: null, reprob: 0.0, mixup: 0.0, cutmix: 0.0, smoothing: 0.1}
 schedule:
   resolution: {kind: fixed, resolution: 32}
   lr: {lr: 2.0e-3, ref_batch: 8, warmup_epochs: 0.5, warmup_lr: 1.0e-5, min_lr: 1.0e-5}
+optim: {grad_clip: 1.0}   # the calibrated resume and non-finite tests were measured with clipping at 1.0
 checkpoint: {every_steps: 3, keep_last: 2}
 tracking: {system_metrics: false}
 eval: {every_epochs: 0, resolutions: [48]}
@@ -63,8 +64,11 @@ def job_env() -> dict[str, str]:
 
 
 def train_cmd(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str, *overrides: str) -> list[str]:
+    """``ds``: a shipped JSON's name, optionally with a precision (``zero2_bf16``: zero2.json, run.precision=bf16)."""
+    stage, _, precision = ds.partition("_")
     args = ["pipeline/train.py", "--recipe", str(recipe), "--data", str(data), "--run-dir", str(run_dir),
-            "--deepspeed_config", f"deepspeed_configs/{ds}.json", *overrides]
+            "--deepspeed_config", f"deepspeed_configs/{stage}.json",
+            *([f"run.precision={precision}"] if precision else []), *overrides]
     if nproc == 1:
         return [PY, *args]
     return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), *args]

@@ -12,8 +12,8 @@ import torch
 from benchmarks import bench_progressive
 from benchmarks.bench_progressive import (epoch_resolutions, epoch_train_times, predicted_ratio, progressive_steps,
                                           run_order)
-from pipeline.config import from_dict
-from pipeline.schedules import ResolutionSchedule, ResolutionScheduleConfig
+from pipeline.config import ResolutionScheduleConfig, from_dict
+from pipeline.schedules import ResolutionSchedule
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import pytest
 from benchmarks.bench_zero_memory import measure
 
 # Big enough that most weight matrices exceed the ZeRO-3 persistence threshold (10000 elements in
-# deepspeed_configs/zero3_bf16.json), small enough for 2 CPU ranks.
+# deepspeed_configs/zero3.json), small enough for 2 CPU ranks.
 TINY = {"embed_dim": 96, "depth": 2, "num_heads": 2, "num_classes": 10}
 
 
@@ -33,7 +33,7 @@ def test_stage2_partitions_grads_and_optimizer_states(rows):
         r = rows[(2, rank)]
         assert r["params"] == pytest.approx(2 * n, rel=0.01)  # ZeRO-2 keeps full 16-bit weights (flat, padded)
         assert r["optim"] == pytest.approx(6 * n, rel=0.02)  # half of 12 bytes/param (+ alignment padding)
-        # ~half of the 4n bytes of gradients (zero2_bf16.json accumulates them in fp32), + bucket remainders
+        # ~half of the 4n bytes of gradients (zero2.json accumulates them in fp32), + bucket remainders
         assert 1.9 * n <= r["grads"] < 3 * n
     assert rows[(2, 0)]["estimate"] == 2 * n + 9 * n
 

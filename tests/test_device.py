@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_train_config
 from pipeline.device import (DeviceChoice, DeviceError, apply_device, cpu_has_native_bf16, decide_device,
                              finalize_deepspeed_config, json_precision_request, resolve_precision, select_device)
-from pipeline.recipe import load_train_config
 from tests.helpers_train import PY, ROOT, TINY_RECIPE, job_env, tiny_data, tiny_recipe  # noqa: F401
 
 DS = ROOT / "deepspeed_configs"
@@ -174,12 +173,28 @@ def test_run_fields_validate_up_front(tmp_path):
 
 # ----------------------------------------------------------------------------------------- finalize
 SHIPPED = sorted(p.stem for p in DS.glob("*.json"))
+# a user's JSON may add a precision section to a shipped one (run.precision decides it otherwise): zero2_fp16 is
+# deepspeed_configs/zero2.json with the fp16 section below
+PRECISION_SECTIONS = {"_fp32": {"bf16": {"enabled": False}}, "_bf16": {"bf16": {"enabled": True}},
+                      "_fp16": {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                                         "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}}
+VARIANTS = sorted(f"{name}{p}" for name in SHIPPED for p in ["", *PRECISION_SECTIONS])
 
 
-def test_shipped_config_set():
-    assert SHIPPED == sorted(f"zero{s}{p}" for s in (1, 2, 3) for p in ("", "_fp32", "_bf16", "_fp16"))
-    for name in SHIPPED:
-        ds = json.loads((DS / f"{name}.json").read_text())
+def ds_json(tmp_path: Path, name: str) -> str:
+    """The path of JSON ``name``: a shipped one, or a shipped one plus a precision section written to tmp_path."""
+    stage, _, prec = name.partition("_")
+    if not prec:
+        return f"deepspeed_configs/{name}.json"
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(json.loads((DS / f"{stage}.json").read_text()) | PRECISION_SECTIONS[f"_{prec}"]))
+    return str(path)
+
+
+def test_shipped_config_set(tmp_path):
+    assert SHIPPED == ["zero1", "zero2", "zero3"]
+    for name in VARIANTS:
+        ds = json.loads(Path(ROOT / ds_json(tmp_path, name)).read_text())
         assert ds["zero_optimization"]["overlap_comm"] is True and ds["communication_data_type"] == "fp32"
         # fp32 accumulation at ZeRO-2/3; at ZeRO-1 it would switch bf16 to BF16_Optimizer (see its _comment)
         assert ds.get("data_types", {}).get("grad_accum_dtype") == (None if name.startswith("zero1") else "fp32")
@@ -187,11 +202,12 @@ def test_shipped_config_set():
 
 
 def _finalize(recipe: Path, name: str, choice: DeviceChoice, native: bool, *overrides: str, world: int = 2):
-    cfg, ds = load_train_config(recipe, [f"run.deepspeed_config=deepspeed_configs/{name}.json", *overrides], world)
+    path = ds_json(recipe.parent, name)
+    cfg, ds = load_train_config(recipe, [f"run.deepspeed_config={path}", *overrides], world)
     return finalize_deepspeed_config(ds, cfg, choice, native_bf16=native)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("where", ["cpu", "cpu-native-bf16", "gpu-bf16", "gpu-no-bf16"])
 def test_finalize_shipped_configs(tmp_path, name, where):
     recipe = tmp_path / "tiny.yaml"
@@ -228,7 +244,8 @@ def test_explicit_precision_wins_over_the_json(tmp_path):
     assert prec == "fp32" and not ds["bf16"]["enabled"]
     zero1_fp32_accum = r"^run.deepspeed_config: \S+bad.json: data_types.grad_accum_dtype 'fp32' with ZeRO-1 and bf16"
     with pytest.raises(ConfigError, match=zero1_fp32_accum):
-        bad = json.loads((DS / "zero1_bf16.json").read_text()) | {"data_types": {"grad_accum_dtype": "fp32"}}
+        bad = json.loads((DS / "zero1.json").read_text()) | {"bf16": {"enabled": True},
+                                                             "data_types": {"grad_accum_dtype": "fp32"}}
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         cfg, ds = load_train_config(recipe, [f"run.deepspeed_config={tmp_path / 'bad.json'}"], 1)
         finalize_deepspeed_config(ds, cfg, GPU, native_bf16=True)
@@ -258,7 +275,7 @@ import torch
 torch.set_num_threads(1)
 from pipeline.device import finalize_deepspeed_config, select_device
 from pipeline.distributed import init_distributed
-from pipeline.recipe import load_train_config
+from pipeline.config import load_train_config
 import timm, pipeline.models
 choice = select_device()
 init_distributed(choice, timeout_s=120)
@@ -266,9 +283,9 @@ import deepspeed
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from pipeline.optim import build_optimizer
 out = {}
-for name in sys.argv[3:]:
-    cfg, ds = load_train_config(sys.argv[1], [f"run.deepspeed_config=deepspeed_configs/{name}.json",
-                                              "optim.grad_accum=2"], 1)
+for path in sys.argv[3:]:
+    name = os.path.basename(path)[:-len(".json")]
+    cfg, ds = load_train_config(sys.argv[1], [f"run.deepspeed_config={path}", "optim.grad_accum=2"], 1)
     ds, prec, line = finalize_deepspeed_config(ds, cfg, choice)
     torch.manual_seed(0)
     model = timm.create_model("cpvt_ti", num_classes=4, embed_dim=48, depth=2, num_heads=2)
@@ -299,12 +316,13 @@ def test_shipped_configs_initialise_a_real_cpu_engine(tiny_recipe, tmp_path):  #
     CPU, trains 2 steps of 2 micro-batches, and its checkpoint consolidates to fp32 (pipeline.export's path)."""
     from tests.helpers_train import free_port
 
-    names = [n for n in SHIPPED if not n.endswith("_fp16")]
+    names = [n for n in VARIANTS if not n.endswith("_fp16")]
     script = tmp_path / "engine.py"
     script.write_text(ENGINE_SCRIPT)
     env = job_env()
     env.pop("DS_ACCELERATOR", None)   # the rule decides (no GPU here: cpu)
-    p = subprocess.run([PY, str(script), str(tiny_recipe), str(free_port()), *names], cwd=ROOT, env=env,
+    paths = [ds_json(tmp_path, n) for n in names]
+    p = subprocess.run([PY, str(script), str(tiny_recipe), str(free_port()), *paths], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     out = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
@@ -323,12 +341,13 @@ def test_fp16_dry_run_without_a_gpu(capsys, tiny_data, tiny_recipe, tmp_path):  
     """fp16 is the trainer's check, not the submitter's: a login node without a GPU plans an fp16 job."""
     from launchers import slurm_submit
 
+    fp16_json = ds_json(tmp_path, "zero2_fp16")
     rc = slurm_submit.main(["--nodes", "2", "--gpus-per-node", "8", "--recipe", str(tiny_recipe), "--data",
                             str(tiny_data), "--run-dir", str(tmp_path / "run"), "--deepspeed_config",
-                            "deepspeed_configs/zero2_fp16.json", "--dry-run"])
+                            fp16_json, "--dry-run"])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    assert "world size: 16" in out.out and "deepspeed_config: deepspeed_configs/zero2_fp16.json" in out.out
+    assert "world size: 16" in out.out and f"deepspeed_config: {fp16_json}" in out.out
     ds = json.loads(out.out.split("deepspeed config:\n", 1)[1])
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["train_batch_size"] == 4 * 16
     assert not (tmp_path / "run").exists()

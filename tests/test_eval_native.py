@@ -87,7 +87,7 @@ def test_native_config_errors_before_data_is_read(root, tmp_path):
         build_eval_loader(data_cfg(tmp_path / "missing"), resolution=40, rank=0, world_size=1, mode="native")
     with pytest.raises(ConfigError, match="eval.mode"):
         build_eval_loader(data_cfg(root), resolution=32, rank=0, world_size=1, mode="letterbox")
-    from pipeline.recipe import load_train_config
+    from pipeline.config import load_train_config
 
     with pytest.raises(ConfigError, match=r"eval\.resolutions\[0\]: 40 must be a multiple of the patch size 16"):
         load_train_config(None, ["eval.mode=native", "eval.resolutions=[40]", "data.root=/x"], 1)
@@ -166,7 +166,7 @@ def test_learned_pe_model_and_analysis_table_both_modes(wds_root, tmp_path):
 def test_trainer_evaluator_follows_eval_mode(root):
     """The trainer's Evaluator scores in the recipe's eval.mode, one cached loader per (mode, resolution)."""
     from pipeline.evaluate import Evaluator
-    from pipeline.recipe import load_train_config
+    from pipeline.config import load_train_config
 
     model = tiny_cpvt("cpvt_ti", num_classes=4, seed=1)
     results = {}

@@ -196,7 +196,8 @@ def test_train_commands_are_the_real_cli(tmp_path):
     runner = gc.Runner(tmp_path, gc.Profile.gpu(16), 100, lambda row: None)
     check = gc.Check(runner, runner.profile, tmp_path, {"mlflow_importable": False, "ffcv_importable": "no: x"})
     cmd = check.train_cmd("bf16", "zero2_bf16", "run.ema=true")
-    assert cmd[1:3] == ["pipeline/train.py", "--recipe"] and "deepspeed_configs/zero2_bf16.json" in cmd
+    assert cmd[1:3] == ["pipeline/train.py", "--recipe"] and "deepspeed_configs/zero2.json" in cmd
+    assert "run.precision=bf16" in cmd
     assert "tracking.enabled=false" in cmd and cmd[-1] == "run.ema=true" and "--resume" not in cmd
     assert "--resume" in check.train_cmd("bf16", "zero2_bf16", resume=True)
     env = runner.env()

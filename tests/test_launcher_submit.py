@@ -316,15 +316,15 @@ SCONTROL_NODES = (
 
 
 def test_parse_real_sinfo_and_scontrol_output():
-    from launchers import site
+    from launchers import partition
 
-    assert site.parse_gres(SINFO_GRES) == (4, "a100")   # the smallest node decides the tasks per node
-    assert site.parse_gres("gpu:8\n") == (8, None)
-    assert site.parse_gres("gpu:v100:4,mps:400\n") == (4, "v100")
-    assert site.parse_gres("(null)\n") == (0, None)
-    assert site.parse_gres("") is None
-    assert site.parse_cpus("128\n") == 128 and site.parse_cpus("64+\n") == 64
-    assert site.parse_default_partition("gpu\ncpu*\ndebug\n") == "cpu"
-    assert site.parse_partition_nodes(SCONTROL_PARTITION) == "gpu[001-016]"
-    assert site.parse_scontrol_nodes(SCONTROL_NODES) == ((8, "a100"), 128)
+    assert partition.parse_gres(SINFO_GRES) == (4, "a100")   # the smallest node decides the tasks per node
+    assert partition.parse_gres("gpu:8\n") == (8, None)
+    assert partition.parse_gres("gpu:v100:4,mps:400\n") == (4, "v100")
+    assert partition.parse_gres("(null)\n") == (0, None)
+    assert partition.parse_gres("") is None
+    assert partition.parse_cpus("128\n") == 128 and partition.parse_cpus("64+\n") == 64
+    assert partition.parse_default_partition("gpu\ncpu*\ndebug\n") == "cpu"
+    assert partition.parse_partition_nodes(SCONTROL_PARTITION) == "gpu[001-016]"
+    assert partition.parse_scontrol_nodes(SCONTROL_NODES) == ((8, "a100"), 128)
     assert slurm_submit._gpu_type("a100") == "A100" and slurm_submit._gpu_type("NVIDIA H100 80GB HBM3") == "H100"

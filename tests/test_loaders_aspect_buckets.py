@@ -119,7 +119,7 @@ def test_formats_that_cannot_bucket_are_refused_in_one_line(root, kw, message):
 
 def test_recipe_and_up_front_checks():
     """The shipped recipe, and the training config's one-line refusals (before any data or process group)."""
-    from pipeline.recipe import RECIPES, load_train_config
+    from pipeline.config import RECIPES, load_train_config
 
     recipe = RECIPES / "cpvt_ti_aspect.yaml"
     cfg, _ = load_train_config(recipe, ["data.root=/nonexistent"], world_size=8)

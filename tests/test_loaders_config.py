@@ -5,8 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pipeline.config import ConfigError, from_dict, load_config
-from pipeline.data.config import AugConfig, DataConfig, check_data_aug
+from pipeline.config import AugConfig, ConfigError, DataConfig, check_data_aug, from_dict, load_config
 
 
 @dataclass

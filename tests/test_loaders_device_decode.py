@@ -11,8 +11,7 @@ import tarfile
 import pytest
 import torch
 
-from pipeline.config import ConfigError, from_dict
-from pipeline.data.config import AugConfig, DataConfig, check_data_aug
+from pipeline.config import AugConfig, ConfigError, DataConfig, check_data_aug, from_dict
 from pipeline.data.loader import build_train_loader
 from tests.helpers_loaders import NUM_CLASSES, aug_cfg, data_cfg, loader_dataset, split_info
 
@@ -228,7 +227,7 @@ def test_pinning_rule():
 def test_gpu_decode_recipe_resolves():
     from pathlib import Path
 
-    from pipeline.recipe import load_train_config
+    from pipeline.config import load_train_config
 
     recipe = Path(__file__).resolve().parents[1] / "pipeline" / "recipes" / "cpvt_ti_gpu_decode.yaml"
     cfg, _ = load_train_config(recipe, ["data.root=/nonexistent"], world_size=8)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data.config import AugConfig, DataConfig, check_data_aug
+from pipeline.config import AugConfig, ConfigError, DataConfig, check_data_aug, load_config
 from pipeline.data.ffcv_loader import repeated_aug_order
 from pipeline.data.loader import build_train_loader
 from tests.helpers_loaders import NUM_CLASSES, aug_cfg, data_cfg, loader_dataset

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.config import AugConfig
+from pipeline.config import AugConfig
 from pipeline.data.transforms import (DraftRandomResizedCrop, decode_image, decode_jpeg_crop, open_image,
                                       train_transform, train_transform_from_bytes)
 

@@ -241,8 +241,7 @@ def test_missing_object_is_one_line_naming_it(remote_tiny, tmp_path):
     """A shard listed in the index but missing behind HTTP: the loader stops with the trainer's one-line config
     error before reading data (the trainer prints it as ``config error: ...``, tests/test_train_features.py),
     ``verify`` names it; an object that disappears after the index was read: the tar reader names it."""
-    from pipeline.config import ConfigError, from_dict
-    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.config import AugConfig, ConfigError, DataConfig, from_dict
     from pipeline.data.loader import build_train_loader
     from pipeline.storage import NotFound
     from pipeline.data.tar_samples import tar_samples

@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ConfigError, from_dict, load_config
-from pipeline.schedules import (LRSchedule, LRScheduleConfig, LRScheduler, ResolutionSchedule,
-                                ResolutionScheduleConfig, epoch_progress)
+from pipeline.config import ConfigError, LRScheduleConfig, ResolutionScheduleConfig, from_dict, load_config
+from pipeline.schedules import LRSchedule, LRScheduler, ResolutionSchedule, epoch_progress
 
 
 def res_schedule(total=10, **kw) -> ResolutionSchedule:

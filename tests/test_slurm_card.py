@@ -24,7 +24,7 @@ import submitit
 import yaml
 
 from launchers.executor import wait_for
-from pipeline.recipe import RECIPES
+from pipeline.config import RECIPES
 from tests.slurm.fixtures import slurm_cluster  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

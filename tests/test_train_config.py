@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpointing
-from pipeline.config import ConfigError
-from pipeline.recipe import RECIPES, load_train_config, resolve_deepspeed_config
+from pipeline.config import RECIPES, ConfigError, load_train_config, resolve_deepspeed_config
 from tests.helpers_train import ROOT, TINY_RECIPE, job_env
 from tests.helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures (shared tiny dataset)
 
@@ -34,18 +33,42 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
 
 def test_shipped_deepspeed_configs_resolve(recipe):
     names = sorted(p.name for p in DS.glob("*.json"))
-    assert names == sorted(f"zero{s}{p}.json" for s in (1, 2, 3) for p in ("", "_fp32", "_bf16", "_fp16"))
+    assert names == ["zero1.json", "zero2.json", "zero3.json"]   # the precision is run.precision's
     for name in names:   # pure validation on any machine: fp16 included (the trainer checks the hardware)
         s = int(name[4])
         cfg, ds = load_train_config(recipe, [f"run.deepspeed_config=deepspeed_configs/{name}",
                                              "optim.grad_accum=2"], world_size=4)
         assert ds["train_batch_size"] == 4 * 2 * 4 and ds["train_micro_batch_size_per_gpu"] == 4
         assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == s
-        assert ds["gradient_clipping"] == 1.0 and "auto" not in json.dumps(ds)
-        assert ds.get("bf16", {}).get("enabled", False) == name.endswith("_bf16.json")
-    for s in (1, 2, 3):
-        fp16 = json.loads((DS / f"zero{s}_fp16.json").read_text())
-        assert fp16["fp16"]["loss_scale"] == 0 and fp16["gradient_clipping"] > 0  # dynamic loss scaling
+        assert ds["gradient_clipping"] == 1.0 and "auto" not in json.dumps(ds)   # the tiny recipe's optim.grad_clip
+        assert "bf16" not in ds and "fp16" not in ds and "gradient_clipping" not in json.loads((DS / name).read_text())
+
+
+def test_grad_clip_from_the_recipe_reaches_deepspeed(recipe):
+    for name in ("zero1", "zero2", "zero3"):
+        _, ds = load_train_config(recipe, [f"run.deepspeed_config=deepspeed_configs/{name}.json",
+                                           "optim.grad_clip=0.25"], world_size=1)
+        assert ds["gradient_clipping"] == 0.25, name
+    _, ds = load_train_config(recipe, ["optim.grad_clip=0"], world_size=1)
+    assert ds["gradient_clipping"] == 0.0   # DeepSpeed clips only when gradient_clipping > 0
+
+
+def test_grad_clip_pinned_by_the_json_must_agree(recipe, tmp_path):
+    pinned = json.loads((DS / "zero2.json").read_text()) | {"gradient_clipping": 1.0}
+    (tmp_path / "pinned.json").write_text(json.dumps(pinned))
+    ds_flag = f"run.deepspeed_config={tmp_path / 'pinned.json'}"
+    assert load_train_config(recipe, [ds_flag, "optim.grad_clip=1.0"])[1]["gradient_clipping"] == 1.0
+    with pytest.raises(ConfigError) as e:
+        load_train_config(recipe, [ds_flag, "optim.grad_clip=0.25"])
+    msg = _one_line(e)
+    assert "gradient_clipping=1.0" in msg and "optim.grad_clip=0.25" in msg, msg
+
+
+def test_imagenet_recipes_clip_like_deit():
+    """DeiT's main.py does not clip (--clip-grad None); the demo keeps the 1.0 its accuracy was measured with."""
+    for path in sorted(RECIPES.glob("*.yaml")):
+        _, ds = load_train_config(path, ["data.root=/nonexistent"], world_size=8)
+        assert ds["gradient_clipping"] == (1.0 if path.name == "demo.yaml" else 0.0), path.name
 
 
 @pytest.mark.parametrize("recipe_name", sorted(p.name for p in RECIPES.glob("*.yaml")))
@@ -99,7 +122,7 @@ def test_bad_zero_stage_and_auto(recipe, tmp_path):
                           ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}},
                            "zero_optimization.reduce_bucket_size is 'auto'"),
                           ({"fp16": {"enabled": True}}, "both true")):
-        bad = json.loads((DS / "zero2_bf16.json").read_text()) | patch
+        bad = json.loads((DS / "zero2.json").read_text()) | {"bf16": {"enabled": True}} | patch
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         cfg.run.deepspeed_config = str(tmp_path / "bad.json")
         with pytest.raises(ConfigError) as e:
@@ -148,7 +171,8 @@ def test_no_weight_decay_groups_follow_the_official_rule():
     import torch
 
     import pipeline.models  # noqa: F401
-    from pipeline.optim import OptimConfig, build_optimizer, no_decay_names
+    from pipeline.config import OptimConfig
+    from pipeline.optim import build_optimizer, no_decay_names
 
     model = timm.create_model("cpvt_ti", num_classes=4, embed_dim=48, depth=2, num_heads=2,
                               peg_positions=(-1, 0, 1), pos_embed="learned")
@@ -195,7 +219,7 @@ def test_same_recipe_same_training_on_1_2_4_ranks():
 
 
 def test_derive_batch_refuses_with_the_numbers():
-    from pipeline.recipe import derive_batch
+    from pipeline.config import derive_batch
 
     assert derive_batch(1024, 32, max_micro=128).line() == \
         "global batch 1024 = per-rank batch 32 x accumulation 1 x 32 ranks"
@@ -229,7 +253,8 @@ def test_progressive_batches_are_global_too():
 
 
 def test_loader_workers_fit_the_cpus():
-    from pipeline.data.config import DataConfig, fit_num_workers, task_cpus
+    from pipeline.config import DataConfig
+    from pipeline.data.workers import fit_num_workers, task_cpus
 
     assert fit_num_workers(DataConfig(num_workers=8), 2) == (
         DataConfig(num_workers=2), "data.num_workers: 8 lowered to 2, the CPUs this rank may use (its CPU affinity)")

@@ -165,9 +165,8 @@ def test_ema_is_evaluated_at_the_training_resolution(ema_run):
 
     import pipeline.models  # noqa: F401
     from pipeline import evaluate as evaluation
-    from pipeline.config import from_dict
+    from pipeline.config import TrainConfig, from_dict
     from pipeline.export import checkpoint_model_spec
-    from pipeline.recipe import TrainConfig
 
     run_dir, proc = ema_run
     hist = _mlflow_history(run_dir, "eval_ema/top1")

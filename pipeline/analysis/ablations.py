@@ -98,7 +98,7 @@ def train_argv(row: Row, *, data: str | None, root: str | Path, tracking_uri: st
 
 def validate_recipes(world_size: int = 1) -> dict[str, Any]:
     """Load + validate every row's recipe with the trainer's own config loader; returns {row: TrainConfig}."""
-    from pipeline.recipe import load_train_config
+    from pipeline.config import load_train_config
 
     return {r.name: load_train_config(str(r.recipe_path), [], world_size)[0] for r in ROWS}
 

@@ -34,8 +34,7 @@ def eval_batches(data_root: str | Path, resolution: int, *, fmt: str = "wds", ba
     """Normalised (images, labels) batches of one split at ``resolution`` through the project's eval loader
     (single process: rank 0 of 1); ``mode="native"``: whole images, one aspect bucket (HxW) per batch. Padding
     samples carry label -1."""
-    from pipeline.config import from_dict
-    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.config import AugConfig, DataConfig, from_dict
     from pipeline.data.loader import build_eval_loader
 
     data = from_dict(DataConfig, {"format": fmt, "root": str(data_root), "eval_batch_size": batch_size,
@@ -52,7 +51,7 @@ def eval_batches(data_root: str | Path, resolution: int, *, fmt: str = "wds", ba
 def denormalize(images: torch.Tensor, mean: Sequence[float] | None = None,
                 std: Sequence[float] | None = None) -> torch.Tensor:
     """Normalised (B, 3, H, W) -> float (B, H, W, 3) in [0, 1] for display."""
-    from pipeline.data.config import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 
     m = torch.tensor(mean or IMAGENET_MEAN).view(1, 3, 1, 1)
     s = torch.tensor(std or IMAGENET_STD).view(1, 3, 1, 1)

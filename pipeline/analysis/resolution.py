@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pipeline.analysis.common import add_mlflow_args, analysis_device, load_model, log_to_mlflow, run_labels
+from pipeline.config import EVAL_RESOLUTIONS
 
 # Paper (ImageNet, trained at 224, no fine-tuning; secondary source): top-1 per test resolution.
 PAPER_TOP1 = {
@@ -45,8 +46,7 @@ def evaluate_resolutions(model: torch.nn.Module, data_root: str | Path, resoluti
     """{resolution: {"top1", "top5", "loss", "n", "tokens"}} of ``model`` on the val split (single process),
     through the trainer's own :func:`pipeline.evaluate.evaluate` so the numbers match the ones logged during
     training; ``mode``: ``center_crop`` or ``native``."""
-    from pipeline.config import from_dict
-    from pipeline.data.config import AugConfig, DataConfig
+    from pipeline.config import AugConfig, DataConfig, from_dict
     from pipeline.device import autocast_forward
     from pipeline.evaluate import evaluate
 
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--label", nargs="+", default=None, help="one label per checkpoint (default: model name)")
     p.add_argument("--data", required=True, help="data_prep output root")
     p.add_argument("--format", default="wds", choices=["wds", "ffcv"])
-    p.add_argument("--resolutions", nargs="+", type=int, default=[160, 224, 288, 384])
+    p.add_argument("--resolutions", nargs="+", type=int, default=list(EVAL_RESOLUTIONS))
     p.add_argument("--train-res", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)

@@ -41,10 +41,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import ConfigError, check_positive
+from pipeline.config import AugConfig, ConfigError, DataConfig, check_data_aug, check_positive
 from pipeline.data.aspect_buckets import (DEFAULT_MAX_ASPECT, NativeBatch, check_native, native_shape,
                                          plan_native_batches)
-from pipeline.data.config import AugConfig, DataConfig, check_data_aug
 from pipeline.data.mixup import BatchAugment
 from pipeline.data.transforms import BatchNormalizer, native_eval_transform
 from pipeline.rng import make_seed

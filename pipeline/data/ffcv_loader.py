@@ -36,10 +36,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import AugConfig, ConfigError, DataConfig
 from pipeline.data.aspect_buckets import check_native
 from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
-from pipeline.data.config import AugConfig, DataConfig
 from pipeline.rng import make_seed
 from pipeline.data.ffcv_pipelines import ffcv_eval_image_pipeline, ffcv_label_pipeline, ffcv_train_image_pipeline
 from pipeline.ffcv_compat import import_ffcv, keep_torch_threads

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from pipeline.data.config import AugConfig
+from pipeline.config import AugConfig
 from pipeline.data.transforms import timm_auto_augment
 from pipeline.ffcv_compat import import_ffcv
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, check_choice, validate
+from pipeline.config import AugConfig, ConfigError, DataConfig, check_choice, check_data_aug, validate
 from pipeline.data.aspect_buckets import DEFAULT_MAX_ASPECT, check_native
 from pipeline.data.base import PAD_LABEL, EvalLoader, TrainLoader
-from pipeline.data.config import AugConfig, DataConfig, check_data_aug, fit_num_workers, task_cpus
+from pipeline.data.workers import fit_num_workers, task_cpus
 from pipeline.data.shard_index import ffcv_path, load_split_index, read_classes
 from pipeline.storage import is_url
 

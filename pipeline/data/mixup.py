@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data.config import AugConfig
+from pipeline.config import AugConfig
 from pipeline.rng import seeded
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,15 @@ def read_classes(root: str | Path) -> list[str]:
     if not isinstance(classes, list) or not classes:
         raise ConfigError(f"data.root: {path} has no non-empty 'classes' list")
     return [str(c) for c in classes]
+
+
+def read_num_classes(cfg: TrainConfig) -> int:
+    """``model.num_classes`` or len(classes.json) -- a tiny metadata file, not training data."""
+    if cfg.model.num_classes is not None:
+        return cfg.model.num_classes
+    if not cfg.data.root:
+        raise ConfigError("data.root: must be set (the data_prep output folder), e.g. --data runs/demo/data")
+    return len(read_classes(cfg.data.root))
 
 
 def read_wds_info(root: str | Path) -> dict:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
-from pipeline.data.config import AugConfig
+from pipeline.config import AugConfig
 
 # torchvision resizes uint8 tensors with these (antialiased, PIL's filters); BOX/HAMMING stay on PIL
 _TENSOR_INTERP = frozenset({InterpolationMode.NEAREST, InterpolationMode.BILINEAR, InterpolationMode.BICUBIC,

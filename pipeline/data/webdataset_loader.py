@@ -68,10 +68,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import ConfigError
+from pipeline.config import AugConfig, ConfigError, DataConfig
 from pipeline.data.aspect_buckets import check_native, train_bucket, train_bucket_shapes
 from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
-from pipeline.data.config import AugConfig, DataConfig
 from pipeline.data.device_decode import CropDrawer, EncodedBatch, decode_resized_crops
 from pipeline.rng import make_seed, seeded
 from pipeline.data.shard_index import SplitIndex

@@ -17,23 +17,21 @@ exists::
     recipe_dirs: [/shared/cpvt-recipes]     # searched before pipeline/recipes for --model / --recipe names
 
 Relative paths are relative to the site file. Command-line flags override every value; ``slurm_submit.py
---dry-run`` prints where each value came from (:class:`Setting`: flag, the site file, sinfo, scontrol, default).
-
-The SLURM queries are plain text parsers (:func:`parse_gres`, :func:`parse_scontrol_nodes`, ...) over the
-commands' output, so their parsing is tested on captured real output without a GPU cluster.
+--dry-run`` prints where each value came from (:class:`Setting`: flag, the site file, sinfo, scontrol, default);
+what SLURM itself says about a partition is asked by ``launchers/partition.py``.
 """
 from __future__ import annotations
 
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
 
-from pipeline.config import ConfigError, check_positive, from_dict
+from pipeline.config.errors import ConfigError, check_positive
+from pipeline.config.sections import from_dict
 
 DEFAULT_SITE = Path("~/.config/cpvt/site.yaml")
 ENV_VAR = "CPVT_SITE"
@@ -41,19 +39,20 @@ ENV_VAR = "CPVT_SITE"
 
 @dataclass
 class SiteConfig:
-    data_root: Optional[str] = None
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    gpus_per_node: Optional[int] = None
-    gpu_type: Optional[str] = None
-    cpus_per_task: Optional[int] = None
-    mem_gb: Optional[float] = None
-    time: Optional[str] = None
-    runs_root: Optional[str] = None
-    mlflow_uri: Optional[str] = None
-    recipe_dirs: list[str] = field(default_factory=list)
+    """The site file's fields (the module docstring shows each with an example); None: not set there."""
+    data_root: Optional[str] = None       # data.root (--data)
+    partition: Optional[str] = None       # SLURM --partition
+    account: Optional[str] = None         # SLURM --account
+    qos: Optional[str] = None             # SLURM --qos
+    constraint: Optional[str] = None      # SLURM --constraint
+    gpus_per_node: Optional[int] = None   # else what SLURM says about the partition
+    gpu_type: Optional[str] = None        # the throughput-table row for the time-limit estimate
+    cpus_per_task: Optional[int] = None   # else the node's CPUs / tasks per node
+    mem_gb: Optional[float] = None        # SLURM --mem
+    time: Optional[str] = None            # SLURM --time ("24:00:00", quoted)
+    runs_root: Optional[str] = None       # run dirs go under it; its mlflow.db is the default store
+    mlflow_uri: Optional[str] = None      # tracking.uri unless the command line or MLFLOW_TRACKING_URI sets one
+    recipe_dirs: list[str] = field(default_factory=list)   # searched before pipeline/recipes for recipe names
 
     def validate(self) -> None:
         if self.gpus_per_node is not None:
@@ -148,102 +147,3 @@ def train_defaults(site: SiteConfig, site_file: Path | None, environ: Mapping[st
         out["run"] = {"run_dir": value}
         notes.append(("run.run_dir", value, f"run.run_dir={value} (site file {site_file} runs_root)"))
     return out, notes
-
-
-# ----------------------------------------------------------------------------------------------- SLURM
-_GRES_GPU = re.compile(r"(?:^|,)gpu(?::([A-Za-z][\w.-]*))?:(\d+)")
-
-
-def parse_gres(text: str) -> tuple[int, str | None] | None:
-    """GPUs per node (the smallest node) and their type from gres strings, one per line, as ``sinfo -o %G`` or
-    ``Gres=`` print them: ``gpu:8``, ``gpu:a100:8(S:0-1)``, ``gpu:v100:4,mps:400``, ``(null)`` (no GPU: 0)."""
-    found: list[tuple[int, str | None]] = []
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for line in lines:
-        hits = [(int(n), t) for t, n in _GRES_GPU.findall(line)]
-        if hits:
-            found.append((sum(n for n, _ in hits), hits[0][1] or None))
-        else:
-            found.append((0, None))
-    if not found:
-        return None
-    return min(found, key=lambda x: x[0])
-
-
-def parse_cpus(text: str) -> int | None:
-    """CPUs per node from ``sinfo -o %c`` (``128``, ``64+`` on mixed partitions: the smallest)."""
-    values = [int(m.group(1)) for ln in text.splitlines() if (m := re.match(r"\s*(\d+)", ln))]
-    return min(values) if values else None
-
-
-def parse_scontrol_nodes(text: str) -> tuple[tuple[int, str | None] | None, int | None]:
-    """``scontrol --oneliner show node ...``: (GPUs per node and type from ``Gres=``, CPUs from ``CPUTot=``),
-    the smallest node of the listing."""
-    gres = [m.group(1) for m in re.finditer(r"(?:^|\s)Gres=(\S*)", text)]
-    cpus = [int(m.group(1)) for m in re.finditer(r"(?:^|\s)CPUTot=(\d+)", text)]
-    return (parse_gres("\n".join(gres)) if gres else None), (min(cpus) if cpus else None)
-
-
-def parse_partition_nodes(text: str) -> str | None:
-    """The ``Nodes=`` hostlist of ``scontrol show partition P``."""
-    m = re.search(r"(?:^|\s)Nodes=(\S+)", text)
-    return m.group(1) if m and m.group(1) != "(null)" else None
-
-
-def parse_default_partition(text: str) -> str | None:
-    """The default partition from ``sinfo -h -o %P`` (marked ``*``)."""
-    for line in text.split():
-        if line.endswith("*"):
-            return line[:-1]
-    return None
-
-
-def _run(cmd: list[str], timeout: float = 15) -> str | None:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
-
-
-@dataclass
-class PartitionInfo:
-    """What SLURM says about a partition's nodes (None: not known) and which command said it."""
-    partition: str | None = None
-    gpus_per_node: int | None = None
-    gpu_type: str | None = None
-    cpus_per_node: int | None = None
-    gpu_source: str = "default"
-    cpu_source: str = "default"
-    notes: list[str] = field(default_factory=list)
-
-
-def query_partition(partition: str | None) -> PartitionInfo:
-    """GPUs and CPUs per node of ``partition`` (None: SLURM's default partition): sinfo first, then scontrol."""
-    info = PartitionInfo(partition)
-    if partition is None:
-        out = _run(["sinfo", "-h", "-o", "%P"])
-        if out is None:
-            info.notes.append("sinfo unavailable: no SLURM values")
-            return info
-        info.partition = partition = parse_default_partition(out)
-    sel = ["-p", partition] if partition else []
-    gres = _run(["sinfo", *sel, "-h", "-o", "%G"])
-    cpus = _run(["sinfo", *sel, "-h", "-o", "%c"])
-    if gres is not None and (g := parse_gres(gres)) is not None:
-        info.gpus_per_node, info.gpu_type = g
-        info.gpu_source = f"sinfo -p {partition} -o %G"
-    if cpus is not None and (c := parse_cpus(cpus)) is not None:
-        info.cpus_per_node, info.cpu_source = c, f"sinfo -p {partition} -o %c"
-    if info.gpus_per_node is None or info.cpus_per_node is None:
-        part = _run(["scontrol", "--oneliner", "show", "partition", partition]) if partition else None
-        nodes = parse_partition_nodes(part) if part else None
-        shown = _run(["scontrol", "--oneliner", "show", "node", nodes]) if nodes else None
-        if shown:
-            g, c = parse_scontrol_nodes(shown)
-            if info.gpus_per_node is None and g is not None:
-                info.gpus_per_node, info.gpu_type = g
-                info.gpu_source = "scontrol show node (Gres=)"
-            if info.cpus_per_node is None and c is not None:
-                info.cpus_per_node, info.cpu_source = c, "scontrol show node (CPUTot=)"
-    return info
