@@ -28,7 +28,10 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.config import ConfigError, check_choice, check_positive, check_range
 
+from .demo_dataset import make_demo_dataset
 from .tasks import CLUSTERS
+from .verify import verify
+from .write_ffcv import WRITE_MODES, write_ffcv
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,8 +164,6 @@ def validate(a: argparse.Namespace) -> None:
         check_positive("--shard-max-count", a.shard_max_count)
         check_positive("--shard-max-mb", a.shard_max_mb)
     else:
-        from .write_ffcv import WRITE_MODES
-
         check_range("--max-resolution", a.max_resolution, 8, 65535)
         check_choice("--write-mode", a.write_mode, WRITE_MODES)
         check_range("--compress-probability", a.compress_probability, 0.0, 1.0)
@@ -182,8 +183,6 @@ def _summary(manifests: dict) -> dict:
 
 def run(a: argparse.Namespace) -> int:
     if a.cmd == "make_demo_dataset":
-        from .demo_dataset import make_demo_dataset
-
         desc = make_demo_dataset(a.out, num_classes=a.classes, train_per_class=a.train_per_class,
                                  val_per_class=a.val_per_class, min_side=a.min_side, max_side=a.max_side,
                                  large_images=a.large_images, bad_files=not a.no_bad_files,
@@ -192,8 +191,6 @@ def run(a: argparse.Namespace) -> int:
                           for s, v in desc["splits"].items()}))
         return 0
     if a.cmd == "verify":
-        from .verify import verify
-
         report = verify(a.out, formats=a.formats, decode=a.decode)
         print(json.dumps(report, indent=2))
         if not report["ok"]:
@@ -205,7 +202,7 @@ def run(a: argparse.Namespace) -> int:
         if getattr(a, k) is not None:
             params[k] = getattr(a, k)
     if a.cmd == "wds":
-        from .write_webdataset import write_webdataset
+        from .write_webdataset import write_webdataset  # local: webdataset imports torch (~1.5 s); --help stays fast
 
         manifests = write_webdataset(
             a.src, a.out, splits=a.splits, max_side=a.max_side, quality=a.quality,
@@ -214,8 +211,6 @@ def run(a: argparse.Namespace) -> int:
             workers=a.workers, folder=a.log_folder, array_size=a.array_size, progress=not a.no_progress,
             executor_params=params if a.cluster != "pool" else None)
     else:
-        from .write_ffcv import write_ffcv
-
         manifests = write_ffcv(
             a.src, a.out, splits=a.splits, max_resolution=a.max_resolution, write_mode=a.write_mode,
             compress_probability=a.compress_probability, jpeg_quality=a.jpeg_quality, shuffle_seed=shuffle_seed,

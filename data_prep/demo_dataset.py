@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import scipy.io
 from PIL import Image, ImageDraw
 
 PATTERNS = ("disc", "square", "triangle", "hstripes", "vstripes", "checker", "ring", "cross", "dstripes",
@@ -144,8 +145,6 @@ def _bad_file(kind: str, c: int, rng: np.random.Generator, w: int, h: int) -> by
 
 def _write_meta_mat(path: Path, classes: list[str], ids: dict[str, int]) -> None:
     """A tiny devkit ``meta.mat``: leaf synsets (num_children 0) + one internal node, IDs not in wnid order."""
-    import scipy.io
-
     dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O"),
              ("children", "O"), ("wordnet_height", "O"), ("num_train_images", "O")]
     rows = [(ids[w], w, class_name(i), f"synthetic class {i}", 0, np.zeros((0,), np.uint16), 0, 0)

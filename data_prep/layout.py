@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import scipy.io
+
 LOC_CSV = "LOC_val_solution.csv"
 DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_META = "meta.mat"
@@ -129,8 +131,6 @@ def read_loc_csv(path: Path) -> dict[str, str]:
 
 def read_devkit_meta(path: Path) -> dict[int, str]:
     """devkit ``meta.mat`` -> {ILSVRC2012_ID: wnid} for the leaf synsets (the 1000 classes)."""
-    import scipy.io
-
     mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
     if "synsets" not in mat:
         raise LayoutError(f"{path}: no 'synsets' variable (not an ILSVRC2012 devkit meta.mat)")

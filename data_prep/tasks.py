@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
+from launchers.executor import make_executor, wait_for  # the SLURM helper's submitit wrapper
+
 CLUSTERS = ("pool", "local", "debug", "slurm")
 MAX_ARRAY = 256   # default cap on array jobs for cluster="slurm" (override with array_size)
 
@@ -66,8 +68,6 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, cluster: str = 
         with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as ex:
             it = ex.map(fn, tasks, chunksize=1)
             return list(tqdm(it, total=len(tasks), desc=desc, disable=not progress, unit="task"))
-
-    from launchers.executor import make_executor, wait_for  # the SLURM helper's submitit wrapper
 
     if folder is None:
         raise ValueError(f"folder: a log folder is required for cluster={cluster!r}")

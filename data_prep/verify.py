@@ -18,9 +18,12 @@ import io
 import tarfile
 from pathlib import Path
 
+from PIL import Image
+
 from pipeline import storage
 
 from .atomic import read_json, sha256_file
+from .write_ffcv import FIELDS, import_ffcv
 
 
 class _Hashing(io.RawIOBase):
@@ -127,8 +130,6 @@ def verify_wds(out: str | Path, decode: bool = False) -> dict:
                     errors.append(f"{where}: sample {key!r} label {label} outside [0, {num_classes})")
                 if decode:
                     try:
-                        from PIL import Image
-
                         img = Image.open(io.BytesIO(s["jpg"]))
                         if img.format != "JPEG" or img.mode != "RGB":
                             errors.append(f"{where}: sample {key!r} is {img.format}/{img.mode}, expected JPEG/RGB")
@@ -157,10 +158,8 @@ def verify_ffcv(out: str | Path) -> dict:
     manifests = sorted(out_dir.glob("*_manifest.json"))
     if not manifests:
         return {"errors": [f"{out_dir}: no manifests"], "splits": {}}
-    from .write_ffcv import FIELDS, import_ffcv
-
     import_ffcv()
-    from ffcv.reader import Reader
+    from ffcv.reader import Reader  # local: ffcv (numba, ~3 s) only to verify FFCV output
 
     for mp in manifests:
         split = mp.name[: -len("_manifest.json")]

@@ -55,6 +55,7 @@ FIELDS = ("image", "label")
 
 def import_ffcv():
     """Import ffcv's writer without letting it pin torch to one thread (it calls torch.set_num_threads(1))."""
+    # local: pipeline.ffcv_compat imports torch (~1 s); data_prep's --help and a WebDataset run need neither
     from pipeline.ffcv_compat import import_ffcv as import_keeping_threads
 
     return import_keeping_threads(("ffcv.fields", "ffcv.writer"))
@@ -201,8 +202,8 @@ def write_split(task: FfcvSplitTask) -> dict[str, Any]:
         return stored
     t_check = time.perf_counter()
     import_ffcv()   # only now: a reused split needs no ffcv
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    from ffcv.fields import IntField, RGBImageField  # local: ffcv (numba, ~3 s) only to write a split
+    from ffcv.writer import DatasetWriter  # local: as ffcv.fields
 
     t1 = time.perf_counter()
     groups = split_groups(samples, max(1, len(samples) // 256) if samples else 1)

@@ -42,9 +42,16 @@ from typing import Any
 if __package__ in (None, ""):  # `python launchers/slurm_submit.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, Setting, check_choice, check_positive  # noqa: E402
+from pipeline import tracking  # noqa: E402
+from pipeline.config import (ConfigError, Setting, batch_plan, check_choice, check_positive, find_recipe,  # noqa: E402
+                             load_site, load_train_config, pick, recipe_for_model, train_defaults)
+from pipeline.data.shard_index import read_num_classes, read_wds_info  # noqa: E402
+from pipeline.data.workers import fit_num_workers  # noqa: E402
+from pipeline.schedules import ResolutionSchedule  # noqa: E402
+from pipeline.storage import is_url  # noqa: E402
 
-from launchers.executor import CLUSTERS  # noqa: E402
+from launchers.executor import CLUSTERS, JobFailedError, make_executor, sbatch_preview, wait_for  # noqa: E402
+from launchers.partition import query_partition  # noqa: E402
 
 # Training images/s of one GPU at 224 px per model, for the step-time estimate. Only the paper's 16 GB V100
 # numbers (CPVT Table 5; its GAP-B value is CPVT-B's) are known; A100/H100 rows are filled from `make gpu-check`
@@ -150,9 +157,9 @@ def _fmt_min(minutes: float) -> str:
 
 # ----------------------------------------------------------------------------------------------- validation
 def _check_model(name: str) -> None:
-    import timm
+    import timm  # local: timm and torchvision take ~1.5 s to import; --help and the flag checks come first
 
-    import pipeline.models  # noqa: F401 - registers cpvt_* in timm
+    import pipeline.models  # noqa: F401 - local, as timm: registers cpvt_* in timm
 
     if not timm.is_model(name):
         known = sorted(m for m in timm.list_models() if m.startswith("cpvt"))
@@ -163,8 +170,6 @@ def _check_data(cfg) -> None:
     root = cfg.data.root
     if not root:
         raise ConfigError("--data: must be set (the data_prep output folder, e.g. runs/demo/data)")
-    from pipeline.storage import is_url
-
     if is_url(root):   # s3:// or http(s)://: read_num_classes and the loader check it through pipeline.storage
         return
     path = Path(root)
@@ -177,8 +182,6 @@ def _check_data(cfg) -> None:
 
 
 def _train_samples(cfg) -> int | None:
-    from pipeline.data.shard_index import read_wds_info
-
     try:
         return int(read_wds_info(cfg.data.root)["splits"]["train"]["num_samples"])
     except (ConfigError, KeyError, ValueError, TypeError):
@@ -236,8 +239,6 @@ def _check_time(cfg, args, timeout_min: int, world: int, gpus: int, gpu_type: st
                 ) -> int | None:
     """The time limit must leave room for one checkpoint interval before the requeue signal; when it is shorter
     than an epoch (and ``checkpoint.every_steps`` is 0), returns the step interval to checkpoint at."""
-    from pipeline.schedules import ResolutionSchedule
-
     available_s = timeout_min * 60 - args.signal_delay_s
     if available_s <= 0:
         raise ConfigError(f"--signal-delay-s: {args.signal_delay_s} must be shorter than --time "
@@ -285,9 +286,6 @@ def plan(argv: list[str] | None = None) -> Plan:
 
 def resolve_resources(args: argparse.Namespace, site, site_file) -> dict[str, Setting]:
     """Every resource value with its source: flag > site file > SLURM (sinfo, scontrol) > default."""
-    from launchers.partition import query_partition
-    from pipeline.config import pick
-
     out = {name: pick(name, getattr(args, flag), site, site_file) for name, flag in
            (("partition", "partition"), ("account", "account"), ("qos", "qos"), ("constraint", "constraint"),
             ("mem_gb", "mem"))}
@@ -319,10 +317,6 @@ def resolve_resources(args: argparse.Namespace, site, site_file) -> dict[str, Se
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    from pipeline.config import batch_plan, find_recipe, load_site, load_train_config, recipe_for_model, train_defaults
-    from pipeline.data.shard_index import read_num_classes
-    from pipeline.data.workers import fit_num_workers
-    from pipeline.tracking import default_uri
 
     check_choice("--cluster", args.cluster, CLUSTERS)
     check_positive("--nodes", args.nodes)
@@ -411,7 +405,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         params.update(additional_parameters={"requeue": True}, srun_args=["--kill-on-bad-exit=1"])
     return Plan(cluster=args.cluster, executor_params=params, train_argv=train_argv, run_dir=run_dir,
                 folder=folder, world_size=world, max_requeues=args.max_requeues, config_yaml=cfg.to_yaml(),
-                deepspeed=ds, tracking_uri=default_uri(cfg.tracking.uri) if cfg.tracking.enabled else
+                deepspeed=ds, tracking_uri=tracking.default_uri(cfg.tracking.uri) if cfg.tracking.enabled else
                 "(tracking disabled)", experiment=cfg.tracking.experiment, checks=checks,
                 run_name=(cfg.tracking.run_name or run_dir.name) if cfg.tracking.enabled else None,
                 settings={"site file": Setting(site_file, "$CPVT_SITE or ~/.config/cpvt/site.yaml"), **res},
@@ -427,8 +421,6 @@ def _flag_overrides(args, data_root: str | None = None) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- actions
 def describe(p: Plan) -> str:
-    from launchers.executor import make_executor, sbatch_preview
-
     lines = [f"cluster: {p.cluster}", f"run dir: {p.run_dir}", f"submitit folder: {p.folder}",
              f"world size: {p.world_size}", f"max requeues: {p.max_requeues}",
              f"MLflow: {p.tracking_uri} (experiment {p.experiment!r}; the run is created at submission)",
@@ -453,8 +445,6 @@ def create_mlflow_run(p: Plan) -> str | None:
     """Create the job's MLflow run now, on the submitting host, in the store the job will write to."""
     if p.run_name is None:
         return None
-    from pipeline import tracking
-
     client = tracking.client_for(p.tracking_uri)
     exp_id = tracking.experiment_id(client, p.experiment)
     # what the runs table shows while the job is queued; the trainer adds device, precision, git, job id
@@ -471,9 +461,7 @@ def end_mlflow_run(p: Plan, status: str) -> None:
     """Mark the submitted run ended (the job failed or was never submitted) unless the trainer already did."""
     if p.mlflow_run_id is None:
         return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(p.tracking_uri)
+    client = tracking.client_for(p.tracking_uri)
     if client.get_run(p.mlflow_run_id).info.status in ("RUNNING", "SCHEDULED"):
         client.set_terminated(p.mlflow_run_id, status=status)
 
@@ -481,7 +469,7 @@ def end_mlflow_run(p: Plan, status: str) -> None:
 def previous_mlflow_run(p: Plan) -> str | None:
     """The MLflow run of an earlier submission of this run dir (same store) that left a complete checkpoint: a
     resubmission (e.g. on fewer nodes after a preemption) continues it instead of creating another run."""
-    from pipeline.checkpointing import find_latest
+    from pipeline.checkpointing import find_latest  # local: imports torch (~1 s); --help stays instant
 
     record = p.run_dir / "submissions.jsonl"
     if p.run_name is None or not record.is_file() or find_latest(p.run_dir / "checkpoints") is None:
@@ -496,16 +484,14 @@ def submit(p: Plan):
 
     The job continues that run (``TrainJob`` passes its id as ``MLFLOW_RUN_ID``), requeued runs too; a
     resubmission of a run dir that holds a checkpoint continues the earlier submission's run."""
-    from launchers.executor import make_executor
+    # local: launchers.train_job imports torch (through pipeline.distributed); --help stays instant
     from launchers.train_job import TrainJob
 
     p.run_dir.mkdir(parents=True, exist_ok=True)
     executor = make_executor(p.folder, p.cluster, **p.executor_params)
     p.mlflow_run_id = previous_mlflow_run(p)
     if p.mlflow_run_id is not None:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(p.tracking_uri).update_run(p.mlflow_run_id, status="SCHEDULED")
+        tracking.client_for(p.tracking_uri).update_run(p.mlflow_run_id, status="SCHEDULED")
     else:
         p.mlflow_run_id = create_mlflow_run(p)
     task = TrainJob(p.train_argv, str(p.run_dir), p.max_requeues, mlflow_run_id=p.mlflow_run_id,
@@ -516,9 +502,7 @@ def submit(p: Plan):
         end_mlflow_run(p, "FAILED")
         raise
     if p.mlflow_run_id is not None:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(p.tracking_uri).set_tag(p.mlflow_run_id, "launcher.job_id", job.job_id)
+        tracking.client_for(p.tracking_uri).set_tag(p.mlflow_run_id, "launcher.job_id", job.job_id)
     record = {"job_id": job.job_id, "cluster": p.cluster, "folder": str(p.folder), "time": time.time(),
               "train_argv": p.train_argv, "executor_params": p.executor_params,
               "tracking_uri": p.tracking_uri, "experiment": p.experiment, "mlflow_run_id": p.mlflow_run_id}
@@ -550,8 +534,6 @@ def main(argv: list[str] | None = None) -> int:
         print("MLflow: tracking disabled")
     if not args.wait:
         return 0
-    from launchers.executor import JobFailedError, wait_for
-
     try:
         results = wait_for(job)
     except JobFailedError as e:

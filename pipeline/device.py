@@ -29,18 +29,18 @@ fp32 otherwise. fp16 only when asked, and only on CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
+from typing import Any, Mapping, MutableMapping
+
+import torch
 
 from pipeline.config import ConfigError
-
-if TYPE_CHECKING:
-    import torch
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 NODE_LOCAL_RANK = "CPVT_NODE_LOCAL_RANK"   # the launcher's node-local rank, once LOCAL_RANK names the CUDA ordinal
@@ -64,8 +64,6 @@ class DeviceChoice:
 
     @property
     def torch_device(self) -> torch.device:
-        import torch
-
         return torch.device(self.kind, self.index) if self.kind == "cuda" else torch.device("cpu")
 
 
@@ -148,8 +146,6 @@ def nvidia_driver_version() -> str | None:
 
 def cuda_problem() -> str:
     """One line: why torch cannot use CUDA here, the NVIDIA driver and the CUDA version of the torch wheel."""
-    import torch
-
     if torch.version.cuda is None:
         why = f"torch {torch.__version__} is a build without CUDA"
     else:
@@ -168,8 +164,6 @@ def cuda_problem() -> str:
 
 def select_device(environ: Mapping[str, str] | None = None) -> DeviceChoice:
     """:func:`decide_device` over ``os.environ`` and torch.cuda; raises :class:`DeviceError`."""
-    import torch
-
     env = os.environ if environ is None else environ
     available = torch.cuda.is_available()
     count = torch.cuda.device_count() if available else 0
@@ -189,16 +183,12 @@ def apply_device(choice: DeviceChoice, environ: MutableMapping[str, str] | None 
         return
     env.setdefault(NODE_LOCAL_RANK, str(node_local_rank(env)))
     env["LOCAL_RANK"] = str(choice.index)
-    import torch
-
     torch.cuda.set_device(choice.index)
     enable_tf32()
 
 
 def enable_tf32() -> None:
     """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer; bf16/fp16 kernels are unaffected)."""
-    import torch
-
     if hasattr(torch.backends.cudnn, "conv"):   # torch >= 2.9: per-backend fp32_precision
         torch.backends.cuda.matmul.fp32_precision = "tf32"
         torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -225,8 +215,6 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 def _native_bf16(choice: DeviceChoice) -> bool:
     if choice.kind == "cuda":
-        import torch
-
         with torch.cuda.device(choice.index):
             return bool(torch.cuda.is_bf16_supported())
     return cpu_has_native_bf16()
@@ -262,10 +250,8 @@ def resolve_precision(requested: str, choice: DeviceChoice, *, native_bf16: bool
     return "fp32", f"auto: fp32{hint}"
 
 
-def torch_dtype(precision: str) -> "torch.dtype":  # noqa: F821 - keeps torch out of the import
+def torch_dtype(precision: str) -> torch.dtype:
     """The input dtype of a resolved precision (``"bf16"`` | ``"fp16"`` | ``"fp32"``)."""
-    import torch
-
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
@@ -320,10 +306,6 @@ def finalize_deepspeed_config(ds: Mapping[str, Any], cfg, choice: DeviceChoice, 
 # ----------------------------------------------------------------------------------------- inference
 def autocast(device: torch.device):
     """bf16 autocast on a CUDA device with bf16 (fp32 weights, mixed-precision kernels); a no-op elsewhere."""
-    import contextlib
-
-    import torch
-
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

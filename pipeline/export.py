@@ -17,17 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pipeline import checkpointing, tracking
+from pipeline.config import TrainConfig, from_dict
+from pipeline.data.shard_index import read_num_classes
 
 
 def checkpoint_model_spec(ckpt: Path) -> tuple[str, dict[str, Any]]:
     """(timm model name, create_model kwargs) from the ``train_config.yaml`` saved in the checkpoint folder."""
-    from pipeline.config import TrainConfig, from_dict
-    from pipeline.data.shard_index import read_num_classes
-
     cfg = from_dict(TrainConfig, yaml.safe_load((ckpt / "train_config.yaml").read_text()))
     kwargs = cfg.model.create_kwargs(read_num_classes(cfg))
     kwargs.pop("drop_path_rate", None)  # inference: no stochastic depth
@@ -35,8 +41,6 @@ def checkpoint_model_spec(ckpt: Path) -> tuple[str, dict[str, Any]]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    from pipeline import checkpointing
-
     path = Path(path)
     if checkpointing.is_complete(path):
         return path
@@ -46,9 +50,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def consolidated_state_dict(ckpt: str | Path) -> dict[str, "torch.Tensor"]:  # noqa: F821
+def consolidated_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """fp32 state dict merged from every rank's ZeRO partitions (DeepSpeed's zero_to_fp32)."""
-    import torch
+    # local: deepspeed fixes its accelerator when imported, so only after pipeline.device.apply_device
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt = Path(ckpt)
@@ -56,10 +60,8 @@ def consolidated_state_dict(ckpt: str | Path) -> dict[str, "torch.Tensor"]:  # n
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in sd.items()}
 
 
-def ema_state_dict(ckpt: str | Path) -> dict[str, "torch.Tensor"]:  # noqa: F821
+def ema_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """The fp32 EMA weights the trainer saved in the checkpoint's client state (rank 0's model-states file)."""
-    import torch
-
     ckpt = Path(ckpt)
     files = [ckpt / f for f in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
     state = torch.load(next((f for f in files if f.is_file()), files[0]), map_location="cpu", weights_only=False)
@@ -69,8 +71,6 @@ def ema_state_dict(ckpt: str | Path) -> dict[str, "torch.Tensor"]:  # noqa: F821
 
 
 def export(ckpt: str | Path, out: str | Path | None = None, ema: bool = False) -> Path:
-    from safetensors.torch import save_file
-
     ckpt = resolve_checkpoint(ckpt)
     name, kwargs = checkpoint_model_spec(ckpt)
     suffix = "_ema" if ema else ""
@@ -88,10 +88,6 @@ def export(ckpt: str | Path, out: str | Path | None = None, ema: bool = False) -
 
 def checkpoint_run(ckpt: Path) -> tuple[str | None, str | None]:
     """(MLflow run id, tracking.uri) of the training that wrote ``ckpt`` (None, None when tracking was off)."""
-    import torch
-
-    from pipeline.config import TrainConfig, from_dict
-
     cfg = from_dict(TrainConfig, yaml.safe_load((ckpt / "train_config.yaml").read_text()))
     if not cfg.tracking.enabled:
         return None, None
@@ -104,16 +100,13 @@ def _pyfunc_model():
     """An ``mlflow.pyfunc.PythonModel`` that serves an export: float32 images (N, 3, H, W), any H and W that are
     multiples of the patch size (the PEG needs no fixed grid) -> logits. Built lazily: mlflow stays out of
     ``import pipeline.export``; cloudpickle stores the class with the model."""
-    import mlflow.pyfunc
+    import mlflow.pyfunc  # local: mlflow (~1 s) only when logging (not with --no-mlflow, nor to load an export)
 
     class CPVTExport(mlflow.pyfunc.PythonModel):
         def load_context(self, context):
             self.model = load_export(context.artifacts["weights"])[0].eval()
 
         def predict(self, context, model_input, params=None):
-            import numpy as np
-            import torch
-
             with torch.no_grad():
                 return self.model(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
 
@@ -125,15 +118,10 @@ def log_mlflow_model(path: str | Path, run_id: str, *, tracking_uri: str | None 
     """Log the export at ``path`` into MLflow run ``run_id`` as a pyfunc model named ``model`` (the safetensors
     file and its .json as the model's artifacts; the UI's Models tab lists it), optionally registered as
     ``registered_name``. Returns the model URI."""
+    # local: mlflow (~1 s) only when logging (not with --no-mlflow, nor to load an export)
     import mlflow
-    import numpy as np
-    import safetensors
-    import timm
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    from pipeline import tracking
+    from mlflow.models import ModelSignature  # local: as mlflow
+    from mlflow.types.schema import Schema, TensorSpec  # local: as mlflow
 
     path = Path(path)
     meta = read_meta(path)
@@ -141,8 +129,8 @@ def log_mlflow_model(path: str | Path, run_id: str, *, tracking_uri: str | None 
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
     # explicit requirements: MLflow's inference would load the model in a subprocess (seconds, and a GPU)
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
-            f"safetensors=={safetensors.__version__}", f"mlflow=={mlflow.__version__}"]
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={version('timm')}",
+            f"safetensors=={version('safetensors')}", f"mlflow=={mlflow.__version__}"]
     mlflow.set_tracking_uri(tracking.prepare_store(tracking.default_uri(tracking_uri)))
     # start_run(run_id=...) refuses a run outside the process's active experiment: make the run's own one active
     mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
@@ -157,18 +145,15 @@ def log_mlflow_model(path: str | Path, run_id: str, *, tracking_uri: str | None 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The metadata :func:`export` stored in a ``.safetensors`` file (model name, kwargs, source, config)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["cpvt"])
 
 
 def load_export(path: str | Path):
     """Build the timm model recorded in an export and load its weights (strict)."""
-    import timm
-    from safetensors.torch import load_file
+    import timm  # local: timm (~1.3 s) only to load an export; the export CLI never builds a model
 
-    import pipeline.models  # noqa: F401 - registers cpvt_* in timm
+    import pipeline.models  # noqa: F401 - local, as timm: registers cpvt_* in timm
 
     meta = read_meta(path)
     kwargs = dict(meta["model_kwargs"])

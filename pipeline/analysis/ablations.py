@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.config import ConfigError
+from pipeline.config import load_train_config
+from pipeline.tracking import default_uri
+from pipeline.train import main as train_main
+
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "ablations"
 EXPERIMENT = "cpvt-ablations"
 DEFAULT_ROOT = "runs/ablations"
@@ -70,8 +75,6 @@ ROW_NAMES = [r.name for r in ROWS]
 
 
 def get_row(name: str) -> Row:
-    from pipeline.config import ConfigError
-
     for r in ROWS:
         if r.name == name:
             return r
@@ -80,8 +83,6 @@ def get_row(name: str) -> Row:
 
 def default_tracking_uri(root: str | Path = DEFAULT_ROOT) -> str:
     """The project store (``pipeline.tracking.default_uri``): ablation rows sit next to every other run."""
-    from pipeline.tracking import default_uri
-
     return default_uri()
 
 
@@ -98,15 +99,13 @@ def train_argv(row: Row, *, data: str | None, root: str | Path, tracking_uri: st
 
 def validate_recipes(world_size: int = 1) -> dict[str, Any]:
     """Load + validate every row's recipe with the trainer's own config loader; returns {row: TrainConfig}."""
-    from pipeline.config import load_train_config
-
     return {r.name: load_train_config(str(r.recipe_path), [], world_size)[0] for r in ROWS}
 
 
 # ----------------------------------------------------------------------------------------- summary
 def collect(tracking_uri: str, experiment: str = EXPERIMENT) -> list[dict[str, Any]]:
     """One dict per table row: paper numbers + the newest finished MLflow run of that row (if any)."""
-    import mlflow
+    import mlflow  # local: mlflow (~1 s) only for `summarise`; `list` and `--help` stay fast
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -172,8 +171,6 @@ def main(argv: Sequence[str] | None = None) -> Any:
             print(f"{r.name:11s} {r.group:13s} {r.change:62s} paper={r.paper_top1}  $ {cmd}")
         return ROWS
     if args.cmd == "run":
-        from pipeline.train import main as train_main
-
         row = get_row(args.row)
         return train_main(train_argv(row, data=args.data, root=args.root, tracking_uri=uri, overrides=args.overrides))
     table = collect(uri)

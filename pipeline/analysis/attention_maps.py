@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from pipeline.analysis.common import (add_mlflow_args, analysis_device, denormalize, eval_batches, load_model,
                                       log_to_mlflow, run_labels)
@@ -50,11 +51,6 @@ def plot_attention_comparison(images: np.ndarray, runs: Mapping[str, Mapping[int
 
     Returns the data plotted: {"labels", "layers", "heads", "panels": {(image, label, layer, head): 2-D array},
     "images"} so tests can check what is drawn without reading pixels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = list(runs)
     layers = list(next(iter(runs.values())))
     heads = {label: next(iter(runs[label].values())).shape[1] for label in labels}
@@ -62,7 +58,8 @@ def plot_attention_comparison(images: np.ndarray, runs: Mapping[str, Mapping[int
     n_img = images.shape[0]
     ncols = 1 + len(layers) * max_heads
     nrows = n_img * len(labels)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.7 * nrows), dpi=100, squeeze=False)
+    fig = Figure(figsize=(1.6 * ncols, 1.7 * nrows), dpi=100)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     panels: dict[tuple[int, str, int, int], np.ndarray] = {}
     for b in range(n_img):
         for j, label in enumerate(labels):
@@ -89,7 +86,6 @@ def plot_attention_comparison(images: np.ndarray, runs: Mapping[str, Mapping[int
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return {"labels": labels, "layers": layers, "heads": heads, "panels": panels, "images": images}
 
 

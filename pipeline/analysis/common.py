@@ -10,20 +10,21 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from pipeline import distributed, tracking
+from pipeline.config import from_dict
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig
+from pipeline.evaluate import load_model as load_checkpoint_model
+
 
 def analysis_device() -> torch.device:
     """The device the analysis commands compute on: the trainer's rule (:func:`pipeline.device.select_device`)."""
-    from pipeline.distributed import device
-
-    return device()
+    return distributed.device()
 
 
 def load_model(path: str | Path, device: torch.device | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(fp32 model in eval mode on ``device``, {"model": timm name, "source": path}) via
     :func:`pipeline.evaluate.load_model`."""
-    from pipeline.evaluate import load_model as _load
-
-    model, name = _load(path)
+    model, name = load_checkpoint_model(path)
     return model.to(device or torch.device("cpu")).eval(), {"model": name, "source": str(path)}
 
 
@@ -34,7 +35,7 @@ def eval_batches(data_root: str | Path, resolution: int, *, fmt: str = "wds", ba
     """Normalised (images, labels) batches of one split at ``resolution`` through the project's eval loader
     (single process: rank 0 of 1); ``mode="native"``: whole images, one aspect bucket (HxW) per batch. Padding
     samples carry label -1."""
-    from pipeline.config import AugConfig, DataConfig, from_dict
+    # local: the loaders import timm, torchvision and webdataset (~2 s); --help and argument errors come first
     from pipeline.data.loader import build_eval_loader
 
     data = from_dict(DataConfig, {"format": fmt, "root": str(data_root), "eval_batch_size": batch_size,
@@ -51,8 +52,6 @@ def eval_batches(data_root: str | Path, resolution: int, *, fmt: str = "wds", ba
 def denormalize(images: torch.Tensor, mean: Sequence[float] | None = None,
                 std: Sequence[float] | None = None) -> torch.Tensor:
     """Normalised (B, 3, H, W) -> float (B, H, W, 3) in [0, 1] for display."""
-    from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
-
     m = torch.tensor(mean or IMAGENET_MEAN).view(1, 3, 1, 1)
     s = torch.tensor(std or IMAGENET_STD).view(1, 3, 1, 1)
     return (images.float().cpu() * s + m).clamp(0, 1).permute(0, 2, 3, 1)
@@ -65,9 +64,7 @@ def log_to_mlflow(*, run_id: str | None, experiment: str | None, tracking_uri: s
     Returns the run id."""
     if run_id is None and experiment is None:
         return None
-    import mlflow
-
-    from pipeline import tracking
+    import mlflow  # local: mlflow (~1 s) only when logging is asked for (--mlflow-run-id / --mlflow-experiment)
 
     client = tracking.client_for(tracking_uri)   # default: the project store
     mlflow.set_tracking_uri(client.tracking_uri)

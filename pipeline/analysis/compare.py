@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from mlflow.exceptions import MlflowException
+
+from pipeline import tracking
+
 _RES_KEY = re.compile(r"^eval/(top1|top5)_(\d+)px$")
 
 
@@ -26,8 +30,6 @@ class RunNotFound(LookupError):
 
 def resolve_run(client, ref: str):
     """The run with id ``ref``, else the newest run named ``ref`` (any experiment)."""
-    from mlflow.exceptions import MlflowException
-
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         try:
             return client.get_run(ref)
@@ -60,7 +62,7 @@ def compare(refs: Sequence[str], out: str | Path, *, tracking_uri: str | None = 
             log: bool = True) -> dict[str, Any]:
     """Resolve ``refs``, plot their resolution curves into ``out`` (PNG; the numbers go to ``<out>.json``) and
     log both to a comparison run. Returns {"curves", "plotted", "png", "json", "run_ids", "mlflow_run_id"}."""
-    from pipeline import tracking
+    # local: pipeline.analysis.resolution imports torch and the loaders (~2 s); comparing MLflow runs needs neither
     from pipeline.analysis.resolution import PAPER_TOP1, plot_resolution_curves
 
     client = tracking.client_for(tracking_uri)
@@ -82,7 +84,7 @@ def compare(refs: Sequence[str], out: str | Path, *, tracking_uri: str | None = 
     json_path.write_text(json.dumps({"runs": dict(zip(curves, run_ids)), "plotted": plotted}, indent=2))
     mlflow_run_id = None
     if log:
-        from pipeline.analysis.common import log_to_mlflow
+        from pipeline.analysis.common import log_to_mlflow  # local: imports torch and the loaders, as above
 
         exp = client.get_experiment(runs[0].info.experiment_id).name
         mlflow_run_id = log_to_mlflow(run_id=None, experiment=exp, tracking_uri=client.tracking_uri,

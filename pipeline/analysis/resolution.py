@@ -28,7 +28,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pipeline.analysis.common import add_mlflow_args, analysis_device, load_model, log_to_mlflow, run_labels
-from pipeline.config import EVAL_RESOLUTIONS
+from pipeline.config import EVAL_RESOLUTIONS, AugConfig, DataConfig, from_dict
+from pipeline.device import autocast_forward
+from pipeline.evaluate import evaluate
 
 # Paper (ImageNet, trained at 224, no fine-tuning; secondary source): top-1 per test resolution.
 PAPER_TOP1 = {
@@ -46,10 +48,6 @@ def evaluate_resolutions(model: torch.nn.Module, data_root: str | Path, resoluti
     """{resolution: {"top1", "top5", "loss", "n", "tokens"}} of ``model`` on the val split (single process),
     through the trainer's own :func:`pipeline.evaluate.evaluate` so the numbers match the ones logged during
     training; ``mode``: ``center_crop`` or ``native``."""
-    from pipeline.config import AugConfig, DataConfig, from_dict
-    from pipeline.device import autocast_forward
-    from pipeline.evaluate import evaluate
-
     patch = getattr(model, "patch_size", 16)
     bad = [r for r in resolutions if r % patch]
     if bad:
@@ -71,13 +69,12 @@ def plot_resolution_curves(curves: Mapping[str, Mapping[int, Mapping[str, float]
     """PNG with one top-1 line (solid) and top-5 line (dashed) per run, plus a dotted native-aspect top-1 line
     per run in ``native``. Returns exactly the plotted data: {label: {"resolution": [...], "top1": [...],
     "top5": [...]}} (+ "native_resolution", "native_top1" for runs in ``native``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # local: the trainer draws this figure at the end of a run; matplotlib stays out of its import chain
+    from matplotlib.figure import Figure
 
     plotted: dict[str, dict[str, list]] = {}
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     for i, (label, res_map) in enumerate(curves.items()):
         res = sorted(int(r) for r in res_map)
         data = {"resolution": res, "top1": [float(res_map[r]["top1"]) for r in res],
@@ -103,7 +100,6 @@ def plot_resolution_curves(curves: Mapping[str, Mapping[int, Mapping[str, float]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return plotted
 
 

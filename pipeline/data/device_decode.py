@@ -37,7 +37,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import ColorJitter, InterpolationMode, RandomHorizontalFlip
 
 from pipeline.config import ConfigError
 from pipeline.data import transforms as T
@@ -65,9 +67,6 @@ class EncodedBatch(NamedTuple):
 def _check_timm_transform(tf: Any) -> tuple[Any, Any, Any]:
     """(RandomResizedCrop, flip or None, ColorJitter or None) of timm's train transform; refuse anything else
     (so the device path can never silently drop a per-sample augmentation the CPU path applies)."""
-    from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
-    from torchvision.transforms import ColorJitter, RandomHorizontalFlip
-
     rrc, *rest = tf.transforms
     if not isinstance(rrc, RandomResizedCropAndInterpolation):
         raise TypeError(f"expected timm's RandomResizedCropAndInterpolation first, got {rrc!r}")
@@ -192,8 +191,6 @@ def decode_resized_crops(batch: EncodedBatch, out_size: tuple[int, int],
                          device: torch.device | str) -> torch.Tensor:
     """An :class:`EncodedBatch` -> the augmented uint8 batch ``(B, 3, h, w)`` on ``device``: decode (nvJPEG on
     CUDA), crop each box, antialiased resize, then flips and colour jitter on the whole batch."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     device = torch.device(device)
     n = batch.lengths.shape[0]
     out = torch.empty((n, 3, *out_size), dtype=torch.float32, device=device)   # rounded to uint8 once, below

@@ -35,13 +35,21 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler
 
 from pipeline.config import AugConfig, ConfigError, DataConfig
 from pipeline.data.aspect_buckets import check_native
 from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
 from pipeline.rng import make_seed
 from pipeline.data.ffcv_pipelines import ffcv_eval_image_pipeline, ffcv_label_pipeline, ffcv_train_image_pipeline
-from pipeline.ffcv_compat import import_ffcv, keep_torch_threads
+from pipeline.data.transforms import decode_image
+from pipeline.ffcv_compat import keep_torch_threads
+
+with keep_torch_threads():   # importing ffcv sets torch's intra-op thread count to 1: put it back
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
 
 
 def repeated_aug_order(num_samples: int, *, repeats: int, seed: int, epoch: int, rank: int,
@@ -82,8 +90,6 @@ def distributed_order(num_samples: int, *, seed: int, epoch: int, rank: int, wor
     """FFCV's distributed ``RANDOM`` order for one rank (``DistributedSampler(shuffle=True, seed=seed)`` at
     ``epoch``: ``torch.randperm`` seeded by seed + epoch, padded, dealt ``[rank::world_size]``), computed the
     same way at any world size."""
-    from torch.utils.data import DistributedSampler
-
     sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=False)
     sampler.set_epoch(epoch)
@@ -99,9 +105,6 @@ class FfcvTrainLoader(TrainLoader):
 
     def __init__(self, path: str, data: DataConfig, aug: AugConfig, *, num_classes: int, rank: int,
                  world_size: int, seed: int, device=None):
-        import_ffcv()
-        from ffcv.loader import Loader, OrderOption
-
         if data.ffcv_order == "quasi_random" and world_size > 1:
             raise ConfigError("data.ffcv_order: 'quasi_random' is not supported by FFCV with world_size > 1; "
                               "allowed: ['random']")
@@ -161,10 +164,6 @@ class FfcvEvalLoader(EvalLoader):
 
     def __init__(self, path: str, data: DataConfig, aug: AugConfig, *, resolution: int, crop_pct: float,
                  rank: int, world_size: int, device=None):
-        import_ffcv()
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.reader import Reader
-
         num_samples = int(Reader(path).num_samples)
         super().__init__(data, aug, resolution=resolution, crop_pct=crop_pct, rank=rank, world_size=world_size,
                          num_samples=num_samples, device=device)
@@ -211,10 +210,6 @@ class FfcvNativeSource:
     image is what data_prep wrote (longer side capped at its ``max_resolution``)."""
 
     def __init__(self, path: str):
-        import_ffcv()
-        from ffcv.fields.rgb_image import IMAGE_MODES
-        from ffcv.reader import Reader
-
         reader = Reader(path)
         names = list(reader.field_names)
         if "image" not in names or "label" not in names:
@@ -245,10 +240,6 @@ class FfcvNativeSource:
         return dict(self.__dict__, _fd=-1, _pid=-1)   # descriptors are per process
 
     def image(self, index: int, draft_size: int | None):
-        from PIL import Image
-
-        from pipeline.data.transforms import decode_image
-
         if self._pid != os.getpid():
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         data = os.pread(self._fd, int(self.lengths[index]), int(self.ptrs[index]))

@@ -2,7 +2,8 @@
 counterparts of :mod:`pipeline.data.transforms` (RandomResizedCrop, flip, timm's RandAugment, optional
 in-pipeline normalisation; center crop for evaluation; the label pipeline).
 
-Each builder imports ffcv through :func:`pipeline.ffcv_compat.import_ffcv` (torch's thread count is kept).
+This module is FFCV's alone and imports ffcv at the top, keeping torch's thread count
+(:func:`pipeline.ffcv_compat.keep_torch_threads`); modules that serve WebDataset too import it lazily.
 """
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
+from timm.data.transforms import str_to_pil_interp
 
 from pipeline.config import AugConfig
 from pipeline.data.transforms import timm_auto_augment
-from pipeline.ffcv_compat import import_ffcv
+from pipeline.ffcv_compat import keep_torch_threads
+
+with keep_torch_threads():   # importing ffcv sets torch's intra-op thread count to 1: put it back
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.operation import Operation
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
 
 def ffcv_timm_augment_op(aug: AugConfig) -> Any:
@@ -24,11 +33,6 @@ def ffcv_timm_augment_op(aug: AugConfig) -> Any:
     The op is resolution-agnostic: timm's translate constant is derived from the image size it receives, so
     changing the decoder's output size between epochs needs no rebuild.
     """
-    import_ffcv()
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.operation import Operation
-    from timm.data.transforms import str_to_pil_interp
-
     spec = aug.auto_augment
     mean = tuple(min(255, round(255 * m)) for m in aug.mean)
 
@@ -68,10 +72,6 @@ def ffcv_train_image_pipeline(aug: AugConfig, resolution: int, normalize: bool =
 
     The decoder's ``output_size`` is what the loader changes between epochs (as FFCV's ImageNet example does).
     """
-    import_ffcv()
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
-
     decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), scale=tuple(aug.scale),
                                                ratio=tuple(aug.ratio))
     ops: list = [decoder]
@@ -80,8 +80,6 @@ def ffcv_train_image_pipeline(aug: AugConfig, resolution: int, normalize: bool =
     if aug.auto_augment:
         ops.append(ffcv_timm_augment_op(aug))
     if normalize:
-        from ffcv.transforms import NormalizeImage
-
         ops.append(NormalizeImage(np.array(aug.mean) * 255, np.array(aug.std) * 255, np.float32))
     ops += [ToTensor(), ToTorchImage(channels_last=True)]
     return decoder, ops
@@ -89,19 +87,11 @@ def ffcv_train_image_pipeline(aug: AugConfig, resolution: int, normalize: bool =
 
 def ffcv_eval_image_pipeline(resolution: int, crop_pct: float) -> tuple[Any, list]:
     """Center crop of ``crop_pct`` of the shorter side resized to ``resolution`` (= resize + center crop)."""
-    import_ffcv()
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-    from ffcv.transforms import ToTensor, ToTorchImage
-
     decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_pct)
     return decoder, [decoder, ToTensor(), ToTorchImage(channels_last=True)]
 
 
 def ffcv_label_pipeline() -> list:
-    import_ffcv()
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.transforms import Squeeze, ToTensor
-
     return [IntDecoder(), ToTensor(), Squeeze()]
 
 

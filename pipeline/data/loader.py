@@ -26,6 +26,7 @@ from pipeline.data.aspect_buckets import DEFAULT_MAX_ASPECT, check_native
 from pipeline.data.base import PAD_LABEL, EvalLoader, TrainLoader
 from pipeline.data.workers import fit_num_workers, task_cpus
 from pipeline.data.shard_index import ffcv_path, load_split_index, read_classes
+from pipeline.data.webdataset_loader import WdsEvalLoader, WdsNativeEvalLoader, WdsTrainLoader
 from pipeline.storage import is_url
 
 
@@ -61,11 +62,9 @@ def build_train_loader(data_cfg: DataConfig, aug_cfg: AugConfig, *, num_classes:
                           f"{root}/classes.json")
     kw = dict(num_classes=num_classes, rank=rank, world_size=world_size, seed=seed, device=device)
     if data_cfg.format == "wds":
-        from pipeline.data.webdataset_loader import WdsTrainLoader
-
         index = load_split_index(root, data_cfg.train_split, field="data.train_split")
         return WdsTrainLoader(index, data_cfg, aug_cfg, **kw)
-    from pipeline.data.ffcv_loader import FfcvTrainLoader
+    from pipeline.data.ffcv_loader import FfcvTrainLoader  # local: ffcv sets torch's threads, loads numba (~3 s)
 
     return FfcvTrainLoader(ffcv_path(root, data_cfg.train_split), data_cfg, aug_cfg, **kw)
 
@@ -94,21 +93,17 @@ def build_eval_loader(data_cfg: DataConfig, *, resolution: int, rank: int, world
         kw = dict(resolution=resolution, rank=rank, world_size=world_size, patch_size=patch_size,
                   max_aspect=max_aspect, device=device)
         if data_cfg.format == "wds":
-            from pipeline.data.webdataset_loader import WdsNativeEvalLoader
-
             index = load_split_index(root, data_cfg.val_split, field="data.val_split")
             return WdsNativeEvalLoader(index, data_cfg, aug_cfg, **kw)
-        from pipeline.data.ffcv_loader import FfcvNativeEvalLoader
+        from pipeline.data.ffcv_loader import FfcvNativeEvalLoader  # local: as FfcvTrainLoader
 
         return FfcvNativeEvalLoader(ffcv_path(root, data_cfg.val_split), data_cfg, aug_cfg, **kw)
     crop_pct = aug_cfg.crop_pct if crop_pct is None else crop_pct
     kw = dict(resolution=resolution, crop_pct=crop_pct, rank=rank, world_size=world_size, device=device)
     if data_cfg.format == "wds":
-        from pipeline.data.webdataset_loader import WdsEvalLoader
-
         index = load_split_index(root, data_cfg.val_split, field="data.val_split")
         return WdsEvalLoader(index, data_cfg, aug_cfg, **kw)
-    from pipeline.data.ffcv_loader import FfcvEvalLoader
+    from pipeline.data.ffcv_loader import FfcvEvalLoader  # local: as FfcvTrainLoader
 
     return FfcvEvalLoader(ffcv_path(root, data_cfg.val_split), data_cfg, aug_cfg, **kw)
 

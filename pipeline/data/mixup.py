@@ -8,6 +8,8 @@ without disturbing the trainer's own random streams (dropout, drop-path).
 from __future__ import annotations
 
 import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 
 from pipeline.config import AugConfig
 from pipeline.rng import seeded
@@ -17,8 +19,6 @@ def build_mixup(aug: AugConfig, num_classes: int):
     """timm ``Mixup`` for the config, or ``None`` when Mixup and CutMix are both off."""
     if not aug.mixup_active:
         return None
-    from timm.data import Mixup
-
     return Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix,
                  cutmix_minmax=tuple(aug.cutmix_minmax) if aug.cutmix_minmax else None,
                  prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, mode=aug.mixup_mode,
@@ -28,8 +28,6 @@ def build_mixup(aug: AugConfig, num_classes: int):
 def build_random_erasing(aug: AugConfig, device: torch.device | str = "cpu"):
     if aug.reprob <= 0:
         return None
-    from timm.data.random_erasing import RandomErasing
-
     return RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=str(device))
 
 

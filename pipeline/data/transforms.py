@@ -18,10 +18,16 @@ import math
 import random
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from timm.data import create_transform
+from timm.data.auto_augment import AugmentOp, augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import pil_modes_mapping
+from torchvision.transforms.v2.functional import resize
 
 from pipeline.config import AugConfig
 
@@ -58,8 +64,6 @@ def decode_jpeg_crop(data: bytes, size: tuple[int, int], box: tuple[int, int, in
     coordinates of the RGB/grayscale JPEG ``data`` of ``size`` = (W, H), decoded at DCT scale 1/``s`` (s in
     1, 2, 4, 8) by OpenCV's libjpeg-turbo: identical pixels to PIL's decode / ``draft`` decode (EXIF orientation
     ignored, as PIL does). The box is rounded to whole pixels of the reduced image."""
-    import cv2
-
     reduce = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
               8: cv2.IMREAD_REDUCED_GRAYSCALE_8}[s]   # (only the DCT-scale bits of these flags)
     flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION | reduce
@@ -76,8 +80,6 @@ def decode_jpeg_crop(data: bytes, size: tuple[int, int], box: tuple[int, int, in
 
 def _resize_u8(pixels: np.ndarray, out_size: tuple[int, int], interp: Any) -> Image.Image:
     """HWC uint8 pixels -> PIL image of ``out_size`` = (h, w), resized by torchvision's antialiased kernel."""
-    from torchvision.transforms.v2.functional import resize
-
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)   # (3, h, w) view of HWC memory
     y = resize(x, list(out_size), interpolation=interp, antialias=True)   # (3, H, W), channels-last memory
     return Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
@@ -100,8 +102,6 @@ class DraftRandomResizedCrop:
     ``draft`` decode, then one fused ``Image.resize(box=...)``; non-RGB modes are converted to RGB."""
 
     def __init__(self, rrc: Any, draft: bool = True):
-        from torchvision.transforms.functional import pil_modes_mapping
-
         self.rrc, self.draft = rrc, draft
         interp = rrc.interpolation if isinstance(rrc.interpolation, (tuple, list)) else (rrc.interpolation,)
         self._resample = {mode: pil_modes_mapping[mode] for mode in interp}
@@ -154,8 +154,6 @@ def train_transform(aug: AugConfig, resolution: int,
                     shape: tuple[int, int] | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """RandomResizedCrop + flip + RandAugment (DeiT) -> uint8 CHW tensor (normalisation happens per batch).
     ``shape`` (H, W): an aspect bucket -- the crop takes its aspect ratio and is resized to it, undistorted."""
-    from timm.data import create_transform
-
     ratio = tuple(aug.ratio) if shape is None else (shape[1] / shape[0],) * 2
     tf = create_transform(
         input_size=resolution if shape is None else (3, *shape),
@@ -182,8 +180,6 @@ def train_transform_from_bytes(aug: AugConfig, resolution: int, draft: bool = Tr
     """:func:`train_transform` for encoded image bytes: its RandomResizedCrop becomes
     :class:`DraftRandomResizedCrop`, which decodes only at the scale the crop needs (``draft``). Same augmentation
     distribution and RNG consumption as :func:`train_transform` on the decoded image."""
-    from timm.data.transforms import RandomResizedCropAndInterpolation
-
     tf = train_transform(aug, resolution, shape)
     first = tf.transforms[0]
     if not isinstance(first, RandomResizedCropAndInterpolation):
@@ -203,8 +199,6 @@ def _posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
 def _pillow_safe_posterize(augment: Any) -> Any:
     """timm's ``PosterizeIncreasing`` asks for 0 bits at magnitude 10, which ``m9-mstd0.5`` reaches ~2% of the
     time; Pillow >= 11 rejects that. Point timm's posterize ops at a version with the historical result."""
-    from timm.data.auto_augment import AugmentOp
-
     ops = getattr(augment, "ops", None) or [op for sub in getattr(augment, "policy", []) for op in sub]
     for op in ops:
         if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
@@ -214,8 +208,6 @@ def _pillow_safe_posterize(augment: Any) -> Any:
 
 def timm_auto_augment(spec: str, hparams: dict) -> Callable[[Image.Image], Image.Image]:
     """timm's RandAugment / AugMix / AutoAugment from its spec string (Pillow-safe posterize)."""
-    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
-
     if spec.startswith("rand"):
         return _pillow_safe_posterize(rand_augment_transform(spec, hparams))
     if spec.startswith("augmix"):
@@ -226,8 +218,6 @@ def timm_auto_augment(spec: str, hparams: dict) -> Callable[[Image.Image], Image
 def eval_transform(aug: AugConfig, resolution: int,
                    crop_pct: float | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the shorter side to ``resolution / crop_pct``, center-crop ``resolution`` -> uint8 CHW tensor."""
-    from timm.data import create_transform
-
     return create_transform(
         input_size=resolution,
         is_training=False,
@@ -246,8 +236,6 @@ class NativeResize:
     not a closure: DataLoader workers started by spawn/forkserver pickle it."""
 
     def __init__(self, interpolation: str = "bicubic"):
-        from timm.data.transforms import str_to_pil_interp
-
         self.interpolation = interpolation
         self.resample = str_to_pil_interp(interpolation)
 

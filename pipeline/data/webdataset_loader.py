@@ -66,6 +66,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import AugConfig, ConfigError, DataConfig
@@ -419,8 +420,6 @@ _SCANNED: dict[tuple, tuple] = {}
 
 def _image_size(f, offset: int, size: int, url: str, name: str) -> tuple[int, int]:
     """(width, height) from the start of an image member; the whole member only if its header is longer."""
-    from PIL import Image
-
     for n in (min(size, _HEADER_BYTES), size):
         f.seek(offset)
         try:
