@@ -36,7 +36,10 @@ def measure(model: str, kwargs: dict[str, Any], rounds: int, folder: Path) -> di
     ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=ds)
-    engine.optimizer.step()   # Adam moments exist, as in a real checkpoint
+    engine.train()
+    loss = engine(torch.randn(1, 3, 32, 32)).float().logsumexp(-1).mean()
+    engine.backward(loss)
+    engine.step()   # Adam moments exist, as in a real checkpoint
     count = {"n": 0}
 
     def save():

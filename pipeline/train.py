@@ -67,7 +67,7 @@ EXIT_PREEMPTED = 75   # checkpoint saved after SIGUSR1/SIGTERM; requeue me (EX_T
 EXIT_NONFINITE = 65   # too many non-finite losses in a row
 EXIT_CONFIG = 2       # one-line ConfigError / DeviceError, nothing was started
 EXIT_CHECKPOINT = 66  # the checkpoint to resume could not be read (EX_NOINPUT)
-EXIT_DISK_FULL = 74   # the file system filled up during a checkpoint save (EX_IOERR); the previous one is intact
+EXIT_DISK_FULL = 73   # the file system filled up during a checkpoint save (EX_CANTCREAT); the previous one is intact
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,7 +104,7 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Comman
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.field=value (e.g. optim.weight_decay=0.05)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)   # overrides may stand before and after the flags
     site, site_file = load_site(environ)
     defaults, site_notes = train_defaults(site, site_file, environ)
     notes: list[str] = []
