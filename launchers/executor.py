@@ -26,7 +26,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import submitit
 
-from launchers.submitit_compat import UncompletedJobError, load_result, sbatch_header
+from pipeline.submitit_compat import UncompletedJobError, load_result, sbatch_header
 from pipeline.config import ConfigError, check_choice, check_positive
 
 Cluster = Literal["slurm", "local", "debug"]

@@ -13,10 +13,11 @@ import pytest
 
 from helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures (shared tiny dataset)
 from launchers import slurm_submit
-from launchers.dist_env import port_for_job, torch_dist_env
+from launchers.dist_env import torch_dist_env
 from launchers.executor import JobFailedError, make_executor, wait_for
 from launchers.train_job import with_resume_auto
 from pipeline.config import ConfigError
+from pipeline.distributed import port_for_job
 from tests.helpers_tracking import runs_of, suite_store
 from tests.slurm import jobs
 from tests.slurm.fixtures import submitit_folder  # noqa: F401 - fixture

@@ -1,6 +1,7 @@
-"""The private submitit / DeepSpeed internals the project relies on, each through its one wrapper
-(:mod:`launchers.submitit_compat`, :mod:`pipeline.deepspeed_compat`), called on real input: an upgrade that
-renames, moves or changes one of them fails here, with the name of what broke, instead of inside a job."""
+"""The private submitit / DeepSpeed / MLflow internals the project relies on, each through its one wrapper
+(:mod:`pipeline.submitit_compat`, :mod:`pipeline.deepspeed_compat`, :mod:`pipeline.mlflow_compat`), called on
+real input: an upgrade that renames, moves or changes one of them fails here, with the name of what broke,
+instead of inside a job."""
 from __future__ import annotations
 
 import json
@@ -20,14 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_submitit_version_is_one_the_wrappers_were_checked_against():
     import submitit
 
-    from launchers.submitit_compat import TESTED_VERSIONS
+    from pipeline.submitit_compat import TESTED_VERSIONS
 
     assert ".".join(submitit.__version__.split(".")[:2]) in TESTED_VERSIONS, (
-        f"submitit {submitit.__version__}: re-check launchers/submitit_compat.py, then add the version")
+        f"submitit {submitit.__version__}: re-check pipeline/submitit_compat.py, then add the version")
 
 
 def test_parse_node_list_expands_slurm_hostlists(monkeypatch):
-    from launchers.submitit_compat import parse_node_list
+    from pipeline.submitit_compat import parse_node_list
     from pipeline import distributed
 
     assert parse_node_list("n[1-2],gpu03") == ["n1", "n2", "gpu03"]
@@ -44,7 +45,7 @@ def test_parse_node_list_expands_slurm_hostlists(monkeypatch):
 def test_sbatch_header_renders_the_executor_parameters(tmp_path):
     import submitit
 
-    from launchers.submitit_compat import sbatch_header
+    from pipeline.submitit_compat import sbatch_header
 
     ex = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
     ex.update_parameters(name="cpvt-x", nodes=2, tasks_per_node=4, timeout_min=30, slurm_partition="gpu",
@@ -58,7 +59,7 @@ def test_sbatch_header_renders_the_executor_parameters(tmp_path):
 
 def test_load_result_reads_real_result_pickles(tmp_path):
     from launchers.executor import JobFailedError, make_executor, wait_for
-    from launchers.submitit_compat import load_result
+    from pipeline.submitit_compat import load_result
     from tests.slurm import fixtures  # noqa: F401 - registers tests.slurm.jobs for pickling by value
     from tests.slurm import jobs
 
@@ -75,7 +76,7 @@ def test_load_result_reads_real_result_pickles(tmp_path):
 def test_uncompleted_job_error_covers_failed_jobs():
     from submitit.core.utils import FailedJobError
 
-    from launchers.submitit_compat import UncompletedJobError
+    from pipeline.submitit_compat import UncompletedJobError
 
     assert issubclass(FailedJobError, UncompletedJobError) and issubclass(UncompletedJobError, Exception)
 
@@ -83,7 +84,7 @@ def test_uncompleted_job_error_covers_failed_jobs():
 def test_replace_submission_keeps_the_timeout_settings(tmp_path):
     from submitit.helpers import DelayedSubmission
 
-    from launchers.submitit_compat import replace_submission
+    from pipeline.submitit_compat import replace_submission
 
     path = tmp_path / "submitted.pkl"
     current = DelayedSubmission(sorted, [3, 1, 2])

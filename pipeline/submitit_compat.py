@@ -1,6 +1,9 @@
 """Every use of submitit's internals, in one place (tested against the installed version by
 ``tests/test_library_internals.py``: a submitit upgrade that moves any of these fails there, not in a job).
 
+It lives in ``pipeline/`` (the lowest layer that needs submitit): :mod:`pipeline.distributed` expands SLURM
+hostlists with it, the launchers (:mod:`launchers.executor`, :mod:`launchers.train_job`) use the rest.
+
 submitit's public API is what ``submitit/__init__.py`` exports (``AutoExecutor``, ``Job``, ``JobEnvironment``,
 ``helpers``, ...). Used here beyond it:
 
@@ -19,6 +22,7 @@ from typing import Any
 
 import submitit
 from submitit.core import utils as _utils
+from submitit.slurm.slurm import _make_sbatch_string, _parse_node_list
 
 # a job that ended without a result (``FailedJobError`` is a subclass)
 UncompletedJobError = _utils.UncompletedJobError
@@ -28,15 +32,11 @@ TESTED_VERSIONS = ("1.5",)   # the major.minor versions tests/test_library_inter
 
 def parse_node_list(nodelist: str) -> list[str]:
     """``"n[1-2],gpu03"`` -> ``["n1", "n2", "gpu03"]`` (submitit's SLURM hostlist parser)."""
-    from submitit.slurm.slurm import _parse_node_list
-
     return list(_parse_node_list(nodelist))
 
 
 def sbatch_header(executor: submitit.AutoExecutor, command: str = "<submitit task>") -> str:
     """The sbatch script (``#SBATCH`` lines and the ``srun`` line) a SLURM ``executor`` would submit."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     inner = executor._executor
     return _make_sbatch_string(command=command, folder=inner.folder, **dict(inner.parameters))
 
