@@ -64,6 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from pipeline.atomic import write_atomic   # standard library only: safe before the GPU stack is checked
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check.json"
 NA = "n/a"
@@ -106,10 +108,7 @@ def result_doc(env: Mapping[str, Any], rows: Sequence[Row], attribution: Mapping
 
 
 def write_doc(doc: Mapping[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    tmp.replace(out)
+    write_atomic(out, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def _clip(text: str, n: int) -> str:
