@@ -175,7 +175,7 @@ def test_trainer_evaluator_follows_eval_mode(root):
                                           f"eval.mode={mode}", "eval.resolutions=[32]"], 1)
         ev = Evaluator(cfg, rank=0, world_size=1, device=torch.device("cpu"), input_dtype=torch.float32)
         results[mode] = ev(model, (32,))[32]
-        assert list(ev._loaders) == [(mode, 32)] and ev._loaders[(mode, 32)].mode == mode
+        assert list(ev.loaders) == [(mode, 32)] and ev.loaders[(mode, 32)].mode == mode
     n = split_info(root, "val")["num_samples"]
     assert results["center_crop"]["n"] == results["native"]["n"] == n
     assert results["native"]["tokens"] > results["center_crop"]["tokens"] == n * 4
