@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from pipeline.atomic import write_atomic   # standard library only: safe before the GPU stack is checked
+from pipeline.atomic import write_atomic   # these two: standard library only, safe before the GPU stack is checked
+from pipeline.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check.json"
@@ -287,8 +288,6 @@ class Runner:
         return self.budget_s - (time.monotonic() - self.t0)
 
     def env(self) -> dict[str, str]:
-        from benchmarks.common import free_port
-
         env = dict(os.environ, PYTHONUNBUFFERED="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if self.profile.name == "gpu" and env.get("DS_ACCELERATOR") == "cpu":

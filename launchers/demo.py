@@ -34,10 +34,10 @@ from pipeline import tracking
 from pipeline.config import from_dict
 from pipeline.data.config import DataConfig
 from pipeline.device import select_device
-from pipeline.distributed import free_port
 from pipeline.evaluate import evaluate, load_model
 from pipeline.export import export, log_mlflow_model, read_meta
 from pipeline.ffcv_compat import keep_torch_threads
+from pipeline.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 
 # one implementation, shared with ``srun python pipeline/train.py`` (pipeline.distributed.detect_env)
-from pipeline.distributed import free_port, port_for_job, slurm_master_addr, slurm_master_port
+from pipeline.distributed import port_for_job, slurm_master_addr, slurm_master_port
+from pipeline.net import free_port
 
 
 def torch_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -15,7 +15,6 @@ import datetime
 import functools
 import os
 import re
-import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.device import NODE_LOCAL_RANK, DeviceChoice, apply_device, select_device
+from pipeline.net import free_port
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,6 @@ class DistEnv:
     master_addr: str
     master_port: int
     source: str  # "torchrun" | "slurm" | "single"
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (the rendezvous port of a single-process job, a test's
-    server, ...)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------- SLURM rendezvous

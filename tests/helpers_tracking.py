@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_train import PY, ROOT, TORCHRUN, free_port, job_env
+from pipeline.net import free_port
+from tests.helpers_train import PY, ROOT, TORCHRUN, job_env
 
 
 def suite_store() -> str:

@@ -14,7 +14,8 @@ from helpers_analysis import tiny_cpvt, tiny_wds
 from pipeline.config import ConfigError
 from pipeline.data.aspect_buckets import bucket_shapes, native_shape, plan_native_batches
 from pipeline.data.loader import build_eval_loader
-from tests.helpers_loaders import data_cfg, free_port, loader_dataset, split_info
+from pipeline.net import free_port
+from tests.helpers_loaders import data_cfg, loader_dataset, split_info
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
