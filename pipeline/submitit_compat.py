@@ -13,7 +13,8 @@ submitit's public API is what ``submitit/__init__.py`` exports (``AutoExecutor``
 * ``submitit.core.utils`` (not exported by the package): ``pickle_load`` (a task's result pickle:
   :func:`load_result`), ``UncompletedJobError`` (:data:`UncompletedJobError`), ``temporary_save_path``;
 * ``DelayedSubmission._timeout_min`` / ``._timeout_countdown`` -- carried over when a task rewrites its own
-  submission before requeueing itself (:func:`replace_submission`; what submitit's own checkpoint handler does).
+  submission before requeueing itself (:func:`submission_timeout`, :func:`replace_submission`; what submitit's own
+  checkpoint handler does).
 """
 from __future__ import annotations
 
@@ -47,14 +48,19 @@ def load_result(path: str | Path) -> tuple[str, Any]:
     return outcome, value
 
 
+def submission_timeout(submission: submitit.helpers.DelayedSubmission) -> tuple[int, int]:
+    """(timeout in minutes, timeouts left before it counts as a failure) of a submission."""
+    return submission._timeout_min, submission._timeout_countdown
+
+
 def replace_submission(submitted_pickle: str | Path, new: submitit.helpers.DelayedSubmission) -> None:
     """Atomically replace the running task's submission pickle with ``new`` (what a requeued job runs),
     keeping the current submission's timeout and remaining timeout count."""
     current = submitit.helpers.DelayedSubmission.load(submitted_pickle)
-    new.set_timeout(current._timeout_min, current._timeout_countdown)
+    new.set_timeout(*submission_timeout(current))
     with _utils.temporary_save_path(submitted_pickle) as tmp:
         new.dump(tmp)
 
 
 __all__ = ["TESTED_VERSIONS", "UncompletedJobError", "load_result", "parse_node_list", "replace_submission",
-           "sbatch_header"]
+           "sbatch_header", "submission_timeout"]

@@ -84,7 +84,7 @@ def test_uncompleted_job_error_covers_failed_jobs():
 def test_replace_submission_keeps_the_timeout_settings(tmp_path):
     from submitit.helpers import DelayedSubmission
 
-    from pipeline.submitit_compat import replace_submission
+    from pipeline.submitit_compat import replace_submission, submission_timeout
 
     path = tmp_path / "submitted.pkl"
     current = DelayedSubmission(sorted, [3, 1, 2])
@@ -92,7 +92,7 @@ def test_replace_submission_keeps_the_timeout_settings(tmp_path):
     current.dump(path)
     replace_submission(path, DelayedSubmission(max, [3, 1, 2]))
     loaded = DelayedSubmission.load(path)
-    assert (loaded._timeout_min, loaded._timeout_countdown) == (45, 2)
+    assert submission_timeout(loaded) == (45, 2)
     assert loaded.result() == 3 and not list(tmp_path.glob("*.tmp*"))   # written atomically, nothing left over
 
 
