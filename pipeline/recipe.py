@@ -27,6 +27,7 @@ from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import (ConfigError, apply_overrides, check_positive, check_range, deep_merge, from_dict,
                              load_yaml, to_dict, validate)
 from pipeline.data.config import AugConfig, DataConfig, check_data_aug
+from pipeline.models.cpvt import check_peg_positions
 from pipeline.optim import OptimConfig, deepspeed_optimizer_section
 from pipeline.schedules import LRSchedule, LRScheduleConfig, ResolutionSchedule, ResolutionScheduleConfig
 
@@ -63,12 +64,7 @@ class ModelConfig:
             check_positive("num_classes", self.num_classes)
         check_positive("kwargs.depth", self.depth)
         check_positive("kwargs.patch_size", self.patch_size)
-        for i, pos in enumerate(self.peg_positions):   # the model's own rule, before it is built
-            if not -1 <= pos < self.depth:
-                raise ConfigError(f"peg_positions[{i}]: {pos} is out of range for depth {self.depth}; allowed: "
-                                  f"-1 (before block 0) to {self.depth - 1}")
-        if len(set(self.peg_positions)) != len(self.peg_positions):
-            raise ConfigError(f"peg_positions: {list(self.peg_positions)} repeats a position")
+        check_peg_positions(self.peg_positions, self.depth, error=ConfigError)   # the model's rule, before it is built
 
     def create_kwargs(self, num_classes: int) -> dict[str, Any]:
         return dict(self.kwargs, num_classes=num_classes, drop_path_rate=self.drop_path_rate,

@@ -40,7 +40,7 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
-__all__ = ['CPVT', 'PEG', 'Attention', 'Block']
+__all__ = ['CPVT', 'PEG', 'Attention', 'Block', 'check_peg_positions']
 
 PosEmbedType = Literal['none', 'learned']
 GlobalPoolType = Literal['token', 'avg']
@@ -168,16 +168,20 @@ class Block(nn.Module):
         return x, attn
 
 
-def _normalize_peg_positions(peg_positions: Union[int, Sequence[int]], depth: int) -> Tuple[int, ...]:
+def check_peg_positions(peg_positions: Union[int, Sequence[int]], depth: int,
+                        error: type[Exception] = ValueError) -> Tuple[int, ...]:
+    """The PEG positions of a ``depth``-block model, sorted: each in [-1, depth - 1] (-1: on the patch embeddings
+    before block 0), none repeated. The one rule for the model and for the training config (which checks it
+    before a model is built, raising its own ``error``)."""
     if isinstance(peg_positions, int):
         peg_positions = (peg_positions,)
     positions = tuple(int(p) for p in peg_positions)
-    for p in positions:
+    for i, p in enumerate(positions):
         if not -1 <= p < depth:
-            raise ValueError(
-                f'peg_positions entries must be in [-1, {depth - 1}] (-1 = before block 0), got {positions}')
+            raise error(f'peg_positions[{i}]: {p} is out of range for depth {depth}; allowed: -1 (before block 0) '
+                        f'to {depth - 1}')
     if len(set(positions)) != len(positions):
-        raise ValueError(f'peg_positions must not repeat a position, got {positions}')
+        raise error(f'peg_positions: {list(positions)} repeats a position')
     return tuple(sorted(positions))
 
 
@@ -242,7 +246,7 @@ class CPVT(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.num_prefix_tokens = 1 if class_token else 0
-        self.peg_positions = _normalize_peg_positions(peg_positions, depth)
+        self.peg_positions = check_peg_positions(peg_positions, depth)
         self.peg_kernel = peg_kernel
         self.grad_checkpointing = False
 
