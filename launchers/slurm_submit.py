@@ -185,7 +185,7 @@ def _train_samples(cfg) -> int | None:
         return None
 
 
-def gpu_type(text: str | None) -> str | None:
+def known_gpu_type(text: str | None) -> str | None:
     """"NVIDIA A100-SXM4-80GB", "a100", "h100_80gb" -> the table's row name (None: not a known type)."""
     for name in ("H200", "H100", "A100", "V100"):
         if text and name.lower() in text.lower():
@@ -201,7 +201,7 @@ def measured_img_s(path: Path = GPU_CHECK_JSON) -> dict[str, dict[str, float]]:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-    gpu = gpu_type((doc.get("environment") or {}).get("gpu"))
+    gpu = known_gpu_type((doc.get("environment") or {}).get("gpu"))
     att = doc.get("attribution") or {}
     img_s = next((att.get(k) for k in ("ffcv_img_s", "wds_img_s", "bare_engine_img_s")
                   if isinstance(att.get(k), (int, float)) and att.get(k) > 0), None)
@@ -304,7 +304,7 @@ def resolve_resources(args: argparse.Namespace, site, site_file) -> dict[str, Se
     if gpu_type.value is None:
         found = info.gpu_type if info else None
         gpu_type = (Setting(found, info.gpu_source) if found else
-                    Setting(gpu_type(out["constraint"].value), "--constraint" if out["constraint"].value else
+                    Setting(known_gpu_type(out["constraint"].value), "--constraint" if out["constraint"].value else
                             "unknown"))
     out["gpus_per_node"], out["gpu_type"] = gpus, gpu_type
     tasks = gpus.value or args.tasks_per_node or 1

@@ -328,4 +328,5 @@ def test_parse_real_sinfo_and_scontrol_output():
     assert site.parse_default_partition("gpu\ncpu*\ndebug\n") == "cpu"
     assert site.parse_partition_nodes(SCONTROL_PARTITION) == "gpu[001-016]"
     assert site.parse_scontrol_nodes(SCONTROL_NODES) == ((8, "a100"), 128)
-    assert slurm_submit.gpu_type("a100") == "A100" and slurm_submit.gpu_type("NVIDIA H100 80GB HBM3") == "H100"
+    assert slurm_submit.known_gpu_type("a100") == "A100"
+    assert slurm_submit.known_gpu_type("NVIDIA H100 80GB HBM3") == "H100"
