@@ -68,7 +68,7 @@ setup: $(STAMP)
 setup-test: setup system-test-deps
 
 demo: setup
-	$(BIN)/python -m pipeline.demo --run-dir $(RUN_DIR)
+	$(BIN)/python -m launchers.demo --run-dir $(RUN_DIR)
 
 test: setup-test
 	$(BIN)/ruff check .

@@ -41,11 +41,11 @@ def _quick_setup(tmp: Path):
 
 def _passes(model: torch.nn.Module, batches):
     """One evaluation pass over ``batches`` (a loader: decode + forward; a list: the forward alone)."""
-    from pipeline.evaluate import _batch_counts
+    from pipeline.evaluate import batch_counts
 
     def fn():
         for x, y in batches:
-            _batch_counts(model(x), y)
+            batch_counts(model(x), y)
     return fn
 
 
@@ -101,7 +101,7 @@ def run(model: torch.nn.Module, data_root: str | Path, resolutions: Sequence[int
 def main(argv: Sequence[str] | None = None) -> int:
     p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--checkpoint", default="runs/demo/export/cpvt_demo.safetensors",
-                   help="export .safetensors, checkpoint dir or run dir (default: `python -m pipeline.demo`'s)")
+                   help="export .safetensors, checkpoint dir or run dir (default: `python -m launchers.demo`'s)")
     p.add_argument("--data", default=None, help="data_prep output root (default: <run dir>/data)")
     p.add_argument("--format", default="wds", choices=["wds", "ffcv"])
     p.add_argument("--resolutions", type=int, nargs="+", default=[64, 96])

@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from benchmarks.common import ROOT, add_common_args, format_table, free_port, ratio, write_result
+from benchmarks.common import ROOT, add_common_args, format_table, ratio, write_result
+from pipeline.net import free_port
 
 NUM_CLASSES = 10
 CPU_MODEL_KWARGS = {"embed_dim": 96, "depth": 4, "num_heads": 3}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from benchmarks.common import ROOT, add_common_args, format_table, write_result
 from pipeline.deepspeed_compat import inner_optimizer, model_states_estimate, zero3_partition
+from pipeline.net import free_port
 
 CLASSES = ("params", "grads", "optim", "buffers")
 
@@ -158,19 +158,13 @@ def _worker(rank: int, world_size: int, port: int, model_name: str, model_kwargs
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(model_name: str, stages: Sequence[int], world_size: int, res: int = 64,
             model_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Spawn ``world_size`` ranks, each measuring every stage; returns one row per (stage, rank)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(world_size, _free_port(), model_name, dict(model_kwargs or {}), list(stages),
+        mp.start_processes(_worker, args=(world_size, free_port(), model_name, dict(model_kwargs or {}), list(stages),
                                           res, tmp),
                            nprocs=world_size, join=True, start_method="spawn")
         rows = []

@@ -176,15 +176,6 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (MASTER_PORT of a single-rank job)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--quick`` (tiny sizes, for tests/smoke), ``--results-dir``."""
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")

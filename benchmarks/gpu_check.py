@@ -64,6 +64,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from pipeline.atomic import write_atomic   # these two: standard library only, safe before the GPU stack is checked
+from pipeline.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check.json"
 NA = "n/a"
@@ -106,10 +109,7 @@ def result_doc(env: Mapping[str, Any], rows: Sequence[Row], attribution: Mapping
 
 
 def write_doc(doc: Mapping[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    tmp.replace(out)
+    write_atomic(out, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def _clip(text: str, n: int) -> str:
@@ -288,8 +288,6 @@ class Runner:
         return self.budget_s - (time.monotonic() - self.t0)
 
     def env(self) -> dict[str, str]:
-        from benchmarks.common import free_port
-
         env = dict(os.environ, PYTHONUNBUFFERED="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if self.profile.name == "gpu" and env.get("DS_ACCELERATOR") == "cpu":

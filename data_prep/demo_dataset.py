@@ -123,7 +123,7 @@ def _jpeg(img: Image.Image, rng: np.random.Generator, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _bad_file(kind: str, c: int, rng: np.random.Generator, w: int, h: int) -> bytes:
+def bad_file(kind: str, c: int, rng: np.random.Generator, w: int, h: int) -> bytes:
     img = render(c, w, h, rng)
     if kind == "cmyk":
         return _jpeg(img.convert("CMYK"), rng)
@@ -195,7 +195,7 @@ def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class
         for i, kind in enumerate(BAD_KINDS):
             c = i % num_classes
             p = out / "train" / classes[c] / f"{classes[c]}_bad_{kind}.JPEG"
-            p.write_bytes(_bad_file(kind, c, rng, *size()))
+            p.write_bytes(bad_file(kind, c, rng, *size()))
             bad[kind] = [str(p)]
             train_files.append((str(p), c))
     desc["splits"]["train"] = {"found": len(train_files), "bad": bad,
@@ -221,7 +221,7 @@ def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class
         d = val_dir / classes[c] if val_layout == "folders" else val_dir
         d.mkdir(exist_ok=True)
         if kind is not None:
-            data = _bad_file(kind, c, rng, *size())
+            data = bad_file(kind, c, rng, *size())
             vbad.setdefault(kind, []).append(str(d / name))
         else:
             big = n_large < max(0, large_images // 2)

@@ -63,10 +63,6 @@ def build_manifest(*, fmt: str, split: str, source: str, layout: str, ground_tru
     }
 
 
-def write_manifest(path: str | Path, manifest: dict) -> None:
-    write_json_atomic(path, manifest)
-
-
 def write_classes(out: str | Path, classes: list[str]) -> str:
     """``OUT/classes.json`` = {"classes": [...]} (index = position); ``out`` may be an ``s3://`` URL."""
     p = storage.join(out, "classes.json")

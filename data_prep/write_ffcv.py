@@ -42,10 +42,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import TMP_MARK, fsync_replace, read_json, remove_stale_tmp, sha256_file, tmp_path
+from pipeline.atomic import TMP_MARK, fsync_replace, remove_stale_tmp, tmp_path
+
+from .atomic import read_json, sha256_file, write_json_atomic
 from .images import load_rgb_array, probe_image
 from .layout import Sample, class_list, discover_split
-from .manifest import build_manifest, is_resize_only, write_classes, write_manifest
+from .manifest import build_manifest, is_resize_only, write_classes
 from .sharding import plan_id
 from .tasks import CLUSTERS, default_workers, run_tasks, split_groups
 
@@ -260,7 +262,7 @@ def write_split(task: FfcvSplitTask) -> dict[str, Any]:
                  "plan_id": plan, "redo_reason": why, "removed_stale": removed},
     )
     manifest["reused"] = False
-    write_manifest(manifest_path, manifest)   # last: the .beton counts as complete only once this exists
+    write_json_atomic(manifest_path, manifest)   # last: the .beton counts as complete only once this exists
     return manifest
 
 

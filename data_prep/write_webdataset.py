@@ -37,11 +37,12 @@ from typing import Any, Sequence
 from webdataset import TarWriter
 
 from pipeline import storage
+from pipeline.atomic import TMP_MARK, remove_stale_tmp, tmp_path
 
-from .atomic import TMP_MARK, read_json, remove_stale_tmp, sha256_file, tmp_path, write_json_atomic
+from .atomic import read_json, sha256_file, write_json_atomic
 from .images import prepare_image
 from .layout import class_list, discover_split
-from .manifest import build_manifest, is_resize_only, write_classes, write_manifest
+from .manifest import build_manifest, is_resize_only, write_classes
 from .sharding import ShardTask, make_tasks, shard_name
 from .tasks import run_tasks
 
@@ -259,7 +260,7 @@ def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] 
                      "bytes": sum(r["bytes"] for r in recs), "source_bytes": sum(r["source_bytes"] for r in recs),
                      "removed_stale": removed},
         )
-        write_manifest(storage.join(out_dir, f"{split}_manifest.json"), manifest)
+        write_json_atomic(storage.join(out_dir, f"{split}_manifest.json"), manifest)
         manifests[split] = manifest
     return manifests
 

@@ -16,11 +16,10 @@ inherits the submitting shell's environment.
 from __future__ import annotations
 
 import os
-import socket
 
 # one implementation, shared with ``srun python pipeline/train.py`` (pipeline.distributed.detect_env)
-from pipeline.distributed import (  # noqa: F401 - re-exported for callers of this module
-    PORT_BASE, PORT_SPAN, expand_hostlist, node_address, port_for_job, slurm_master_addr, slurm_master_port)
+from pipeline.distributed import port_for_job, slurm_master_addr, slurm_master_port
+from pipeline.net import free_port
 
 
 def torch_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -43,10 +42,7 @@ def torch_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
             LOCAL_RANK=env.get("SUBMITIT_LOCAL_LOCALID", "0"),
         )
     # debug executor / plain process: a single rank with a free port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
 def setup_torch_dist_env() -> dict[str, str]:

@@ -26,8 +26,8 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import submitit
 
-from launchers.submitit_compat import UncompletedJobError, load_result, sbatch_header
 from pipeline.config import ConfigError, check_choice, check_positive
+from pipeline.submitit_compat import UncompletedJobError, load_result
 
 Cluster = Literal["slurm", "local", "debug"]
 CLUSTERS = ("slurm", "local", "debug")
@@ -116,11 +116,6 @@ def make_executor(
             specific["local_setup"] = list(setup)
     executor.update_parameters(**generic, **{k: v for k, v in specific.items() if v is not None})
     return executor
-
-
-def sbatch_preview(executor: submitit.AutoExecutor) -> str:
-    """The ``#SBATCH`` header the executor would submit (for ``--dry-run``)."""
-    return sbatch_header(executor)
 
 
 # ----------------------------------------------------------------------------------------------- job state

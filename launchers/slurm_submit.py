@@ -49,19 +49,19 @@ from pipeline.data.shard_index import read_num_classes, read_wds_info  # noqa: E
 from pipeline.data.workers import fit_num_workers  # noqa: E402
 from pipeline.schedules import ResolutionSchedule  # noqa: E402
 from pipeline.storage import is_url  # noqa: E402
+from pipeline.submitit_compat import sbatch_header  # noqa: E402
 
-from launchers.executor import CLUSTERS, JobFailedError, make_executor, sbatch_preview, wait_for  # noqa: E402
+from launchers.executor import CLUSTERS, JobFailedError, make_executor, wait_for  # noqa: E402
 from launchers.partition import query_partition  # noqa: E402
 
 # Training images/s of one GPU at 224 px per model, for the step-time estimate. Only the paper's 16 GB V100
-# numbers (CPVT Table 5; its GAP-B value is CPVT-B's) are known; A100/H100 rows are filled from `make gpu-check`
-# (benchmarks/results/gpu_check.json: cpvt_ti measured on that GPU, the other models scaled by the paper's V100
-# ratios, see measured_img_s). A GPU type without numbers uses the V100 row, the slowest, and the plan says so.
+# numbers (CPVT Table 5; its GAP-B value is CPVT-B's) are known; another GPU type's row comes from
+# `make gpu-check` (benchmarks/results/gpu_check.json: cpvt_ti measured on that GPU, the other models scaled by
+# the paper's V100 ratios, see measured_img_s). A GPU type without numbers uses the V100 row, the slowest, and
+# the plan says so.
 GPU_IMG_S: dict[str, dict[str, float]] = {
     "V100": {"cpvt_ti": 2500.7, "cpvt_ti_gap": 2520.1, "cpvt_s": 930.5, "cpvt_s_gap": 942.3,
              "cpvt_b": 285.5, "cpvt_b_gap": 285.5},
-    "A100": {},
-    "H100": {},
 }
 GPU_CHECK_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_check.json"
 DEFAULT_RUN_DIR = "runs/default"
@@ -188,7 +188,7 @@ def _train_samples(cfg) -> int | None:
         return None
 
 
-def _gpu_type(text: str | None) -> str | None:
+def known_gpu_type(text: str | None) -> str | None:
     """"NVIDIA A100-SXM4-80GB", "a100", "h100_80gb" -> the table's row name (None: not a known type)."""
     for name in ("H200", "H100", "A100", "V100"):
         if text and name.lower() in text.lower():
@@ -204,7 +204,7 @@ def measured_img_s(path: Path = GPU_CHECK_JSON) -> dict[str, dict[str, float]]:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-    gpu = _gpu_type((doc.get("environment") or {}).get("gpu"))
+    gpu = known_gpu_type((doc.get("environment") or {}).get("gpu"))
     att = doc.get("attribution") or {}
     img_s = next((att.get(k) for k in ("ffcv_img_s", "wds_img_s", "bare_engine_img_s")
                   if isinstance(att.get(k), (int, float)) and att.get(k) > 0), None)
@@ -303,7 +303,7 @@ def resolve_resources(args: argparse.Namespace, site, site_file) -> dict[str, Se
     if gpu_type.value is None:
         found = info.gpu_type if info else None
         gpu_type = (Setting(found, info.gpu_source) if found else
-                    Setting(_gpu_type(out["constraint"].value), "--constraint" if out["constraint"].value else
+                    Setting(known_gpu_type(out["constraint"].value), "--constraint" if out["constraint"].value else
                             "unknown"))
     out["gpus_per_node"], out["gpu_type"] = gpus, gpu_type
     tasks = gpus.value or args.tasks_per_node or 1
@@ -431,7 +431,7 @@ def describe(p: Plan) -> str:
     if p.cluster == "slurm" and shutil.which("sbatch"):
         with tempfile.TemporaryDirectory() as tmp:  # a dry run writes nothing
             header = [ln.replace(tmp, str(p.folder)) for ln in
-                      sbatch_preview(make_executor(tmp, "slurm", **p.executor_params)).splitlines()
+                      sbatch_header(make_executor(tmp, "slurm", **p.executor_params)).splitlines()
                       if ln.startswith("#SBATCH")]
         lines += ["sbatch parameters:", *[f"  {ln}" for ln in header]]
     lines += ["task command: launchers.train_job.TrainJob -> pipeline.train.main(" +

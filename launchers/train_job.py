@@ -38,7 +38,9 @@ from typing import Any
 import submitit
 
 from launchers.dist_env import setup_torch_dist_env
-from launchers.submitit_compat import replace_submission
+from pipeline.atomic import write_atomic
+from pipeline.preemption import request_stop, stop_signal
+from pipeline.submitit_compat import replace_submission
 
 STATE_FILE = "launcher_state.json"
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
@@ -55,18 +57,14 @@ def read_state(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _write_state(run_dir: str | Path, state: dict[str, Any]) -> None:
-    path = Path(run_dir) / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+def write_state(run_dir: str | Path, state: dict[str, Any]) -> None:
+    write_atomic(Path(run_dir) / STATE_FILE, json.dumps(state, indent=1))
 
 
 def _record(run_dir: str | Path, event: str, **info: Any) -> dict[str, Any]:
     state = read_state(run_dir)
     state["events"].append({"event": event, "time": time.time(), **info})
-    _write_state(run_dir, state)
+    write_state(run_dir, state)
     return state
 
 
@@ -123,22 +121,23 @@ class TrainJob(submitit.helpers.Checkpointable):
                             master=f"{dist['MASTER_ADDR']}:{dist['MASTER_PORT']}")
             if restarts > state["requeues"]:  # requeued by SLURM itself (admin/preemption): count it
                 state["requeues"] = restarts
-                _write_state(self.run_dir, state)
+                write_state(self.run_dir, state)
             if state["requeues"] > self.max_requeues:
                 raise RequeueLimitError(f"run {self.run_dir} was requeued {state['requeues']} times "
                                         f"(max_requeues={self.max_requeues}); resume it with a new submission")
         # submitit routed USR2 to its own checkpoint-and-requeue handler on rank 0 only; instead every rank
         # asks the trainer to checkpoint at the next step (a collective), then rank 0 requeues
         for name in (*REQUEUE_SIGNALS, "SIGTERM"):  # the trainer re-installs TERM/USR1 itself later
-            signal.signal(getattr(signal, name), train.request_stop)
+            signal.signal(getattr(signal, name), request_stop)
         summary = train.main(with_resume_auto(self.argv))  # if it raises, the trainer ended its MLflow run FAILED
         if summary.get("exit_code") != train.EXIT_PREEMPTED:
             return summary
-        self._after_preemption(rank, summary)
-        raise AssertionError("unreachable")  # _after_preemption always exits or raises
+        self.after_preemption(rank, summary)
+        raise AssertionError("unreachable")  # after_preemption always exits or raises
 
-    def _after_preemption(self, rank: int, summary: dict[str, Any]) -> None:
-        signum = train_stop_signal()
+    def after_preemption(self, rank: int, summary: dict[str, Any]) -> None:
+        """Record the stop; rank 0 requeues the job unless the scheduler sent it (SIGTERM); then exit."""
+        signum = stop_signal()
         by_scheduler = signum == signal.SIGTERM  # cancel or an external requeue: SLURM decides what follows
         if rank == 0:
             _record(self.run_dir, "stopped", job_id=_job_id(), signal=_sig_name(signum),
@@ -162,16 +161,9 @@ class TrainJob(submitit.helpers.Checkpointable):
                                     f"checkpoint saved, rerun with --resume auto")
         replace_submission(env.paths.submitted_pickle, self.checkpoint())
         state["requeues"] += 1
-        _write_state(self.run_dir, state)
+        write_state(self.run_dir, state)
         _record(self.run_dir, "requeue", job_id=env.job_id, requeues=state["requeues"])
         subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
-
-
-def train_stop_signal() -> int | None:
-    """The signal that made the trainer stop (None if it was asked without one)."""
-    from pipeline import preemption
-
-    return preemption.stop_signal()
 
 
 def _sig_name(signum: int | None) -> str | None:

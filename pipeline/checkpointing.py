@@ -37,7 +37,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,9 @@ from typing import Any
 import torch
 
 from pipeline import distributed as dist_utils
+from pipeline.atomic import write_atomic
 from pipeline.config import CheckpointConfig
+from pipeline.deepspeed_compat import convert_to_universal, repair_universal_zero3_load
 from pipeline.rng import rng_state, set_rng_state
 
 MARKER = "COMPLETE"
@@ -190,8 +191,8 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
     for part in dist_utils.all_gather_object(file_records(path, rank)):   # each rank hashes what it wrote
         files |= part
     if rank == 0:
-        _write_atomic(path / MARKER, json.dumps({"step": step, "metric": metric, **(meta or {}), "files": files}))
-        _write_atomic(ckpt_dir / LATEST, tag)  # DeepSpeed's pointer, only once the checkpoint is complete
+        write_atomic(path / MARKER, json.dumps({"step": step, "metric": metric, **(meta or {}), "files": files}))
+        write_atomic(ckpt_dir / LATEST, tag)  # DeepSpeed's pointer, only once the checkpoint is complete
         _update_best_and_prune(ckpt_dir, path, metric, keep_last, keep_best)
     dist_utils.barrier()
     return path
@@ -250,27 +251,11 @@ def load(engine, path: str | Path, *, rank: int, restore_rng: bool = True) -> di
     if client_state is None:
         raise DamagedCheckpointError(f"checkpoint {source} could not be loaded (DeepSpeed found no client state)")
     if universal:
-        _repair_universal_zero3_load(engine.optimizer, own)
+        repair_universal_zero3_load(engine.optimizer, own)
     rng_file = path / f"rng_rank{rank}.pt"
     if restore_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
-
-
-def _repair_universal_zero3_load(optimizer, weight_decays: list[float]) -> None:
-    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19, stage3.py
-    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``); no-ops after a ZeRO-1/2 one, which has neither.
-
-    * It gives every param group the hyper-parameters of group 0, so the no-decay group (norms, biases, PEG) and
-      the decay group end with one weight decay: each group gets its own (the config's) back.
-    * It puts *one* ``step`` tensor into the state of every sub-group; Adam increments it in place once per
-      sub-group per step, so the bias correction runs ahead (2 groups: step 13 after 5 steps from step 3, and
-      a 1 -> 2 rank resume drifted 1e-4 from the uninterrupted run). Each state gets its own copy."""
-    for group, weight_decay in zip(optimizer.param_groups, weight_decays):
-        group["weight_decay"] = weight_decay
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
 
 
 def has_zero_partitions(path: str | Path) -> bool:
@@ -287,22 +272,14 @@ def universal_for(path: str | Path, log=print) -> Path:
     """DeepSpeed's universal checkpoint of ``path`` (made once with its ``ds_to_universal.py``, as DeepSpeed
     documents it; ``--inject_missing_state`` adds the parameter-layout record that only Megatron models carry).
     Run on one process; the others wait at a barrier. Returns the universal folder."""
-    from deepspeed.checkpoint import ds_to_universal
-
     path = Path(path)
     out = universal_path(path)
     if (out / UNIVERSAL_MARKER).is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)   # an interrupted conversion
-    workers = str(max(1, min(4, os.cpu_count() or 1)))
-    cmd = [sys.executable, ds_to_universal.__file__, "--input_folder", str(path), "--output_folder", str(out),
-           "--inject_missing_state", "--num_extract_workers", workers, "--num_merge_workers", workers]
     log(f"converting {path.name} to a DeepSpeed universal checkpoint (ds_to_universal) for a new world size")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        raise RuntimeError(f"ds_to_universal failed on {path} (rc={proc.returncode}): {tail[0]}")
-    _write_atomic(out / UNIVERSAL_MARKER, json.dumps({"source": path.name}))
+    convert_to_universal(path, out, workers=max(1, min(4, os.cpu_count() or 1)))
+    write_atomic(out / UNIVERSAL_MARKER, json.dumps({"source": path.name}))
     return out
 
 
@@ -311,19 +288,13 @@ def _read_latest(ckpt_dir: Path) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _update_best_and_prune(ckpt_dir: Path, new: Path, metric: float | None, keep_last: int, keep_best: bool) -> None:
     best_file = ckpt_dir / "best.json"
     best = json.loads(best_file.read_text()) if best_file.is_file() else None
     if keep_best and metric is not None and (best is None or metric > best["metric"]
                                              or not (ckpt_dir / best["tag"]).is_dir()):
         best = {"tag": new.name, "metric": metric}
-        _write_atomic(best_file, json.dumps(best))
+        write_atomic(best_file, json.dumps(best))
     keep = {p.name for p in list_complete(ckpt_dir)[-keep_last:]}
     if keep_best and best is not None:
         keep.add(best["tag"])

@@ -15,17 +15,15 @@ import datetime
 import functools
 import os
 import re
-import socket
 import subprocess
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from pipeline.device import NODE_LOCAL_RANK
+import torch
+import torch.distributed as dist
 
-if TYPE_CHECKING:
-    import torch
-
-    from pipeline.device import DeviceChoice
+from pipeline.device import NODE_LOCAL_RANK, DeviceChoice, apply_device, select_device
+from pipeline.net import free_port
 
 
 @dataclass(frozen=True)
@@ -36,12 +34,6 @@ class DistEnv:
     master_addr: str
     master_port: int
     source: str  # "torchrun" | "slurm" | "single"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------- SLURM rendezvous
@@ -74,9 +66,9 @@ def expand_hostlist(nodelist: str) -> list[str]:
             return out.stdout.split()
     except (OSError, subprocess.SubprocessError):
         pass
-    try:
-        from launchers.submitit_compat import parse_node_list
-    except ImportError:  # the trainer does not need submitit: the first entry is all we use anyway
+    try:  # local: submitit is optional for the trainer
+        from pipeline.submitit_compat import parse_node_list
+    except ImportError:  # without submitit: the first entry is all we use anyway
         head = nodelist.split(",")[0]
         if "[" in head:
             prefix, rest = head.split("[", 1)
@@ -140,7 +132,7 @@ def detect_env() -> DistEnv:
         return DistEnv(int(env["SLURM_PROCID"]), step_tasks, int(env.get("SLURM_LOCALID", 0)),
                        env.get("MASTER_ADDR") or slurm_master_addr(env),
                        int(env.get("MASTER_PORT") or slurm_master_port(env)), "slurm")
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
 _CHOICE: DeviceChoice | None = None   # the choice init_distributed (or use_device) applied in this process
@@ -150,8 +142,6 @@ def init_distributed(choice: DeviceChoice | None = None, timeout_s: int = 600) -
     """Export the rendezvous variables, apply the device ``choice`` (default :func:`select_device`) and initialise
     DeepSpeed's process group on ``choice.backend``; ``timeout_s`` bounds every collective (a dead peer fails the
     job after that long instead of stalling every GPU)."""
-    from pipeline.device import apply_device, select_device
-
     dist_env = detect_env()
     os.environ.update(RANK=str(dist_env.rank), WORLD_SIZE=str(dist_env.world_size),
                       LOCAL_RANK=str(dist_env.local_rank), MASTER_ADDR=dist_env.master_addr,
@@ -168,8 +158,6 @@ def init_distributed(choice: DeviceChoice | None = None, timeout_s: int = 600) -
 
 def use_device(choice: DeviceChoice) -> None:
     """Record and apply ``choice`` in a process without a process group (single-process evaluation)."""
-    from pipeline.device import apply_device
-
     global _CHOICE
     _CHOICE = choice
     apply_device(choice)
@@ -177,8 +165,6 @@ def use_device(choice: DeviceChoice) -> None:
 
 def device() -> torch.device:
     """The device this process computes on: the applied choice, else :func:`pipeline.device.select_device`'s."""
-    from pipeline.device import select_device
-
     global _CHOICE
     if _CHOICE is None:
         _CHOICE = select_device()
@@ -186,53 +172,33 @@ def device() -> torch.device:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
-def all_reduce_(t: "torch.Tensor", op: str = "SUM") -> "torch.Tensor":
+def all_reduce_(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
     """Reduce ``t`` over ranks in place, on its own device, without reading it (identity without a process
     group); returns ``t``."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t
 
 
-def _all_reduce(values: "list[float]", op: str) -> "list[float]":
-    """Reduce a short list of floats over ranks in one float64 collective (identity without a process group)."""
-    import torch
-    import torch.distributed as dist
-
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Elementwise sum of a short list of floats over ranks, in one float64 collective (identity without a
+    process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
-    return all_reduce_(torch.tensor(values, dtype=torch.float64, device=device()), op).tolist()
-
-
-def all_reduce_max(values: "list[float]") -> "list[float]":
-    """Elementwise max over ranks, one collective (so every rank agrees on skip/stop/save decisions)."""
-    return _all_reduce(values, "MAX")
-
-
-def all_reduce_sum(values: "list[float]") -> "list[float]":
-    """Elementwise sum over ranks, one collective."""
-    return _all_reduce(values, "SUM")
+    return all_reduce_(torch.tensor(values, dtype=torch.float64, device=device()), "SUM").tolist()
 
 
 def destroy() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order (``[obj]`` without a process group)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()

@@ -33,24 +33,34 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import timm
 import torch
+import yaml
+
+import pipeline.models  # noqa: F401 - registers the cpvt_* models with timm
+from pipeline import export as export_mod
+from pipeline.config import (EVAL_RESOLUTIONS, AugConfig, ConfigError, DataConfig, EvalConfig, TrainConfig,
+                             check_choice, from_dict, validate)
+from pipeline.data.aspect_buckets import check_native
+from pipeline.data.loader import build_eval_loader
+from pipeline.device import DeviceError, autocast_forward, select_device
+from pipeline.distributed import all_reduce_, destroy, detect_env, init_distributed, use_device
+from pipeline.ffcv_compat import import_ffcv
+from pipeline.schedules import ResolutionSchedule
 
 
 @torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resolutions: Sequence[int],
              rank: int, world_size: int, crop_pct: float, device: torch.device,
              input_dtype: torch.dtype = torch.float32, max_batches: int | None = None,
-             aug_cfg=None, loaders: dict | None = None, mode: str = "center_crop", patch_size: int = 16,
+             aug_cfg=None, loaders: dict | None = None, mode: str = "center_crop", patch_size: int,
              max_aspect: float = 2.0) -> dict[int, dict[str, float]]:
     """``{resolution: {"top1": %, "top5": %, "loss": mean CE, "n": samples, "tokens": patch tokens}}`` summed
     over all ranks; ``mode``: ``center_crop`` or ``native`` (short side = resolution, long side <=
-    ``max_aspect`` x, multiples of ``patch_size``).
+    ``max_aspect`` x, multiples of ``patch_size``, the model's).
 
     Counts stay on the device and are reduced and read once per resolution. ``loaders``: a dict that caches the
     eval loader of each (mode, resolution) across calls (the trainer evaluates every few epochs)."""
-    from pipeline.data.loader import build_eval_loader
-    from pipeline.distributed import all_reduce_
-
     loaders = {} if loaders is None else loaders
     results: dict[int, dict[str, float]] = {}
     for res in sorted(set(int(r) for r in resolutions)):
@@ -66,7 +76,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resol
                 break
             images = images.to(device=device, dtype=input_dtype, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            sums += _batch_counts(forward(images).float(), labels)
+            sums += batch_counts(forward(images).float(), labels)
         c1, c5, loss, n = all_reduce_(sums).tolist()
         if max_batches is None and int(n) != int(loader.num_samples):
             raise RuntimeError(f"eval at {res}px counted {int(n)} samples, the val split has {loader.num_samples}")
@@ -75,7 +85,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data_cfg, *, resol
     return results
 
 
-def _batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[top-1 hits, top-5 hits, CE sum, samples] of one batch as a device tensor; padding (label -1) is masked
     out without a host round trip (timm's ``accuracy`` returns host floats, so it is not used here)."""
     keep = labels >= 0
@@ -93,7 +103,7 @@ class Evaluator:
     def __init__(self, cfg, *, rank: int, world_size: int, device: torch.device, input_dtype: torch.dtype):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device, self.input_dtype = device, input_dtype
-        self._loaders: dict[tuple[str, int], object] = {}
+        self.loaders: dict[tuple[str, int], object] = {}   # (mode, resolution) -> eval loader
 
     def should_eval(self, epoch: int, last: bool) -> bool:
         every = self.cfg.eval.every_epochs
@@ -103,9 +113,9 @@ class Evaluator:
         return evaluate(forward, self.cfg.data, resolutions=resolutions, rank=self.rank, world_size=self.world_size,
                         crop_pct=self.cfg.aug.crop_pct, device=self.device,
                         input_dtype=self.input_dtype if input_dtype is None else input_dtype,
-                        max_batches=self.cfg.eval.max_batches, aug_cfg=self.cfg.aug, loaders=self._loaders,
+                        max_batches=self.cfg.eval.max_batches, aug_cfg=self.cfg.aug, loaders=self.loaders,
                         mode=self.cfg.eval.mode, max_aspect=self.cfg.eval.native_max_aspect,
-                        patch_size=int(self.cfg.model.kwargs.get("patch_size", 16)))
+                        patch_size=self.cfg.model.patch_size)
 
 
 def format_table(results: dict[int, dict[str, float]], train_res: int | None = None) -> str:
@@ -120,11 +130,6 @@ def format_table(results: dict[int, dict[str, float]], train_res: int | None = N
 def load_model(path: str | Path, ema: bool = False):
     """A plain fp32 timm model from an export (.safetensors) or a DeepSpeed checkpoint / run dir (``ema``: the
     checkpoint's EMA weights)."""
-    import timm
-
-    import pipeline.models  # noqa: F401
-    from pipeline import export as export_mod
-
     path = Path(path)
     if path.suffix == ".safetensors":
         if ema:
@@ -142,11 +147,6 @@ def load_model(path: str | Path, ema: bool = False):
 def stored_config(path: str | Path):
     """(TrainConfig, where it was read) saved with the weights at ``path``: the checkpoint's ``train_config.yaml``
     or the copy in an export's metadata; ``(None, why)`` when there is none."""
-    import yaml
-
-    from pipeline import export as export_mod
-    from pipeline.config import TrainConfig, from_dict
-
     path = Path(path)
     if path.suffix == ".safetensors":
         text, where = export_mod.read_meta(path).get("train_config"), f"{path} (export metadata)"
@@ -162,9 +162,6 @@ def eval_settings(path: str | Path, data_flags: dict, aug_flags: dict, resolutio
     """(DataConfig, AugConfig, resolutions, where they came from) for evaluating the weights at ``path`` like the
     trainer did: its run config's ``data``/``aug`` sections and final evaluation resolutions (without a config:
     the defaults), each overridden by a flag that is not None (``data_flags``/``aug_flags``: field -> value)."""
-    from pipeline.config import EVAL_RESOLUTIONS, AugConfig, ConfigError, DataConfig, validate
-    from pipeline.schedules import ResolutionSchedule
-
     cfg, source = stored_config(path)
     data_flags = {k: v for k, v in data_flags.items() if v is not None}
     aug_flags = {k: v for k, v in aug_flags.items() if v is not None}
@@ -190,8 +187,6 @@ def eval_mode_settings(path: str | Path, mode: str | None = None,
                        max_aspect: float | None = None) -> tuple[str, float]:
     """(eval mode, native max aspect) for the weights at ``path``: the flags when given, else the run config's
     ``eval.mode`` / ``eval.native_max_aspect``, else center_crop / 2.0."""
-    from pipeline.config import ConfigError, EvalConfig, check_choice
-
     cfg, _ = stored_config(path)
     ev = cfg.eval if cfg is not None else EvalConfig()
     mode = ev.mode if mode is None else mode
@@ -233,8 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from pipeline.config import ConfigError
-
     data_flags = {"root": args.data, "format": args.format, "eval_batch_size": args.batch_size,
                   "num_workers": args.workers}
     aug_flags = {"crop_pct": args.crop_pct, "eval_interpolation": args.interpolation,
@@ -242,16 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_cfg, aug_cfg, resolutions, origin = eval_settings(args.model, data_flags, aug_flags, args.resolutions)
         mode, max_aspect = eval_mode_settings(args.model, args.mode, args.max_aspect)
-        if mode == "native":
-            from pipeline.data.aspect_buckets import check_native
-
-            for r in resolutions:
-                check_native(r, 16, max_aspect, field="resolutions")
     except ConfigError as e:
         p.error(str(e))
-
-    from pipeline.device import DeviceError, autocast_forward, select_device
-    from pipeline.distributed import destroy, detect_env, init_distributed, use_device
 
     env = detect_env()  # torchrun / deepspeed / SLURM variables, or a single process
     rank, world_size = env.rank, env.world_size
@@ -264,18 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: {choice.reason}", flush=True)
         print(f"eval settings ({origin}): {describe_settings(data_cfg, aug_cfg, resolutions)} mode={mode}"
               + (f" max_aspect={max_aspect}" if mode == "native" else ""), flush=True)
-    # Load the model and import the loaders *before* the process group exists: torch modules that timm imports
-    # lazily (torch.distributed._shard, ...) take ``group=dist.group.WORLD`` as a default argument, so importing
-    # them afterwards pins the group; destroy() could not free it and gloo's worker threads would outlive the
+    # Load the model (and import ffcv) *before* the process group exists: torch modules that timm imports lazily
+    # (torch.distributed._shard, ...) take ``group=dist.group.WORLD`` as a default argument, so importing them
+    # afterwards pins the group; destroy() could not free it and gloo's worker threads would outlive the
     # interpreter, now and then aborting it at exit ("terminate called without an active exception").
     try:
         model, name = load_model(args.model, ema=args.ema)
-    except ValueError as e:  # --ema without EMA weights
+        if mode == "native":   # the whole image, both sides multiples of the model's patch size
+            for r in resolutions:
+                check_native(r, model.patch_size, max_aspect, field="resolutions")
+    except ValueError as e:  # --ema without EMA weights; a ConfigError (a ValueError) from check_native
         p.error(str(e))
-    from pipeline.data.loader import build_eval_loader  # noqa: F401
     if data_cfg.format == "ffcv":
-        from pipeline.ffcv_compat import import_ffcv
-
         import_ffcv()
     if world_size > 1:
         init_distributed(choice)
@@ -283,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device).eval()
     results = evaluate(autocast_forward(model, device), data_cfg, resolutions=resolutions, rank=rank,
                        world_size=world_size, crop_pct=aug_cfg.crop_pct, device=device, aug_cfg=aug_cfg,
-                       mode=mode, patch_size=getattr(model, "patch_size", 16), max_aspect=max_aspect)
+                       mode=mode, patch_size=model.patch_size, max_aspect=max_aspect)
     if rank == 0:
         print(f"{name} from {args.model}" + (" (EMA weights)" if args.ema else "") + f", {mode} evaluation")
         print(format_table(results))

@@ -31,6 +31,8 @@ from pipeline import checkpointing, tracking
 from pipeline.config import TrainConfig, from_dict
 from pipeline.data.shard_index import read_num_classes
 
+from pipeline.atomic import fsync_replace, tmp_path
+
 
 def checkpoint_model_spec(ckpt: Path) -> tuple[str, dict[str, Any]]:
     """(timm model name, create_model kwargs) from the ``train_config.yaml`` saved in the checkpoint folder."""
@@ -79,9 +81,9 @@ def export(ckpt: str | Path, out: str | Path | None = None, ema: bool = False) -
     sd = ema_state_dict(ckpt) if ema else consolidated_state_dict(ckpt)
     meta = {"model": name, "model_kwargs": kwargs, "checkpoint": str(ckpt.resolve()),
             "weights": "ema" if ema else "model", "train_config": (ckpt / "train_config.yaml").read_text()}
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = tmp_path(out)
     save_file(sd, str(tmp), metadata={"cpvt": json.dumps(meta)})
-    tmp.replace(out)
+    fsync_replace(tmp, out)
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return out
 

@@ -21,6 +21,11 @@ def request_stop(signum: int | None = None, frame: Any = None) -> None:
     _STOP["requested"], _STOP["signal"] = True, signum
 
 
+def clear_stop() -> None:
+    """Forget a stop request (a new run in the same process, or a test that simulated a signal)."""
+    _STOP["requested"], _STOP["signal"] = False, None
+
+
 def install_stop_handlers(signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
     """Route ``signals`` to :func:`request_stop` (launchers may call this themselves)."""
     for s in signals:

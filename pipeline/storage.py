@@ -26,6 +26,16 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
+import boto3
+import requests
+from boto3.exceptions import S3UploadFailedError
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from pipeline.atomic import write_atomic
+
 SCHEMES = ("s3", "http", "https")
 CHUNK = 1 << 20
 READ = 256 << 10   # bytes per read from a remote stream: at most this much is read again after a break
@@ -73,9 +83,6 @@ def _s3():
     key = os.getpid()
     client = getattr(_local, "s3", None)
     if client is None or _local.s3_pid != key:
-        import boto3
-        from botocore.config import Config
-
         client = boto3.session.Session().client(
             "s3", config=Config(retries={"max_attempts": _retries(), "mode": "standard"}, connect_timeout=10,
                                 read_timeout=60, max_pool_connections=32))
@@ -87,10 +94,6 @@ def _http():
     key = os.getpid()
     session = getattr(_local, "http", None)
     if session is None or _local.http_pid != key:
-        import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
-
         session = requests.Session()
         retry = Retry(total=_retries() - 1, backoff_factor=0.2, status_forcelist=(429, 500, 502, 503, 504),
                       allowed_methods=("GET", "HEAD"), raise_on_status=False)
@@ -102,8 +105,6 @@ def _http():
 
 
 def _s3_error(url: str, e: Exception) -> StorageError:
-    from botocore.exceptions import ClientError
-
     if isinstance(e, ClientError):
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -124,8 +125,6 @@ def _http_error(url: str, e: Exception | None = None, status: int | None = None)
 
 
 def _s3_call(url: str, fn, **kw):
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         return fn(**kw)
     except (BotoCoreError, ClientError) as e:
@@ -133,8 +132,6 @@ def _s3_call(url: str, fn, **kw):
 
 
 def _http_request(method: str, url: str, headers: dict | None = None, stream: bool = False):
-    import requests
-
     try:
         r = _http().request(method, url, headers=headers, stream=stream, timeout=(10, 60))
     except requests.RequestException as e:
@@ -279,8 +276,6 @@ def listdir(prefix: str | os.PathLike) -> list[str]:
     bucket, key = _split_s3(prefix.rstrip("/") + "/")
     names = []
     pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key, Delimiter="/")
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         for page in pages:
             names += [o["Key"][len(key):] for o in page.get("Contents", [])]
@@ -297,37 +292,18 @@ def _writable(url: str) -> tuple[str, str]:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, metadata: dict[str, str] | None = None) -> None:
-    """Whole-object write: one S3 PUT (atomic), or a local temp file + fsync + rename."""
+    """Whole-object write: one S3 PUT (atomic), or a local temp file + fsync + rename (:mod:`pipeline.atomic`)."""
     if not is_url(path):
-        _write_local_atomic(Path(path), data)
+        write_atomic(path, data)
         return
     bucket, key = _writable(str(path))
     _s3_call(str(path), _s3().put_object, Bucket=bucket, Key=key, Body=data, Metadata=metadata or {})
-
-
-def _write_local_atomic(path: Path, data: bytes) -> None:
-    import uuid
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def upload_file(local: str | os.PathLike, url: str, metadata: dict[str, str] | None = None) -> None:
     """A local file -> an S3 object (s3transfer: one PUT below its multipart threshold, else a multipart upload
     that is completed, or aborted on error; the object is visible only once complete)."""
     bucket, key = _writable(url)
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         _s3().upload_file(str(local), bucket, key, ExtraArgs={"Metadata": metadata or {}})
     except S3UploadFailedError as e:

@@ -22,7 +22,10 @@ GPU) into the same run, as ``system/node<k>/...`` on multi-node jobs. A run whos
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -32,7 +35,14 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import unquote, urlparse
 
+import torch
+import torch.distributed as dist
+
 from pipeline.config import flatten
+from pipeline.distributed import detect_env
+
+# mlflow (and pipeline.mlflow_compat) is imported inside the functions that talk to a store: it takes seconds to
+# import, and the store paths, a tracking-off run and the launchers' URI look-ups need none of it.
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS_ROOT_ENV = "CPVT_RUNS_ROOT"
@@ -77,8 +87,6 @@ def artifact_root(uri: str) -> str | None:
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -97,10 +105,10 @@ def prepare_store(uri: str) -> str:
     db = sqlite_path(uri)
     if db is None or uri in _PREPARED:
         return uri
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from pipeline import mlflow_compat   # local: mlflow (see the imports)
 
     with _file_lock(db.with_name(db.name + ".lock")):
-        SqlAlchemyStore(uri, artifact_root(uri))
+        mlflow_compat.create_store(uri, artifact_root(uri))
     _PREPARED.add(uri)
     return uri
 
@@ -108,7 +116,7 @@ def prepare_store(uri: str) -> str:
 def experiment_id(client, name: str) -> str:
     """Id of experiment ``name`` (created with artifacts next to a SQLite store and MLflow's "machine learning"
     experiment kind; two processes creating it at once both get the same id)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException   # local: mlflow (see the imports)
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -127,7 +135,7 @@ def experiment_id(client, name: str) -> str:
 
 def client_for(uri: str | None = None):
     """An :class:`mlflow.MlflowClient` on ``default_uri(uri)``, the store prepared."""
-    import mlflow
+    import mlflow   # local: mlflow (see the imports)
 
     return mlflow.MlflowClient(prepare_store(default_uri(uri)))
 
@@ -155,8 +163,6 @@ def git_state(root: Path = ROOT) -> tuple[str, bool | None]:
 def device_name(kind: str) -> str:
     """"NVIDIA H100 80GB HBM3" (the GPU this process uses) or "cpu"."""
     if kind == "cuda":
-        import torch
-
         return torch.cuda.get_device_name()
     return kind
 
@@ -189,8 +195,6 @@ def dataset_summary(root: str | Path, fmt: str) -> dict[str, Any]:
     """{name, source, digest, profile} of a data_prep output folder from its manifests: the digest is a sha256 of
     the per-file sha256 the data-prep manifests record (WebDataset shards / FFCV files, all splits), so the same
     shards give the same digest on every machine; the profile holds the split sizes and the class count."""
-    import hashlib
-
     root_s = str(root)
     local = Path(root_s) if "://" not in root_s else None
     splits: dict[str, int] = {}
@@ -217,22 +221,13 @@ def dataset_summary(root: str | Path, fmt: str) -> dict[str, Any]:
 
 
 def dataset_input(root: str | Path, fmt: str):
-    """An :class:`mlflow.data.meta_dataset.MetaDataset` (metadata only: the shards stay where they are) with the
+    """A :class:`pipeline.mlflow_compat.ShardDataset` (metadata only: the shards stay where they are) with the
     manifests' digest and the split sizes as its profile, for ``mlflow.log_input``."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
+    from pipeline import mlflow_compat   # local: mlflow (see the imports)
 
     info = dataset_summary(root, fmt)
-
-    class ShardDataset(MetaDataset):  # MetaDataset has no profile; the UI shows it in the dataset drawer
-        @property
-        def profile(self):
-            return info["profile"]
-
-        def to_dict(self):
-            return {**super().to_dict(), "profile": json.dumps(info["profile"])}
-
-    return ShardDataset(resolve_dataset_source(info["source"]), name=info["name"], digest=info["digest"])
+    return mlflow_compat.ShardDataset(info["source"], name=info["name"], digest=info["digest"],
+                                      profile=info["profile"])
 
 
 # ----------------------------------------------------------------------------------------- trackers
@@ -253,38 +248,22 @@ class NodeMetricsTracker(NullTracker):
     """A node-local rank 0 other than global rank 0: only MLflow's system-metrics monitor, into rank 0's run."""
 
     def __init__(self, run_id: str, uri: str, node_id: str | None):
-        self.monitor = start_system_metrics(run_id, uri, node_id)
+        from pipeline import mlflow_compat   # local: mlflow (see the imports)
+
+        self.compat = mlflow_compat
+        self.monitor = mlflow_compat.start_system_metrics(run_id, uri, node_id, SYSTEM_METRICS_INTERVAL_S)
 
     def finish(self, status: str = "FINISHED") -> None:
-        stop_system_metrics(self.monitor)
-
-
-def stop_system_metrics(monitor) -> None:
-    """Publish one last sample, then stop: MLflow's monitor publishes only after a full sampling interval, so a
-    node whose part of the job is shorter than that would otherwise leave no series at all."""
-    try:
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-    except Exception as e:  # noqa: BLE001 - metrics must never fail the training's exit
-        print(f"warning: last system-metrics sample not logged: {e}", file=sys.stderr)
-    monitor.finish()   # flushes while the run is still RUNNING
-
-
-def start_system_metrics(run_id: str, uri: str, node_id: str | None):
-    """MLflow's own monitor (``system/<node_id>/...``), continuing the run's steps on a resumed run."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
-                                   node_id=node_id, tracking_uri=uri)
-    monitor.start()
-    return monitor
+        self.compat.stop_system_metrics(self.monitor)
 
 
 class MLflowTracker(NullTracker):
     def __init__(self, *, uri: str | None, experiment: str, run_name: str | None, run_id: str | None):
-        import mlflow
+        import mlflow   # local: mlflow (see the imports)
 
-        self.mlflow = mlflow
+        from pipeline import mlflow_compat
+
+        self.mlflow, self.compat = mlflow, mlflow_compat
         self.uri = prepare_store(default_uri(uri))
         mlflow.set_tracking_uri(self.uri)
         self.client = mlflow.MlflowClient(self.uri)
@@ -295,7 +274,7 @@ class MLflowTracker(NullTracker):
         self.monitor = None
 
     def start_system_metrics(self, node_id: str | None) -> None:
-        self.monitor = start_system_metrics(self.run_id, self.uri, node_id)
+        self.monitor = self.compat.start_system_metrics(self.run_id, self.uri, node_id, SYSTEM_METRICS_INTERVAL_S)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -331,7 +310,7 @@ class MLflowTracker(NullTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.monitor is not None:
-            stop_system_metrics(self.monitor)
+            self.compat.stop_system_metrics(self.monitor)
         self.mlflow.end_run(status=status)
 
 
@@ -352,8 +331,6 @@ def end_run_after_error(exc: BaseException) -> None:
 def _node_layout(rank: int, world: int, local_rank: int) -> tuple[int, int]:
     """(this rank's node index, number of nodes): node k is the k-th rank with node-local rank 0 (one
     all_gather_object at set-up; several launcher "nodes" may share a host, so host names cannot tell)."""
-    import torch.distributed as dist
-
     if world == 1 or not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     local = [None] * world
@@ -363,8 +340,6 @@ def _node_layout(rank: int, world: int, local_rank: int) -> tuple[int, int]:
 
 
 def _broadcast(value: Any) -> Any:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return value
     box = [value]
@@ -378,8 +353,6 @@ def make_tracker(cfg, *, rank: int, world_size: int, run_id: str | None) -> Null
     tracking disabled: a no-op. A collective on every rank when system metrics are on (same cfg everywhere)."""
     if not cfg.tracking.enabled:
         return NullTracker()
-    from pipeline.distributed import detect_env
-
     per_node = cfg.tracking.system_metrics and world_size > 1
     node, nodes = _node_layout(rank, world_size, detect_env().local_rank) if per_node else (0, 1)
     node_id = f"node{node}" if nodes > 1 else None
@@ -400,7 +373,7 @@ def make_tracker(cfg, *, rank: int, world_size: int, run_id: str | None) -> Null
     shared = _broadcast((tracker.run_id, getattr(tracker, "uri", None))) if per_node else None
     if rank != 0 and shared and shared[0] and detect_env().local_rank == 0:
         tracker = NodeMetricsTracker(shared[0], shared[1], node_id)
-        import mlflow
+        import mlflow   # local: mlflow (see the imports)
 
         mlflow.MlflowClient(shared[1]).set_tag(shared[0], f"{node_id}.host", socket.gethostname())
     return tracker
@@ -442,8 +415,6 @@ def serve_ui(port: int, host: str = "127.0.0.1", uri: str | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(description="The project's MLflow store: print its URLs and serve the UI.")
     sub = p.add_subparsers(dest="cmd", required=True)
     ui = sub.add_parser("ui", help="serve the store (MLflow server) and print each experiment's training view")

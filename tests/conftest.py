@@ -41,7 +41,7 @@ def no_leaked_tracking_uri():
     """``mlflow.set_tracking_uri()`` / ``set_experiment()`` also export ``MLFLOW_TRACKING_URI`` /
     ``MLFLOW_EXPERIMENT_ID`` and keep the active experiment in-process: a test that calls them must not move the
     store or the experiment of the tests (and the trainings they start) after it."""
-    import mlflow.tracking.fluent as fluent
+    from pipeline.mlflow_compat import forget_active_experiment
 
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
     before = {name: os.environ.get(name) for name in names}
@@ -51,7 +51,7 @@ def no_leaked_tracking_uri():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    fluent._active_experiment_id = None   # no public API unsets set_experiment()
+    forget_active_experiment()   # no public API unsets set_experiment()
 
 
 # The modules that take minutes (each starts several multi-rank trainings), longest first, from the suite's

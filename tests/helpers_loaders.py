@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 from pipeline.config import AugConfig, DataConfig
@@ -47,12 +46,6 @@ def data_cfg(root: Path, fmt: str = "wds", **kw) -> DataConfig:
 
 def aug_cfg(**kw) -> AugConfig:
     return AugConfig(**kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def distributed_worker(rank: int, world_size: int, port: int, root: str, out_dir: str, formats: tuple) -> None:

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers_train import free_port
+from pipeline.net import free_port
+
 
 PY = sys.executable
 # distinctive, so a test can assert that no output contains it

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_train import PY, ROOT, TORCHRUN, free_port, job_env
+from pipeline.net import free_port
+from tests.helpers_train import PY, ROOT, TORCHRUN, job_env
 
 
 def suite_store() -> str:
@@ -84,7 +85,7 @@ def build_shared_store(base: Path, data: Path, recipe: Path) -> SharedStore:
     demo.mkdir()
     (demo / "src").symlink_to(data.parent / "src")
     (demo / "data").symlink_to(data)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--run-dir", str(demo), "--recipe", str(recipe),
+    proc = subprocess.run([sys.executable, "-m", "launchers.demo", "--run-dir", str(demo), "--recipe", str(recipe),
                            "--nproc", "1", "--workers", "1", "run.epochs=1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     outputs["demo"] = proc.stdout + proc.stderr

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -71,15 +73,7 @@ def train_cmd(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str, *ove
             *([f"run.precision={precision}"] if precision else []), *overrides]
     if nproc == 1:
         return [PY, *args]
-    return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), *args]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *args]
 
 
 def run_train(nproc: int, recipe: Path, data: Path, run_dir: Path, ds: str = "zero2", *overrides: str,
@@ -98,10 +92,6 @@ def run_job(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
         pytest.fail(f"{' '.join(cmd[:4])} ... failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-5000:]}")
     return proc
-
-
-def free_port() -> int:
-    return _free_port()
 
 
 def kill_job(p: subprocess.Popen) -> None:

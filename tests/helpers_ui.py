@@ -17,7 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.helpers_train import ROOT, free_port
+from pipeline.net import free_port
+from tests.helpers_train import ROOT
 
 
 def chromium() -> str | None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.demo_dataset import BAD_KINDS, _bad_file, render
+from data_prep.demo_dataset import BAD_KINDS, bad_file, render
 from data_prep.images import load_rgb_array, prepare_image, probe_image, target_size
 
 EXPECTED = {
@@ -30,7 +30,7 @@ def _jpeg(img: Image.Image, **kw) -> bytes:
 def test_every_bad_kind_is_converted_or_skipped_with_reason(tmp_path, kind):
     rng = np.random.default_rng(0)
     p = tmp_path / f"x_{kind}.JPEG"
-    p.write_bytes(_bad_file(kind, 2, rng, 40, 30))
+    p.write_bytes(bad_file(kind, 2, rng, 40, 30))
     status, reason = EXPECTED[kind]
     r = prepare_image(str(p), max_side=512)
     assert r.status == status and r.reason.startswith(reason)

@@ -314,7 +314,7 @@ print("RESULT " + json.dumps(out))
 def test_shipped_configs_initialise_a_real_cpu_engine(tiny_recipe, tmp_path):  # noqa: F811
     """Every fp32/bf16 config (and the precision-neutral ones under auto) builds a 1-rank DeepSpeed engine on
     CPU, trains 2 steps of 2 micro-batches, and its checkpoint consolidates to fp32 (pipeline.export's path)."""
-    from tests.helpers_train import free_port
+    from pipeline.net import free_port
 
     names = [n for n in VARIANTS if not n.endswith("_fp16")]
     script = tmp_path / "engine.py"

@@ -14,7 +14,8 @@ from helpers_analysis import tiny_cpvt, tiny_wds
 from pipeline.config import ConfigError
 from pipeline.data.aspect_buckets import bucket_shapes, native_shape, plan_native_batches
 from pipeline.data.loader import build_eval_loader
-from tests.helpers_loaders import data_cfg, free_port, loader_dataset, split_info
+from pipeline.net import free_port
+from tests.helpers_loaders import data_cfg, loader_dataset, split_info
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -175,7 +176,7 @@ def test_trainer_evaluator_follows_eval_mode(root):
                                           f"eval.mode={mode}", "eval.resolutions=[32]"], 1)
         ev = Evaluator(cfg, rank=0, world_size=1, device=torch.device("cpu"), input_dtype=torch.float32)
         results[mode] = ev(model, (32,))[32]
-        assert list(ev._loaders) == [(mode, 32)] and ev._loaders[(mode, 32)].mode == mode
+        assert list(ev.loaders) == [(mode, 32)] and ev.loaders[(mode, 32)].mode == mode
     n = split_info(root, "val")["num_samples"]
     assert results["center_crop"]["n"] == results["native"]["n"] == n
     assert results["native"]["tokens"] > results["center_crop"]["tokens"] == n * 4

@@ -1,5 +1,6 @@
-"""The project's modules import each other without cycles (module-level and function-level imports alike:
-a lazy import inside a function hides a cycle until the day someone hoists it)."""
+"""The project's modules import each other without cycles, and pipeline/ imports nothing from launchers/ or
+data_prep/ (module-level and function-level imports alike: a lazy import inside a function hides a cycle or an
+upward arrow until the day someone hoists it)."""
 from __future__ import annotations
 
 import ast
@@ -98,3 +99,27 @@ def test_config_package_sits_low():
     assert len(config) > 1   # the package and its modules
     outside = {m: sorted(d for d in graph[m] if not d.startswith("pipeline.config")) for m in config}
     assert all(not deps for deps in outside.values()), outside
+
+
+def upward_imports(graph: dict[str, set[str]], lower: str = "pipeline",
+                   upper: tuple[str, ...] = ("launchers", "data_prep")) -> list[tuple[str, str]]:
+    """(importer, imported) pairs where a module of the ``lower`` layer imports one of the ``upper`` layers."""
+    def package(mod: str) -> str:
+        return mod.split(".")[0]
+
+    return sorted((mod, target) for mod, targets in graph.items() if package(mod) == lower
+                  for target in targets if package(target) in upper)
+
+
+def test_pipeline_imports_nothing_from_launchers_or_data_prep():
+    """Layers, no arrow back up: data_prep/ writes files, pipeline/ trains on them, launchers/ submits pipeline/
+    (module-level and function-level imports alike)."""
+    graph = import_graph()
+    assert "pipeline.storage" in graph["data_prep.atomic"]   # the graph sees the arrows that are allowed
+    assert upward_imports(graph) == []
+
+
+def test_upward_import_detection_finds_one():
+    graph = {"pipeline.a": {"pipeline.b"}, "pipeline.b": {"launchers.site"}, "data_prep.c": {"pipeline.a"},
+             "launchers.site": {"pipeline.a"}, "pipeline.d": {"data_prep.c"}}
+    assert upward_imports(graph) == [("pipeline.b", "launchers.site"), ("pipeline.d", "data_prep.c")]

@@ -13,10 +13,11 @@ import pytest
 
 from helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures (shared tiny dataset)
 from launchers import slurm_submit
-from launchers.dist_env import port_for_job, torch_dist_env
+from launchers.dist_env import torch_dist_env
 from launchers.executor import JobFailedError, make_executor, wait_for
 from launchers.train_job import with_resume_auto
 from pipeline.config import ConfigError
+from pipeline.distributed import port_for_job
 from tests.helpers_tracking import runs_of, suite_store
 from tests.slurm import jobs
 from tests.slurm.fixtures import submitit_folder  # noqa: F401 - fixture
@@ -185,27 +186,27 @@ def test_requeues_are_bounded_per_run(tmp_path, monkeypatch):
     assert state["requeues"] == 3 and state["events"][0]["restarts"] == 3
 
 
-def test_self_requeue_stops_at_max_requeues(tmp_path, monkeypatch):
+def test_self_requeue_stops_at_max_requeues(tmp_path, request):
     """TrainJob's own requeue (USR2 -> checkpoint -> requeue): the bound is checked before anything is requeued.
 
     The state is what two earlier runs of this job wrote (each requeued itself once); this run was stopped by
     USR2 at step 7 and the trainer returned EXIT_PREEMPTED: a third requeue would exceed max_requeues=2."""
     import signal
 
-    from launchers.train_job import RequeueLimitError, TrainJob, _write_state, read_state
+    from launchers.train_job import RequeueLimitError, TrainJob, read_state, write_state
     from pipeline import preemption, train
 
     run_dir = tmp_path / "run"
     events = [{"event": e, "job_id": "41"} for e in ("start", "stopped", "requeue", "start", "stopped", "requeue",
                                                       "start")]
-    _write_state(run_dir, {"requeues": 2, "events": events})
-    monkeypatch.setitem(preemption._STOP, "requested", True)  # what the USR2 handler recorded
-    monkeypatch.setitem(preemption._STOP, "signal", signal.SIGUSR2)
+    write_state(run_dir, {"requeues": 2, "events": events})
+    request.addfinalizer(preemption.clear_stop)
+    preemption.request_stop(signal.SIGUSR2)  # what the USR2 handler records
     summary = {"exit_code": train.EXIT_PREEMPTED, "global_step": 7, "checkpoint": str(run_dir / "ckpt/step_7")}
     job = TrainJob(["--data", str(tmp_path)], str(run_dir), max_requeues=2)
     with pytest.raises(RequeueLimitError, match=r"ckpt/step_7 after 2 requeues \(max_requeues=2\); the "
                                                 r"checkpoint is saved: resubmit with --resume auto"):
-        job._after_preemption(0, summary)
+        job.after_preemption(0, summary)
     state = read_state(run_dir)
     assert state["requeues"] == 2  # not requeued again
     assert state["events"][-1]["event"] == "stopped" and state["events"][-1]["signal"] == "SIGUSR2"
@@ -327,4 +328,5 @@ def test_parse_real_sinfo_and_scontrol_output():
     assert partition.parse_default_partition("gpu\ncpu*\ndebug\n") == "cpu"
     assert partition.parse_partition_nodes(SCONTROL_PARTITION) == "gpu[001-016]"
     assert partition.parse_scontrol_nodes(SCONTROL_NODES) == ((8, "a100"), 128)
-    assert slurm_submit._gpu_type("a100") == "A100" and slurm_submit._gpu_type("NVIDIA H100 80GB HBM3") == "H100"
+    assert slurm_submit.known_gpu_type("a100") == "A100"
+    assert slurm_submit.known_gpu_type("NVIDIA H100 80GB HBM3") == "H100"

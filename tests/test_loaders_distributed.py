@@ -6,7 +6,8 @@ import json
 import pytest
 import torch.multiprocessing as mp
 
-from tests.helpers_loaders import distributed_worker, free_port, loader_dataset, split_info
+from pipeline.net import free_port
+from tests.helpers_loaders import distributed_worker, loader_dataset, split_info
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 

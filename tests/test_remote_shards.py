@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from pipeline import checkpointing
+from pipeline.net import free_port
 
 from data_prep.__main__ import main as data_prep_main
 from data_prep.verify import verify
 from data_prep.write_webdataset import write_webdataset
 from helpers_data_prep import tiny_demo
-from tests.helpers_remote import SECRET, HttpServer, S3Server, free_port, restore_env, set_aws_env
+from tests.helpers_remote import SECRET, HttpServer, S3Server, restore_env, set_aws_env
 from tests.helpers_train import (ROOT, PY, SHARD, final_params, job_env, run_and_kill, run_job, run_train,  # noqa: F401
                                  tiny_data, tiny_recipe)
 

@@ -347,7 +347,8 @@ def test_card_command_deepspeed_train_py_with_a_site_file(tmp_path, tiny_data):
                              schedule={"resolution": {"kind": "fixed", "resolution": 32}},
                              eval={"every_epochs": 0, "resolutions": [32], "max_batches": 1},
                              tracking={"system_metrics": False}, run={"max_steps": 1, "progress_bar": False})
-    from tests.helpers_train import DEEPSPEED, free_port
+    from pipeline.net import free_port
+    from tests.helpers_train import DEEPSPEED
 
     env = job_env() | {"CPVT_SITE": str(site)}
     proc = subprocess.run([DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), "pipeline/train.py",

@@ -30,9 +30,10 @@ import pytest
 import torch
 
 from pipeline import checkpointing
+from pipeline.net import free_port
 from tests.helpers_tracking import runs_of, suite_store
 from tests.helpers_train import (DEEPSPEED, NUM_CLASSES, PY, ROOT, TORCHRUN, TRAIN_PER_CLASS, VAL_PER_CLASS,
-                                 data_without_shards, final_params, free_port, job_env, model_states, run_job,
+                                 data_without_shards, final_params, job_env, model_states, run_job,
                                  run_train, step_losses, tiny_data, tiny_recipe, train_cmd)  # noqa: F401
 
 pytestmark = pytest.mark.slow

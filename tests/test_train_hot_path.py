@@ -58,5 +58,5 @@ def test_no_host_reads_from_project_code_between_logging_steps(tiny_data, tiny_r
     # the reads that do happen are the logging ones, once per log_every steps: the loss mean and the grad norm
     # the reads that do happen are the logging ones, once per log_every steps: the loss mean, the grad norm and the
     # throughput sum; a read in train_step / after_step / stop_reason (or a per-step one anywhere) fails this
-    want = ["logging_utils.py:mean", "train.py:log_train_metrics", "distributed.py:_all_reduce"] * (8 // log_every)
+    want = ["logging_utils.py:mean", "train.py:log_train_metrics", "distributed.py:all_reduce_sum"] * (8 // log_every)
     assert got["calls"] == want, got["calls"]

@@ -22,7 +22,7 @@ from pipeline.config.recipes import DEEPSPEED_CONFIGS, RECIPES, ROOT, find_recip
 from pipeline.config.schema import (EVAL_RESOLUTIONS, IMAGENET_MEAN, IMAGENET_STD, AugConfig, CheckpointConfig,
                                     DataConfig, EvalConfig, LRScheduleConfig, ModelConfig, OptimConfig,
                                     ResolutionScheduleConfig, RunConfig, ScheduleConfig, TrackingConfig, TrainConfig,
-                                    check_auto_augment, check_data_aug)
+                                    check_auto_augment, check_data_aug, check_peg_positions)
 from pipeline.config.sections import flatten, from_dict, to_dict, validate
 from pipeline.config.site import SiteConfig, Setting, load_site, pick, site_path, train_defaults
 
@@ -31,7 +31,8 @@ __all__ = [
     "EVAL_RESOLUTIONS", "EvalConfig", "IMAGENET_MEAN", "IMAGENET_STD", "LRScheduleConfig", "ModelConfig",
     "OptimConfig", "RECIPES", "ROOT", "ResolutionScheduleConfig", "RunConfig", "ScheduleConfig", "Setting",
     "SiteConfig", "TrackingConfig", "TrainConfig", "apply_global_batch", "apply_overrides", "batch_plan",
-    "check_auto_augment", "check_choice", "check_data_aug", "check_multiple", "check_positive", "check_range",
+    "check_auto_augment", "check_choice", "check_data_aug", "check_multiple", "check_peg_positions",
+    "check_positive", "check_range",
     "deep_merge", "deepspeed_optimizer_section", "derive_batch", "find_recipe", "flatten", "from_dict",
     "load_config", "load_site", "load_train_config", "load_yaml", "merge_sources", "parse_override", "pick",
     "precision", "read_deepspeed_json", "recipe_for_model", "resolve_deepspeed_config", "site_path", "to_dict",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -28,6 +28,23 @@ MODEL_DEPTH, MODEL_PATCH = 12, 16
 
 
 # ----------------------------------------------------------------------------------------- model
+def check_peg_positions(peg_positions: int | Sequence[int], depth: int,
+                        error: type[Exception] = ValueError) -> tuple[int, ...]:
+    """The PEG positions of a ``depth``-block model, sorted: each in [-1, depth - 1] (-1: on the patch embeddings
+    before block 0), none repeated. The one rule for the model and for the training config (which checks it
+    before a model is built, raising its own ``error``)."""
+    if isinstance(peg_positions, int):
+        peg_positions = (peg_positions,)
+    positions = tuple(int(p) for p in peg_positions)
+    for i, p in enumerate(positions):
+        if not -1 <= p < depth:
+            raise error(f"peg_positions[{i}]: {p} is out of range for depth {depth}; allowed: -1 (before block 0) "
+                        f"to {depth - 1}")
+    if len(set(positions)) != len(positions):
+        raise error(f"peg_positions: {list(positions)} repeats a position")
+    return tuple(sorted(positions))
+
+
 @dataclass
 class ModelConfig:
     name: Literal["cpvt_ti", "cpvt_s", "cpvt_b", "cpvt_ti_gap", "cpvt_s_gap", "cpvt_b_gap"] = "cpvt_ti"
@@ -54,12 +71,7 @@ class ModelConfig:
             check_positive("num_classes", self.num_classes)
         check_positive("kwargs.depth", self.depth)
         check_positive("kwargs.patch_size", self.patch_size)
-        for i, pos in enumerate(self.peg_positions):   # the model's own rule, before it is built
-            if not -1 <= pos < self.depth:
-                raise ConfigError(f"peg_positions[{i}]: {pos} is out of range for depth {self.depth}; allowed: "
-                                  f"-1 (before block 0) to {self.depth - 1}")
-        if len(set(self.peg_positions)) != len(self.peg_positions):
-            raise ConfigError(f"peg_positions: {list(self.peg_positions)} repeats a position")
+        check_peg_positions(self.peg_positions, self.depth, error=ConfigError)   # the model's rule, before it is built
 
     def create_kwargs(self, num_classes: int) -> dict[str, Any]:
         return dict(self.kwargs, num_classes=num_classes, drop_path_rate=self.drop_path_rate,

@@ -123,10 +123,10 @@ class CropDrawer:
         out_h, out_w = self.out_size
         i, j, h, w = box
         s = self.cpu_crop.dct_scale(w, h, out_w, out_h) if self.draft and header.format == "JPEG" else 1
-        if interp in T._TENSOR_INTERP and T._opencv_decodes(header):
-            img = T._resize_u8(T.decode_jpeg_crop(data, header.size, box, s), (out_h, out_w), interp)
+        if interp in T.TENSOR_INTERP and T.opencv_decodes(header):
+            img = T.resize_u8(T.decode_jpeg_crop(data, header.size, box, s), (out_h, out_w), interp)
         else:
-            img = self.cpu_crop._pil_resized_crop(header, box, s, (out_h, out_w), interp)
+            img = self.cpu_crop.pil_resized_crop(header, box, s, (out_h, out_w), interp)
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
     def pack(self, drawn: list[tuple]) -> EncodedBatch:

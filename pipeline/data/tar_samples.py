@@ -28,8 +28,9 @@ from pipeline.storage import open_read
 
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")          # regular file (old "\0", contiguous "7")
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_META = re.compile(r"__[^/]*__($|/)")
+# WebDataset's member naming: "<key>.<ext>" (the key may hold a folder), and "__name__" metadata members
+KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+META_NAME = re.compile(r"__[^/]*__($|/)")
 
 
 class TarFormatError(ValueError):
@@ -100,9 +101,9 @@ def tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
         with open_read(url) as f:
             sample: dict | None = None
             for name, data in tar_members(f, url):
-                if _META.match(name):
+                if META_NAME.match(name):
                     continue
-                match = _KEY_EXT.match(name)
+                match = KEY_EXT.match(name)
                 if match is None:
                     continue
                 key, ext = match.group(1), match.group(2).lower()
@@ -117,4 +118,4 @@ def tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
                 yield sample
 
 
-__all__ = ["TarFormatError", "tar_members", "tar_samples"]
+__all__ = ["KEY_EXT", "META_NAME", "TarFormatError", "tar_members", "tar_samples"]

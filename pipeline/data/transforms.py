@@ -32,7 +32,7 @@ from torchvision.transforms.v2.functional import resize
 from pipeline.config import AugConfig
 
 # torchvision resizes uint8 tensors with these (antialiased, PIL's filters); BOX/HAMMING stay on PIL
-_TENSOR_INTERP = frozenset({InterpolationMode.NEAREST, InterpolationMode.BILINEAR, InterpolationMode.BICUBIC,
+TENSOR_INTERP = frozenset({InterpolationMode.NEAREST, InterpolationMode.BILINEAR, InterpolationMode.BICUBIC,
                             InterpolationMode.LANCZOS})
 
 
@@ -54,7 +54,7 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-def _opencv_decodes(header: Image.Image) -> bool:
+def opencv_decodes(header: Image.Image) -> bool:
     """Whether :func:`decode_jpeg_crop` gives the same pixels as PIL for this image (RGB or grayscale JPEG)."""
     return header.format == "JPEG" and header.mode in ("RGB", "L")
 
@@ -78,7 +78,7 @@ def decode_jpeg_crop(data: bytes, size: tuple[int, int], box: tuple[int, int, in
     return pixels[y0:y1, x0:x1]
 
 
-def _resize_u8(pixels: np.ndarray, out_size: tuple[int, int], interp: Any) -> Image.Image:
+def resize_u8(pixels: np.ndarray, out_size: tuple[int, int], interp: Any) -> Image.Image:
     """HWC uint8 pixels -> PIL image of ``out_size`` = (h, w), resized by torchvision's antialiased kernel."""
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)   # (3, h, w) view of HWC memory
     y = resize(x, list(out_size), interpolation=interp, antialias=True)   # (3, H, W), channels-last memory
@@ -120,13 +120,13 @@ class DraftRandomResizedCrop:
             else rrc.interpolation
         out_h, out_w = rrc.size
         s = self.dct_scale(w, h, out_w, out_h) if self.draft and header.format == "JPEG" else 1
-        if data is not None and interp in _TENSOR_INTERP and _opencv_decodes(header):
+        if data is not None and interp in TENSOR_INTERP and opencv_decodes(header):
             crop = decode_jpeg_crop(data, header.size, (i, j, h, w), s)
-            return _resize_u8(crop, (out_h, out_w), interp)
-        return self._pil_resized_crop(header, (i, j, h, w), s, (out_h, out_w), interp)
+            return resize_u8(crop, (out_h, out_w), interp)
+        return self.pil_resized_crop(header, (i, j, h, w), s, (out_h, out_w), interp)
 
-    def _pil_resized_crop(self, img: Image.Image, box: tuple[int, int, int, int], s: int,
-                          out_size: tuple[int, int], interp: Any) -> Image.Image:
+    def pil_resized_crop(self, img: Image.Image, box: tuple[int, int, int, int], s: int,
+                         out_size: tuple[int, int], interp: Any) -> Image.Image:
         i, j, h, w = box
         scale = 1.0
         if s > 1:
@@ -279,6 +279,6 @@ class BatchNormalizer:
         return images if images.dtype == self.dtype else images.to(self.dtype)
 
 
-__all__ = ["BatchNormalizer", "DraftRandomResizedCrop", "decode_image", "decode_jpeg_crop", "eval_scale_size",
-           "eval_transform", "NativeResize", "native_eval_transform", "open_image", "timm_auto_augment",
-           "train_transform", "train_transform_from_bytes"]
+__all__ = ["BatchNormalizer", "DraftRandomResizedCrop", "TENSOR_INTERP", "decode_image", "decode_jpeg_crop",
+           "eval_scale_size", "eval_transform", "NativeResize", "native_eval_transform", "open_image",
+           "opencv_decodes", "resize_u8", "timm_auto_augment", "train_transform", "train_transform_from_bytes"]

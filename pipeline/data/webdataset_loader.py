@@ -75,7 +75,7 @@ from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
 from pipeline.data.device_decode import CropDrawer, EncodedBatch, decode_resized_crops
 from pipeline.rng import make_seed, seeded
 from pipeline.data.shard_index import SplitIndex
-from pipeline.data.tar_samples import _KEY_EXT, _META, TarFormatError, tar_samples
+from pipeline.data.tar_samples import KEY_EXT, META_NAME, TarFormatError, tar_samples
 from pipeline.data.transforms import decode_image, eval_scale_size, eval_transform, train_transform_from_bytes
 
 
@@ -441,7 +441,7 @@ def scan_split(index: SplitIndex) -> tuple:
         samples: dict[str, dict] = {}
         with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for m in tar:
-                if not m.isfile() or _META.match(m.name) or not (match := _KEY_EXT.match(m.name)):
+                if not m.isfile() or META_NAME.match(m.name) or not (match := KEY_EXT.match(m.name)):
                     continue
                 samples.setdefault(match.group(1), {})[match.group(2).lower()] = (m.offset_data, m.size, m.name)
             if len(samples) != expected:

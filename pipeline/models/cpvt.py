@@ -40,7 +40,9 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
-__all__ = ['CPVT', 'PEG', 'Attention', 'Block']
+from pipeline.config import check_peg_positions
+
+__all__ = ['CPVT', 'PEG', 'Attention', 'Block', 'check_peg_positions']
 
 PosEmbedType = Literal['none', 'learned']
 GlobalPoolType = Literal['token', 'avg']
@@ -168,19 +170,6 @@ class Block(nn.Module):
         return x, attn
 
 
-def _normalize_peg_positions(peg_positions: Union[int, Sequence[int]], depth: int) -> Tuple[int, ...]:
-    if isinstance(peg_positions, int):
-        peg_positions = (peg_positions,)
-    positions = tuple(int(p) for p in peg_positions)
-    for p in positions:
-        if not -1 <= p < depth:
-            raise ValueError(
-                f'peg_positions entries must be in [-1, {depth - 1}] (-1 = before block 0), got {positions}')
-    if len(set(positions)) != len(positions):
-        raise ValueError(f'peg_positions must not repeat a position, got {positions}')
-    return tuple(sorted(positions))
-
-
 class CPVT(nn.Module):
     """Vision Transformer with conditional positional encodings (PEG)."""
     dynamic_img_size = True  # any input whose sides are multiples of patch_size
@@ -242,7 +231,7 @@ class CPVT(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.num_prefix_tokens = 1 if class_token else 0
-        self.peg_positions = _normalize_peg_positions(peg_positions, depth)
+        self.peg_positions = check_peg_positions(peg_positions, depth)
         self.peg_kernel = peg_kernel
         self.grad_checkpointing = False
 

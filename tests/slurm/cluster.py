@@ -20,11 +20,12 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline.net import free_port
 
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
@@ -39,16 +40,11 @@ class ClusterUnavailable(RuntimeError):
 
 
 def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` distinct free ports."""
+    ports: list[int] = []
+    while len(ports) < n:
+        if (port := free_port()) not in ports:
+            ports.append(port)
     return ports
 
 

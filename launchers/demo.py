@@ -10,7 +10,9 @@
 
 Each demo adds a run to the project's MLflow store (:func:`pipeline.tracking.default_uri`); nothing is wiped.
 
-    python -m pipeline.demo --run-dir runs/demo
+    python -m launchers.demo --run-dir runs/demo
+
+It sits on top of the layers (data_prep, then pipeline's training, export and evaluation), hence in launchers/.
 """
 from __future__ import annotations
 
@@ -23,22 +25,29 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from data_prep.demo_dataset import make_demo_dataset
+from data_prep.write_ffcv import write_ffcv
+from data_prep.write_webdataset import write_webdataset
+from pipeline import tracking
+from pipeline.config import DataConfig, from_dict
+from pipeline.device import select_device
+from pipeline.evaluate import evaluate, load_model
+from pipeline.export import export, log_mlflow_model, read_meta
+from pipeline.ffcv_compat import keep_torch_threads
+from pipeline.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepare_data(run_dir: Path, workers: int) -> Path:
-    from data_prep.demo_dataset import make_demo_dataset
-    from data_prep.write_ffcv import write_ffcv
-    from data_prep.write_webdataset import write_webdataset
-
     src, data = run_dir / "src", run_dir / "data"
     if not (src / "demo_dataset.json").is_file():
         make_demo_dataset(src)
     if not (data / "wds" / "_info.json").is_file():
         write_webdataset(src, data, cluster="pool", workers=workers, progress=False, shard_max_count=250)
     if not (data / "ffcv" / "val.beton").is_file():
-        from pipeline.ffcv_compat import keep_torch_threads
-
         with keep_torch_threads():
             write_ffcv(src, data, workers=workers, progress=False)
     return data
@@ -52,19 +61,11 @@ def train(run_dir: Path, data: Path, recipe: str, nproc: int, extra: list[str]) 
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), "pipeline/train.py", "--recipe", recipe, "--data", str(data), "--run-dir",
+           str(free_port()), "pipeline/train.py", "--recipe", recipe, "--data", str(data), "--run-dir",
            str(run_dir), "tracking.system_metrics=true", "run.progress_bar=false", *extra]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     return json.loads((run_dir / "final_metrics.json").read_text())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="extra section.field=value for the training run")
     args = p.parse_args(argv)
     if args.nproc is None:
-        import torch
-
-        from pipeline.device import select_device
-
         gpus = torch.cuda.device_count() if select_device().kind == "cuda" else 0
         args.nproc = min(2, gpus) if gpus else 2
     run_dir = Path(args.run_dir).resolve()
@@ -97,24 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.time() - t0 - t_data
 
     print("== 3/4 export + evaluation of the export (FFCV val split)", flush=True)
-    from pipeline.config import DataConfig, from_dict
-    from pipeline.evaluate import evaluate, load_model
-    from pipeline.export import export
-
-    import torch
-
     out = export(final["checkpoint"], run_dir / "export" / "cpvt_demo.safetensors")
     model_uri = None
     if final.get("mlflow_run_id"):   # the export as an MLflow model of the run, registered under the model's name
-        from pipeline.export import log_mlflow_model, read_meta
-
         model_uri = log_mlflow_model(out, final["mlflow_run_id"], registered_name=read_meta(out)["model"])
     model, name = load_model(out)
     resolutions = sorted(int(r) for r in final["eval"])
     data_cfg = from_dict(DataConfig, {"format": "ffcv", "root": str(data), "eval_batch_size": 100,
                                       "num_workers": 1}, prefix="data.")
     export_eval = evaluate(model.eval(), data_cfg, resolutions=resolutions, rank=0, world_size=1,
-                           crop_pct=0.875, device=torch.device("cpu"))
+                           crop_pct=0.875, device=torch.device("cpu"), patch_size=model.patch_size)
     num_classes = len(json.loads((data / "classes.json").read_text())["classes"])
 
     print("== 4/4 summary", flush=True)
@@ -126,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    from pipeline import tracking
-
     uri = tracking.default_uri()
     view = "make ui"
     if final.get("mlflow_run_id"):
