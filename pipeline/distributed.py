@@ -11,18 +11,23 @@ launcher in ``launchers/dist_env.py`` uses the same functions). Exported ``MASTE
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import os
 import re
+import socket
 import subprocess
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 
 from pipeline.device import NODE_LOCAL_RANK, DeviceChoice, apply_device, select_device
+from pipeline.atomic import write_atomic
 from pipeline.net import free_port
 
 
@@ -114,6 +119,57 @@ def slurm_master_port(environ: Mapping[str, str] | None = None) -> int:
     return port_for_job(job_id, int(step) if step.isdigit() and int(step) < 2**31 else 0)
 
 
+class RendezvousError(RuntimeError):
+    """No rendezvous port could be agreed (one line: which port, where, and ``MASTER_PORT`` as the way out)."""
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a listener could bind ``port`` on every interface of this node now (as the TCP store will)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def step_key(environ: Mapping[str, str] | None = None) -> str:
+    """What names one run of one SLURM step: (array) job id, step id and requeue count."""
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or "0"
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', 0)}"
+    return f"{job}.{env.get('SLURM_STEP_ID', '0')}.{env.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def agree_port(derived: int, *, rank: int, folder: str | os.PathLike | None, key: str,
+               timeout_s: float = 300.0) -> int:
+    """The rendezvous port every task of a step uses, chosen once by rank 0 on the first node: ``derived`` (the
+    job id's port) when it is free there, else a free port. The choice reaches the other tasks through
+    ``<folder>/rendezvous/<key>.port`` in a folder every task shares (the job's submitit folder, the run
+    folder), written atomically; they wait for it up to ``timeout_s``. Without a folder every task takes
+    ``derived`` and rank 0 refuses a taken one in one line."""
+    if folder is None:
+        if rank == 0 and not port_is_free(derived):
+            raise RendezvousError(f"rendezvous port {derived} (derived from the SLURM job id) is taken on "
+                                  f"{socket.gethostname()}: export MASTER_PORT=<a free port> for the job")
+        return derived
+    record = Path(folder) / "rendezvous" / f"{key}.port"
+    if rank == 0:
+        port = derived if port_is_free(derived) else free_port()
+        write_atomic(record, str(port))
+        return port
+    deadline = time.monotonic() + timeout_s
+    while not record.is_file():
+        if time.monotonic() > deadline:
+            raise RendezvousError(f"rank {rank} waited {timeout_s:.0f} s for rank 0's rendezvous port in {record}: "
+                                  f"is rank 0 running, and is {folder} shared by every node? (or export "
+                                  f"MASTER_PORT)")
+        time.sleep(0.2)
+    return int(record.read_text())
+
+
 def detect_env() -> DistEnv:
     """Read rank/world from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, ...)."""
     env = os.environ
@@ -138,11 +194,16 @@ def detect_env() -> DistEnv:
 _CHOICE: DeviceChoice | None = None   # the choice init_distributed (or use_device) applied in this process
 
 
-def init_distributed(choice: DeviceChoice | None = None, timeout_s: int = 600) -> DistEnv:
+def init_distributed(choice: DeviceChoice | None = None, timeout_s: int = 600,
+                     rendezvous_dir: str | os.PathLike | None = None) -> DistEnv:
     """Export the rendezvous variables, apply the device ``choice`` (default :func:`select_device`) and initialise
     DeepSpeed's process group on ``choice.backend``; ``timeout_s`` bounds every collective (a dead peer fails the
-    job after that long instead of stalling every GPU)."""
+    job after that long instead of stalling every GPU). Under ``srun python pipeline/train.py`` without an
+    exported ``MASTER_PORT``, the tasks agree on a free port through ``rendezvous_dir`` (:func:`agree_port`)."""
     dist_env = detect_env()
+    if dist_env.source == "slurm" and not os.environ.get("MASTER_PORT"):
+        port = agree_port(dist_env.master_port, rank=dist_env.rank, folder=rendezvous_dir, key=step_key())
+        dist_env = dataclasses.replace(dist_env, master_port=port)
     os.environ.update(RANK=str(dist_env.rank), WORLD_SIZE=str(dist_env.world_size),
                       LOCAL_RANK=str(dist_env.local_rank), MASTER_ADDR=dist_env.master_addr,
                       MASTER_PORT=str(dist_env.master_port))

@@ -54,7 +54,7 @@ from pipeline.data.loader import build_train_loader  # noqa: E402
 from pipeline.data.shard_index import read_num_classes  # noqa: E402
 from pipeline.data.step_batches import StepBatches  # noqa: E402
 from pipeline.data.workers import fit_num_workers, task_cpus  # noqa: E402
-from pipeline.distributed import all_reduce_sum, destroy, detect_env, init_distributed  # noqa: E402
+from pipeline.distributed import RendezvousError, all_reduce_sum, destroy, detect_env, init_distributed  # noqa: E402
 from pipeline.evaluate import Evaluator, format_table  # noqa: E402
 from pipeline.logging_utils import LossMeter, ProgressLog, StepTimer  # noqa: E402
 from pipeline.optim import build_optimizer, param_groups  # noqa: E402
@@ -67,6 +67,7 @@ EXIT_PREEMPTED = 75   # checkpoint saved after SIGUSR1/SIGTERM; requeue me (EX_T
 EXIT_NONFINITE = 65   # too many non-finite losses in a row
 EXIT_CONFIG = 2       # one-line ConfigError / DeviceError, nothing was started
 EXIT_CHECKPOINT = 66  # the checkpoint to resume could not be read (EX_NOINPUT)
+EXIT_RENDEZVOUS = 69  # the ranks could not agree on a rendezvous port (EX_UNAVAILABLE)
 EXIT_DISK_FULL = 73   # the file system filled up during a checkpoint save (EX_CANTCREAT); the previous one is intact
 
 
@@ -147,7 +148,7 @@ def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None, *, train_load
     # the checkpoint (intact, and its layout vs this start's: global batch, canonical streams) is chosen or
     # refused before anything starts
     resume_plan = plan_resume(cfg, launch.world_size, log=print if launch.rank == 0 else lambda line: None)
-    env = init_distributed(choice, timeout_s=cfg.run.dist_timeout_s)
+    env = init_distributed(choice, timeout_s=cfg.run.dist_timeout_s, rendezvous_dir=cfg.run_dir)
     install_stop_handlers()
     try:
         if env.rank == 0:
@@ -523,6 +524,9 @@ def cli() -> int:
     except checkpointing.DiskFullError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DISK_FULL
+    except RendezvousError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RENDEZVOUS
     return int(summary.get("exit_code", 0))
 
 

@@ -1,11 +1,13 @@
 """launchers.executor against a real local SLURM cluster (2 slurmd nodes, no accounting daemon / no sacct)."""
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 
 from launchers.executor import JobFailedError, job_infos, make_executor, wait_for
+from pipeline.distributed import port_for_job
 from tests.slurm import jobs
 from tests.slurm.fixtures import slurm_cluster, submitit_folder  # noqa: F401 - fixtures
 
@@ -79,3 +81,32 @@ def test_two_node_job_gets_rendezvous_env(slurm_cluster, submitit_folder):
     assert len({e["MASTER_PORT"] for e in envs}) == 1
     # and the variables really rendezvous: a gloo all-reduce across both nodes
     assert wait_for(ex.submit(jobs.all_reduce_ranks), timeout=180) == [3.0, 3.0]
+
+
+def test_a_taken_derived_port_does_not_stop_the_rendezvous(slurm_cluster, submitit_folder):
+    """The port derived from the job id is held by another process on the first node (a second local cluster
+    with the same job ids, another job, any service): rank 0 picks a free port instead and the other node learns
+    it through the job's folder; the 2-node job still rendezvous."""
+    ex = make_executor(submitit_folder, "slurm", nodes=2, tasks_per_node=1, timeout_min=5)
+    first = ex.submit(jobs.double, 1)
+    assert wait_for(first, timeout=120) == [2, 2]
+    held = {}
+    for job_id in range(int(first.job_id) + 1, int(first.job_id) + 21):   # the next jobs' derived ports
+        port = port_for_job(str(job_id), 0)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            held[str(job_id)] = (port, s)
+        except OSError:
+            s.close()
+    try:
+        job = ex.submit(jobs.all_reduce_ranks_and_port)
+        results = wait_for(job, timeout=180)
+    finally:
+        for _, s in held.values():
+            s.close()
+    assert job.job_id in held, (job.job_id, sorted(held))
+    assert [value for value, _ in results] == [3.0, 3.0]
+    ports = {port for _, port in results}
+    assert len(ports) == 1 and ports != {str(held[job.job_id][0])}, (ports, held[job.job_id][0])

@@ -26,6 +26,11 @@ def rendezvous_env() -> dict[str, str]:
     return {**env, "node": os.environ.get("SLURMD_NODENAME", "")}
 
 
+def all_reduce_ranks_and_port() -> tuple[float, str]:
+    """:func:`all_reduce_ranks` and the ``MASTER_PORT`` the tasks rendezvoused on."""
+    return all_reduce_ranks(), os.environ["MASTER_PORT"]
+
+
 def all_reduce_ranks() -> float:
     """A real 2-process gloo all-reduce over the rendezvous variables the launcher exports."""
     import datetime
