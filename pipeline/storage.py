@@ -60,6 +60,16 @@ def is_url(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and urlparse(path).scheme in SCHEMES
 
 
+def check_location(path: str | os.PathLike) -> None:
+    """Raise :class:`StorageError` (one line) for a URL that names no bucket or host: ``s3://`` alone would
+    otherwise become ``s3:/classes.json`` and fail only after the retries."""
+    if is_url(path):
+        u = urlparse(str(path))
+        if not u.netloc:
+            what, form = ("bucket", "s3://BUCKET/prefix") if u.scheme == "s3" else ("host", f"{u.scheme}://HOST/path")
+            raise StorageError(f"{str(path)!r} is not a valid {u.scheme} URL: it names no {what} ({form})")
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """``base/part/...`` for a local path or a URL (``Path`` would fold a URL's ``//``)."""
     if is_url(base):

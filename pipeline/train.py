@@ -51,7 +51,7 @@ from pipeline.config import (ConfigError, TrainConfig, batch_plan, flatten, load
                              recipe_for_model, resolve_deepspeed_config, to_dict, train_defaults)
 from pipeline.data.aspect_buckets import train_bucket_shapes  # noqa: E402
 from pipeline.data.loader import build_train_loader  # noqa: E402
-from pipeline.data.shard_index import read_num_classes  # noqa: E402
+from pipeline.data.shard_index import check_index, read_num_classes  # noqa: E402
 from pipeline.data.step_batches import StepBatches  # noqa: E402
 from pipeline.data.workers import fit_num_workers, task_cpus  # noqa: E402
 from pipeline.distributed import RendezvousError, all_reduce_sum, destroy, detect_env, init_distributed  # noqa: E402
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, ds_config = load_train_config(cmd.recipe, cmd.overrides, env.world_size, defaults=cmd.defaults,
                                        recipe_dirs=cmd.recipe_dirs)
     read_num_classes(cfg)  # classes.json must exist: fail now, not after the process group is up
+    check_index(cfg)       # and the WebDataset index must parse and list the splits
     data, workers_line = fit_num_workers(cfg.data, task_cpus())   # before ffcv/numba are imported
     cfg.data = data
     if env.rank == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,8 @@ ISSUE_BAD_INPUTS = [   # what a new user typed (issue 15); each must stop with o
     (["eval.resolutions=[100]"], "eval.resolutions[0]: 100 must be a multiple of the patch size 16"),
     (["aug.auto_augment=rand-zz"], "aug.auto_augment: 'rand-zz' is not a timm auto-augment spec"),
     (["aug.mixup=2"], "aug.mixup: 2.0 must be in [0.0, 1.0]"),
+    # issue 23: a URL without its bucket is named at once (it failed after the retries, as 's3:/classes.json')
+    (["--data", "s3://"], "data.root: 's3://' is not a valid s3 URL: it names no bucket (s3://BUCKET/prefix)"),
 ]
 
 
@@ -291,6 +294,29 @@ def test_issue_bad_inputs_stop_before_the_process_group(tiny_data, tmp_path, mon
     assert train.cli() == train.EXIT_CONFIG
     err = capsys.readouterr().err
     assert err.startswith(f"config error: {needle}") and err.count("\n") == 1, err
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_a_damaged_wds_index_stops_before_the_process_group(tiny_data, tmp_path, monkeypatch, capsys):
+    """A corrupt ``wds/_info.json`` (issue 23: reported only after the engine was built) is read with the config:
+    one line naming the file, exit 2, no process group, nothing written."""
+    import torch.distributed as dist
+
+    from pipeline import train
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("ffcv"))
+    (data / "wds" / "_info.json").write_text('{"splits": {"train": ')   # cut off mid-write
+    monkeypatch.setenv("CPVT_SITE", "")
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)   # a peer that never comes: reaching the process group would hang
+    monkeypatch.setattr(sys, "argv", ["pipeline/train.py", "--recipe", "cpvt_ti", "--data", str(data),
+                                      "--run-dir", str(tmp_path / "run"), "data.format=wds"])
+    assert train.cli() == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: data.root: {data}/wds/_info.json is not valid JSON") and \
+        err.count("\n") == 1, err
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
 
 

@@ -47,7 +47,16 @@ def _read_json(path: str, what: str) -> dict:
         raise ConfigError(f"data.root: {path} is not valid JSON ({e})") from None
 
 
+def check_root(root: str | Path) -> None:
+    """A URL data root must name its bucket or host (one line, before anything is read)."""
+    try:
+        storage.check_location(root)
+    except storage.StorageError as e:
+        raise ConfigError(f"data.root: {e}") from None
+
+
 def read_classes(root: str | Path) -> list[str]:
+    check_root(root)
     path = storage.join(root, "classes.json")
     data = _read_json(path, "classes.json")
     classes = data.get("classes") if isinstance(data, dict) else None
@@ -66,7 +75,23 @@ def read_num_classes(cfg: TrainConfig) -> int:
 
 
 def read_wds_info(root: str | Path) -> dict:
+    check_root(root)
     return _read_json(storage.join(root, "wds", "_info.json"), "WebDataset index _info.json")
+
+
+def check_index(cfg: TrainConfig) -> None:
+    """Read the index the loaders will read, now (before any process group or engine): for WebDataset,
+    ``_info.json`` must parse and list the train and val splits. The shards themselves are the loaders' to open."""
+    if cfg.data.format != "wds":
+        return
+    info = read_wds_info(cfg.data.root)
+    splits = info.get("splits") if isinstance(info, dict) else None
+    index = storage.join(cfg.data.root, "wds", "_info.json")
+    if not isinstance(splits, dict):
+        raise ConfigError(f"data.root: {index} has no 'splits' mapping (rewrite it with `python -m data_prep wds`)")
+    for field, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+        if split not in splits:
+            raise ConfigError(f"{field}: {split!r} is not in {index} (available: {sorted(splits)})")
 
 
 def _missing_shards(wds_dir: str, urls: list[str]) -> list[str]:
@@ -120,4 +145,5 @@ def ffcv_path(root: str | Path, split: str) -> str:
     return str(p)
 
 
-__all__ = ["SplitIndex", "ffcv_path", "load_split_index", "read_classes", "read_wds_info"]
+__all__ = ["SplitIndex", "check_index", "check_root", "ffcv_path", "load_split_index", "read_classes",
+           "read_num_classes", "read_wds_info"]
