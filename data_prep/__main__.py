@@ -46,10 +46,7 @@ def _splits(text: str) -> tuple[str, ...]:
     return parts
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m data_prep", description="ImageNet-layout folders -> WebDataset / FFCV")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-
+def _add_demo_parser(sub) -> None:
     d = sub.add_parser("make_demo_dataset", help="write a small synthetic ImageNet-layout dataset")
     d.add_argument("--out", required=True)
     d.add_argument("--classes", type=int, default=10)
@@ -63,54 +60,72 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--random-colours", action="store_true", help="classes differ by shape/texture only")
     d.add_argument("--seed", type=int, default=0)
 
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--src", required=True, help="dataset root holding train/ and/or val/")
-        q.add_argument("--out", required=True, help="output root (OUT)")
-        q.add_argument("--splits", type=_splits, default=("train", "val"), help="comma-separated, e.g. train,val")
-        q.add_argument("--val-labels", default=None, help="LOC_val_solution.csv or devkit ground-truth txt")
-        q.add_argument("--meta", default=None, help="devkit meta.mat (with a devkit --val-labels)")
-        q.add_argument("--shuffle-seed", type=int, default=0, help="train sample order; -1 keeps sorted order")
-        q.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-        q.add_argument("--no-progress", action="store_true")
 
-    def cluster_args(q: argparse.ArgumentParser, tasks: str, log_folder: str) -> None:
-        g = q.add_argument_group("where the tasks run", tasks)
-        g.add_argument("--cluster", default="pool",
-                       help=f"one of {list(CLUSTERS)}: pool = processes on this machine (--workers); local = "
-                            "submitit subprocesses; debug = submitit in this process; slurm = a SLURM job array")
-        g.add_argument("--array-size", type=int, default=None, help="array jobs for --cluster local/debug/slurm")
-        g.add_argument("--log-folder", default=None, help=f"submitit folder (default {log_folder})")
-        g.add_argument("--partition", default=None)
-        g.add_argument("--timeout-min", type=int, default=240)
-        g.add_argument("--cpus-per-task", type=int, default=None)
-        g.add_argument("--mem-gb", type=float, default=None)
+def _add_source_args(q: argparse.ArgumentParser) -> None:
+    """The arguments both writers share: what to read, where to write, how many processes."""
+    q.add_argument("--src", required=True, help="dataset root holding train/ and/or val/")
+    q.add_argument("--out", required=True, help="output root (OUT)")
+    q.add_argument("--splits", type=_splits, default=("train", "val"), help="comma-separated, e.g. train,val")
+    q.add_argument("--val-labels", default=None, help="LOC_val_solution.csv or devkit ground-truth txt")
+    q.add_argument("--meta", default=None, help="devkit meta.mat (with a devkit --val-labels)")
+    q.add_argument("--shuffle-seed", type=int, default=0, help="train sample order; -1 keeps sorted order")
+    q.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    q.add_argument("--no-progress", action="store_true")
 
+
+def _add_cluster_args(q: argparse.ArgumentParser, tasks: str, log_folder: str) -> None:
+    g = q.add_argument_group("where the tasks run", tasks)
+    g.add_argument("--cluster", default="pool",
+                   help=f"one of {list(CLUSTERS)}: pool = processes on this machine (--workers); local = "
+                        "submitit subprocesses; debug = submitit in this process; slurm = a SLURM job array")
+    g.add_argument("--array-size", type=int, default=None, help="array jobs for --cluster local/debug/slurm")
+    g.add_argument("--log-folder", default=None, help=f"submitit folder (default {log_folder})")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--timeout-min", type=int, default=240)
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--mem-gb", type=float, default=None)
+
+
+def _add_wds_parser(sub) -> None:
     w = sub.add_parser("wds", help="write WebDataset shards (--out may be s3://bucket/prefix)")
-    common(w)
+    _add_source_args(w)
     w.add_argument("--max-side", type=int, default=512, help="re-encode only images with a longer side above this")
     w.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     w.add_argument("--shard-max-count", type=int, default=1000)
     w.add_argument("--shard-max-mb", type=float, default=256.0)
-    cluster_args(w, tasks="one task per shard: --array-size jobs each write a contiguous range of shards",
-                 log_folder="OUT/logs/wds_<split>")
+    _add_cluster_args(w, tasks="one task per shard: --array-size jobs each write a contiguous range of shards",
+                      log_folder="OUT/logs/wds_<split>")
 
+
+def _add_ffcv_parser(sub) -> None:
     f = sub.add_parser("ffcv", help="write FFCV .beton files")
-    common(f)
+    _add_source_args(f)
     f.add_argument("--max-resolution", type=int, default=512)
     f.add_argument("--write-mode", default="proportion")
     f.add_argument("--compress-probability", type=float, default=0.5)
     f.add_argument("--jpeg-quality", type=int, default=90)
     f.add_argument("--chunk-size", type=int, default=100)
     f.add_argument("--seed", type=int, default=0)
-    cluster_args(f, tasks="one task per split: FFCV's DatasetWriter writes a single .beton file, so a split "
-                          "cannot be divided between jobs; each split's job uses --workers processes (default: "
-                          "its cores); --array-size defaults to the number of splits",
-                 log_folder="OUT/logs/ffcv")
+    _add_cluster_args(f, tasks="one task per split: FFCV's DatasetWriter writes a single .beton file, so a split "
+                               "cannot be divided between jobs; each split's job uses --workers processes "
+                               "(default: its cores); --array-size defaults to the number of splits",
+                      log_folder="OUT/logs/ffcv")
 
+
+def _add_verify_parser(sub) -> None:
     v = sub.add_parser("verify", help="re-read outputs, check counts and checksums")
     v.add_argument("out", help="a data_prep output folder, or its s3:// / http(s):// URL")
     v.add_argument("--formats", type=_splits, default=None, help="wds,ffcv (default: those present)")
     v.add_argument("--decode", action="store_true", help="also decode every WebDataset JPEG")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m data_prep", description="ImageNet-layout folders -> WebDataset / FFCV")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    _add_demo_parser(sub)
+    _add_wds_parser(sub)
+    _add_ffcv_parser(sub)
+    _add_verify_parser(sub)
     return p
 
 

@@ -26,6 +26,7 @@ import colorsys
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -155,81 +156,110 @@ def _write_meta_mat(path: Path, classes: list[str], ids: dict[str, int]) -> None
     scipy.io.savemat(str(path), {"synsets": arr})
 
 
-def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class: int = 100,
-                      val_per_class: int = 20, min_side: int = 48, max_side: int = 160, large_images: int = 2,
-                      large_side: int = 720, bad_files: bool = True,
-                      val_layout: Literal["loc_csv", "devkit", "folders"] = "loc_csv", class_colours: bool = True,
-                      seed: int = 0) -> dict:
-    """Write the demo dataset under ``out`` and return its description (also saved as demo_dataset.json).
+@dataclass
+class _DemoWriter:
+    """What writing the demo images needs: the output root, the classes, the image sizes and the one RNG.
 
-    ``class_colours=False`` makes colour uninformative (classes differ by shape/texture only): a harder task.
+    Every random draw of the dataset comes from ``rng``, in the order the files are written.
     """
+
+    out: Path
+    classes: list[str]
+    rng: np.random.Generator
+    min_side: int
+    max_side: int
+    large_images: int
+    large_side: int
+    bad_files: bool
+    class_colours: bool
+
+    def size(self) -> tuple[int, int]:
+        """A random (width, height) in [min_side, max_side]."""
+        return (int(self.rng.integers(self.min_side, self.max_side + 1)),
+                int(self.rng.integers(self.min_side, self.max_side + 1)))
+
+    def image(self, c: int, size: tuple[int, int]) -> bytes:
+        """A JPEG of class ``c`` (the picture's draws first, then its quality's)."""
+        return _jpeg(render(c, *size, self.rng, self.class_colours), self.rng)
+
+    def split_entry(self, found: int, bad: dict[str, list[str]]) -> dict:
+        """A split's entry in demo_dataset.json."""
+        return {"found": found, "bad": bad,
+                "expected_written": found - (len(SKIPPED_KINDS) if self.bad_files else 0)}
+
+
+def _check_demo_args(num_classes: int, val_layout: str, min_side: int, max_side: int) -> None:
     if num_classes < 2:
         raise ValueError(f"num_classes: {num_classes} must be >= 2")
     if val_layout not in ("loc_csv", "devkit", "folders"):
         raise ValueError(f"val_layout: {val_layout!r} is not one of ['loc_csv', 'devkit', 'folders']")
     if not 8 <= min_side <= max_side:
         raise ValueError(f"min_side/max_side: need 8 <= min_side <= max_side, got {min_side}, {max_side}")
-    out = Path(out)
-    rng = np.random.default_rng(seed)
-    classes = [wnid(c) for c in range(num_classes)]
-    desc: dict = {"classes": classes, "class_names": [class_name(c) for c in range(num_classes)],
-                  "val_layout": val_layout, "class_colours": class_colours, "seed": seed, "splits": {}}
 
-    def size() -> tuple[int, int]:
-        return int(rng.integers(min_side, max_side + 1)), int(rng.integers(min_side, max_side + 1))
 
-    # ---- train: train/<wnid>/<wnid>_<n>.JPEG
+def _write_train(demo: _DemoWriter, train_per_class: int) -> dict:
+    """train/<wnid>/<wnid>_<n>.JPEG (+ one file of every bad kind); returns the split's description."""
     train_files: list[tuple[str, int]] = []
     bad: dict[str, list[str]] = {}
-    for c, w in enumerate(classes):
-        d = out / "train" / w
+    for c, w in enumerate(demo.classes):
+        d = demo.out / "train" / w
         d.mkdir(parents=True, exist_ok=True)
         for n in range(train_per_class):
-            big = n < large_images and c == 0
-            sz = (large_side, large_side * 3 // 4) if big else size()
+            big = n < demo.large_images and c == 0
+            sz = (demo.large_side, demo.large_side * 3 // 4) if big else demo.size()
             p = d / f"{w}_{n}.JPEG"
-            p.write_bytes(_jpeg(render(c, *sz, rng, class_colours), rng))
+            p.write_bytes(demo.image(c, sz))
             train_files.append((str(p), c))
-    if bad_files:
+    if demo.bad_files:
         for i, kind in enumerate(BAD_KINDS):
-            c = i % num_classes
-            p = out / "train" / classes[c] / f"{classes[c]}_bad_{kind}.JPEG"
-            p.write_bytes(bad_file(kind, c, rng, *size()))
+            c = i % len(demo.classes)
+            p = demo.out / "train" / demo.classes[c] / f"{demo.classes[c]}_bad_{kind}.JPEG"
+            p.write_bytes(bad_file(kind, c, demo.rng, *demo.size()))
             bad[kind] = [str(p)]
             train_files.append((str(p), c))
-    desc["splits"]["train"] = {"found": len(train_files), "bad": bad,
-                               "expected_written": len(train_files) - (len(SKIPPED_KINDS) if bad_files else 0)}
+    return demo.split_entry(len(train_files), bad)
 
-    # ---- val: flat ILSVRC2012_val_<n>.JPEG (+ ground truth) or val/<wnid>/...
+
+def _val_order(demo: _DemoWriter, val_per_class: int) -> list[tuple[int, str | None]]:
+    """(label, bad kind or None) of every val file, in a shuffled order."""
+    num_classes = len(demo.classes)
     labels = [c for c in range(num_classes) for _ in range(val_per_class)]
     kinds: list[str | None] = [None] * len(labels)
-    if bad_files:
+    if demo.bad_files:
         for i, kind in enumerate(BAD_KINDS):
             labels.append((i + 3) % num_classes)
             kinds.append(kind)
-    order = rng.permutation(len(labels))
-    labels = [labels[i] for i in order]
-    kinds = [kinds[i] for i in order]
-    val_dir = out / "val"
+    order = demo.rng.permutation(len(labels))
+    return [(labels[i], kinds[i]) for i in order]
+
+
+def _write_val(demo: _DemoWriter, val_per_class: int, val_layout: str) -> tuple[dict, list[tuple[str, str]]]:
+    """val/ILSVRC2012_val_<n>.JPEG (flat, or under val/<wnid>/ for "folders"); returns the split's description
+    and the (image id, wnid) rows of its ground truth."""
+    val_dir = demo.out / "val"
     val_dir.mkdir(parents=True, exist_ok=True)
     vbad: dict[str, list[str]] = {}
     rows = []
     n_large = 0
-    for n, (c, kind) in enumerate(zip(labels, kinds), start=1):
+    for n, (c, kind) in enumerate(_val_order(demo, val_per_class), start=1):
         name = f"ILSVRC2012_val_{n:08d}.JPEG"
-        d = val_dir / classes[c] if val_layout == "folders" else val_dir
+        d = val_dir / demo.classes[c] if val_layout == "folders" else val_dir
         d.mkdir(exist_ok=True)
         if kind is not None:
-            data = bad_file(kind, c, rng, *size())
+            data = bad_file(kind, c, demo.rng, *demo.size())
             vbad.setdefault(kind, []).append(str(d / name))
         else:
-            big = n_large < max(0, large_images // 2)
+            big = n_large < max(0, demo.large_images // 2)
             n_large += big
-            sz = (large_side * 3 // 4, large_side) if big else size()
-            data = _jpeg(render(c, *sz, rng, class_colours), rng)
+            sz = (demo.large_side * 3 // 4, demo.large_side) if big else demo.size()
+            data = demo.image(c, sz)
         (d / name).write_bytes(data)
-        rows.append((name[:-5], classes[c]))
+        rows.append((name[:-5], demo.classes[c]))
+    return demo.split_entry(len(rows), vbad), rows
+
+
+def _write_val_ground_truth(out: Path, val_layout: str, classes: list[str], rows: list[tuple[str, str]]) -> None:
+    """Kaggle's LOC_val_solution.csv ("loc_csv") or the devkit's ground-truth txt + meta.mat ("devkit")."""
     if val_layout == "loc_csv":
         with open(out / "LOC_val_solution.csv", "w", newline="") as f:
             wr = csv.writer(f)
@@ -239,12 +269,32 @@ def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class
     elif val_layout == "devkit":
         data_dir = out / "ILSVRC2012_devkit_t12" / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
-        ids = {w: num_classes - i for i, w in enumerate(classes)}   # deliberately not sorted-wnid order
+        ids = {w: len(classes) - i for i, w in enumerate(classes)}   # deliberately not sorted-wnid order
         (data_dir / "ILSVRC2012_validation_ground_truth.txt").write_text(
             "".join(f"{ids[w]}\n" for _, w in rows))
         _write_meta_mat(data_dir / "meta.mat", classes, ids)
-    desc["splits"]["val"] = {"found": len(rows), "bad": vbad,
-                             "expected_written": len(rows) - (len(SKIPPED_KINDS) if bad_files else 0)}
+
+
+def make_demo_dataset(out: str | Path, *, num_classes: int = 10, train_per_class: int = 100,
+                      val_per_class: int = 20, min_side: int = 48, max_side: int = 160, large_images: int = 2,
+                      large_side: int = 720, bad_files: bool = True,
+                      val_layout: Literal["loc_csv", "devkit", "folders"] = "loc_csv", class_colours: bool = True,
+                      seed: int = 0) -> dict:
+    """Write the demo dataset under ``out`` and return its description (also saved as demo_dataset.json).
+
+    ``class_colours=False`` makes colour uninformative (classes differ by shape/texture only): a harder task.
+    """
+    _check_demo_args(num_classes, val_layout, min_side, max_side)
+    out = Path(out)
+    classes = [wnid(c) for c in range(num_classes)]
+    demo = _DemoWriter(out=out, classes=classes, rng=np.random.default_rng(seed), min_side=min_side,
+                       max_side=max_side, large_images=large_images, large_side=large_side,
+                       bad_files=bad_files, class_colours=class_colours)
+    desc: dict = {"classes": classes, "class_names": [class_name(c) for c in range(num_classes)],
+                  "val_layout": val_layout, "class_colours": class_colours, "seed": seed, "splits": {}}
+    desc["splits"]["train"] = _write_train(demo, train_per_class)
+    desc["splits"]["val"], rows = _write_val(demo, val_per_class, val_layout)
+    _write_val_ground_truth(out, val_layout, classes, rows)
     (out / "LOC_synset_mapping.txt").write_text("".join(f"{w} {class_name(i)}\n" for i, w in enumerate(classes)))
     (out / "demo_dataset.json").write_text(json.dumps(desc, indent=2) + "\n")
     return desc

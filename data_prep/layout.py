@@ -24,6 +24,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import scipy.io
 
@@ -59,6 +60,10 @@ class SplitSource:
 
 
 # ----------------------------------------------------------------------------------------- helpers
+# One found file on its way to a Sample: ((path, (size, mtime_ns)), relpath-without-suffix, label, reason).
+_Entry = tuple[tuple[Path, tuple[int, int]], str, int | None, str | None]
+
+
 def _visible_files(d: Path) -> list[tuple[Path, tuple[int, int]]]:
     """Regular, non-hidden files of ``d`` with (size, mtime_ns), sorted by name (one scandir, one stat each)."""
     out = []
@@ -80,7 +85,7 @@ def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", text)
 
 
-def _assign_keys(entries: list[tuple[tuple[Path, tuple[int, int]], str, int | None, str | None]]) -> list[Sample]:
+def _assign_keys(entries: list[_Entry]) -> list[Sample]:
     """entries: ((path, (size, mtime_ns)), relpath-without-suffix, label, reason).
 
     Keys are the file stems when those are unique within the split, else the relative paths."""
@@ -171,6 +176,78 @@ def class_list(root: str | Path, split: str = "train", val_labels: str | Path | 
     return src.classes
 
 
+@dataclass(frozen=True)
+class _GroundTruth:
+    """Where a flat split's labels come from: the file, its layout name, its classes, and file -> wnid."""
+
+    layout: str                               # "flat+loc_csv" | "flat+devkit"
+    path: Path
+    classes: list[str]
+    wnid_of: Callable[[Path], str | None]
+
+
+def _folder_entries(root: Path, split: str, dirs: list[Path], files: list[tuple[Path, tuple[int, int]]],
+                    classes: list[str] | None) -> tuple[list[str], list[_Entry]]:
+    """``<split>/<class>/<file>``: (the class list, one entry per file; stray files beside the folders unlabeled)."""
+    if classes is None:
+        train = root / "train"
+        classes = sorted(p.name for p in _class_dirs(train)) if train.is_dir() and split != "train" else None
+        classes = classes or sorted(p.name for p in dirs)
+    index = {c: i for i, c in enumerate(classes)}
+    entries = []
+    for d in dirs:
+        lab = index.get(d.name)
+        why = None if lab is not None else f"class folder {d.name!r} not in the class list"
+        for f in _visible_files(d):
+            entries.append((f, f"{d.name}/{f[0].stem}", lab, why))
+    for f in files:   # stray files next to the class folders: found, but unlabeled
+        entries.append((f, f[0].stem, None, "file outside any class folder"))
+    return classes, entries
+
+
+def _flat_ground_truth(root: Path, split_dir: Path, val_labels: str | Path | None,
+                       meta: str | Path | None) -> _GroundTruth:
+    """Find and read a flat split's ground truth: a LOC CSV, else the devkit's txt + meta.mat."""
+    explicit_csv = val_labels is not None and str(val_labels).endswith(".csv")
+    if val_labels is not None and not explicit_csv:
+        loc = None   # an explicit devkit ground-truth file wins over any CSV lying around
+    else:
+        loc = find_file(root, split_dir, LOC_CSV, val_labels if explicit_csv else None)
+    if loc is not None:
+        gt = read_loc_csv(loc)
+        return _GroundTruth("flat+loc_csv", loc, sorted(set(gt.values())), lambda p: gt.get(p.stem))
+    txt = find_file(root, split_dir, DEVKIT_GT, val_labels)
+    mat = find_file(root, split_dir, DEVKIT_META, meta) if txt is not None else None
+    if txt is None or mat is None:
+        raise LayoutError(
+            f"{split_dir} holds files but no class folders, and no ground truth was found "
+            f"({LOC_CSV}, or {DEVKIT_GT} + {DEVKIT_META}); pass --val-labels/--meta")
+    by_num, gt_classes = read_devkit_ground_truth(txt, mat)
+
+    def lookup(p: Path) -> str | None:
+        m = _VAL_NUM.search(p.stem)
+        return by_num.get(int(m.group(1))) if m else None
+
+    return _GroundTruth("flat+devkit", txt, gt_classes, lookup)
+
+
+def _flat_entries(files: list[tuple[Path, tuple[int, int]]], truth: _GroundTruth,
+                  classes: list[str]) -> list[_Entry]:
+    """``<split>/<file>``: one entry per file, labelled through the ground truth (unlabeled with a reason)."""
+    index = {c: i for i, c in enumerate(classes)}
+    entries = []
+    for f in files:
+        p = f[0]
+        wnid = truth.wnid_of(p)
+        if wnid is None:
+            entries.append((f, p.stem, None, "no ground-truth label"))
+        elif wnid not in index:
+            entries.append((f, p.stem, None, f"label {wnid!r} not in the class list"))
+        else:
+            entries.append((f, p.stem, index[wnid], None))
+    return entries
+
+
 def discover_split(root: str | Path, split: str, *, classes: list[str] | None = None,
                    val_labels: str | Path | None = None, meta: str | Path | None = None,
                    shuffle_seed: int | None = None) -> SplitSource:
@@ -183,60 +260,16 @@ def discover_split(root: str | Path, split: str, *, classes: list[str] | None = 
     files = [f for f in _visible_files(split_dir) if f[0].name not in _GT_FILES]
     gt_path: Path | None = None
     if dirs:
-        if classes is None:
-            train = root / "train"
-            classes = sorted(p.name for p in _class_dirs(train)) if train.is_dir() and split != "train" else None
-            classes = classes or sorted(p.name for p in dirs)
-        index = {c: i for i, c in enumerate(classes)}
-        entries = []
-        for d in dirs:
-            lab = index.get(d.name)
-            why = None if lab is not None else f"class folder {d.name!r} not in the class list"
-            for f in _visible_files(d):
-                entries.append((f, f"{d.name}/{f[0].stem}", lab, why))
-        for f in files:   # stray files next to the class folders: found, but unlabeled
-            entries.append((f, f[0].stem, None, "file outside any class folder"))
+        classes, entries = _folder_entries(root, split, dirs, files, classes)
         layout = "folders"
     elif files:
-        explicit_csv = val_labels is not None and str(val_labels).endswith(".csv")
-        if val_labels is not None and not explicit_csv:
-            loc = None   # an explicit devkit ground-truth file wins over any CSV lying around
-        else:
-            loc = find_file(root, split_dir, LOC_CSV, val_labels if explicit_csv else None)
-        if loc is not None:
-            gt = read_loc_csv(loc)
-            gt_classes = sorted(set(gt.values()))
-            lookup = lambda p: gt.get(p.stem)  # noqa: E731
-            layout, gt_path = "flat+loc_csv", loc
-        else:
-            txt = find_file(root, split_dir, DEVKIT_GT, val_labels)
-            mat = find_file(root, split_dir, DEVKIT_META, meta) if txt is not None else None
-            if txt is None or mat is None:
-                raise LayoutError(
-                    f"{split_dir} holds files but no class folders, and no ground truth was found "
-                    f"({LOC_CSV}, or {DEVKIT_GT} + {DEVKIT_META}); pass --val-labels/--meta")
-            by_num, gt_classes = read_devkit_ground_truth(txt, mat)
-
-            def lookup(p: Path) -> str | None:
-                m = _VAL_NUM.search(p.stem)
-                return by_num.get(int(m.group(1))) if m else None
-
-            layout, gt_path = "flat+devkit", txt
+        truth = _flat_ground_truth(root, split_dir, val_labels, meta)
         if classes is None:
             train = root / "train"
             classes = sorted(p.name for p in _class_dirs(train)) if train.is_dir() else []
-            classes = classes or gt_classes
-        index = {c: i for i, c in enumerate(classes)}
-        entries = []
-        for f in files:
-            p = f[0]
-            wnid = lookup(p)
-            if wnid is None:
-                entries.append((f, p.stem, None, "no ground-truth label"))
-            elif wnid not in index:
-                entries.append((f, p.stem, None, f"label {wnid!r} not in the class list"))
-            else:
-                entries.append((f, p.stem, index[wnid], None))
+            classes = classes or truth.classes
+        entries = _flat_entries(files, truth, classes)
+        layout, gt_path = truth.layout, truth.path
     else:
         raise LayoutError(f"split directory is empty: {split_dir}")
     samples = _assign_keys(entries)

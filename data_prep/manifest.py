@@ -10,6 +10,7 @@ import datetime as _dt
 import platform
 import socket
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,6 +29,29 @@ def reason_kind(reason: str) -> str:
 def is_resize_only(reason: str | None) -> bool:
     """True when the only conversion was a downscale (those are counted, not listed, in manifests)."""
     return bool(reason) and all(r.startswith("resized ") for r in reason.split(", "))
+
+
+@dataclass
+class SampleOutcomes:
+    """What became of a split's (or a shard's) files: the skipped and converted ones with their reasons, and how
+    many were downscaled (a file converted only by a downscale is counted, not listed)."""
+
+    skipped: list[dict] = field(default_factory=list)
+    converted: list[dict] = field(default_factory=list)
+    resized: int = 0
+
+    def record(self, path: str, status: str, reason: str | None) -> bool:
+        """Count one file's outcome (``status`` as images.prepare_image/probe_image give it); False: skipped."""
+        if status == "skipped":
+            self.skipped.append({"path": path, "reason": reason})
+            return False
+        if status == "converted":
+            if is_resize_only(reason):
+                self.resized += 1
+            else:
+                self.converted.append({"path": path, "reason": reason})
+                self.resized += "resized " in reason
+        return True
 
 
 def build_manifest(*, fmt: str, split: str, source: str, layout: str, ground_truth: str | None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -72,6 +73,96 @@ def _read_shard(url: str) -> tuple[dict[str, dict[str, bytes]], str]:
         return samples, hashing.drain()
 
 
+@dataclass
+class _WdsSplitCheck:
+    """Checking one split of ``_info.json`` against its shards; problems go to ``errors``."""
+
+    out_dir: str
+    split: str
+    entry: dict                      # the split's _info.json entry
+    num_classes: int | None
+    decode: bool
+    errors: list[str]
+    keys: set[str] = field(default_factory=set)
+
+    @property
+    def where(self) -> str:
+        return f"wds/{self.split}"
+
+    def shard(self, i: int, name: str) -> int:
+        """Check shard ``i`` (size, sha256, sample count, every sample); returns the samples read."""
+        where, entry = self.where, self.entry
+        p = storage.join(self.out_dir, name)
+        try:
+            size = storage.stat(p)["size"]
+        except storage.NotFound:
+            self.errors.append(f"{where}: shard {name} is missing")
+            return 0
+        except storage.StorageError as e:
+            self.errors.append(f"{where}: shard {name} cannot be read ({e})")
+            return 0
+        if size not in (-1, entry["shard_bytes"][i]):
+            self.errors.append(f"{where}: shard {name} has {size} bytes, index says {entry['shard_bytes'][i]}")
+        try:
+            samples, digest = _read_shard(p)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            self.errors.append(f"{where}: shard {name} is not a readable tar ({e})")
+            return 0
+        if digest != entry["shard_sha256"][i]:
+            self.errors.append(f"{where}: shard {name} sha256 mismatch (corrupted or rewritten)")
+        if len(samples) != entry["shard_lengths"][i]:
+            self.errors.append(f"{where}: shard {name} holds {len(samples)} samples, index says "
+                               f"{entry['shard_lengths'][i]}")
+        for key, s in samples.items():
+            self.sample(name, key, s)
+        return len(samples)
+
+    def sample(self, name: str, key: str, s: dict[str, bytes]) -> None:
+        """A unique key, exactly ``jpg`` + ``cls``, a label in range, and (``decode``) a decodable RGB JPEG."""
+        where = self.where
+        if key in self.keys:
+            self.errors.append(f"{where}: duplicate key {key!r} (shard {name})")
+        self.keys.add(key)
+        if set(s) != {"jpg", "cls"}:
+            self.errors.append(f"{where}: sample {key!r} in {name} has members {sorted(s)}, expected cls+jpg")
+            return
+        try:
+            label = int(s["cls"])
+        except ValueError:
+            self.errors.append(f"{where}: sample {key!r} has a non-integer cls {s['cls']!r}")
+            return
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            self.errors.append(f"{where}: sample {key!r} label {label} outside [0, {self.num_classes})")
+        if self.decode:
+            self.decoded(key, s["jpg"])
+
+    def decoded(self, key: str, jpg: bytes) -> None:
+        try:
+            img = Image.open(io.BytesIO(jpg))
+            if img.format != "JPEG" or img.mode != "RGB":
+                self.errors.append(f"{self.where}: sample {key!r} is {img.format}/{img.mode}, expected JPEG/RGB")
+            img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+            img.load()
+        except Exception as e:
+            self.errors.append(f"{self.where}: sample {key!r} does not decode ({e})")
+
+    def run(self, present: set[str] | None) -> dict:
+        """Every shard, the index's totals, no unlisted shard (when ``present`` is known), the manifest's counts."""
+        where, entry = self.where, self.entry
+        names = entry["filenames"]
+        total = sum(self.shard(i, name) for i, name in enumerate(names))
+        if sum(entry["shard_lengths"]) != entry["num_samples"]:
+            self.errors.append(f"{where}: shard_lengths add up to {sum(entry['shard_lengths'])}, "
+                               f"num_samples is {entry['num_samples']}")
+        listed = set(names)
+        for n in sorted(present or ()):
+            if n.startswith(f"{self.split}-") and n.endswith(".tar") and n not in listed:
+                self.errors.append(f"{where}: unlisted shard {n}")
+        _check_counts(self.errors, where, read_json(storage.join(self.out_dir, f"{self.split}_manifest.json")),
+                      entry["num_samples"])
+        return {"shards": len(names), "samples_read": total, "num_samples": entry["num_samples"]}
+
+
 def verify_wds(out: str | Path, decode: bool = False) -> dict:
     out_dir = storage.join(out, "wds")
     errors: list[str] = []
@@ -86,68 +177,10 @@ def verify_wds(out: str | Path, decode: bool = False) -> dict:
     except storage.StorageError as e:
         present = None
         notes.append(f"unlisted-shard check skipped: {e}")
-    num_classes = info.get("num_classes")
     for split, entry in info.get("splits", {}).items():
-        where = f"wds/{split}"
-        keys: set[str] = set()
-        total = 0
-        names = entry["filenames"]
-        for i, name in enumerate(names):
-            p = storage.join(out_dir, name)
-            try:
-                size = storage.stat(p)["size"]
-            except storage.NotFound:
-                errors.append(f"{where}: shard {name} is missing")
-                continue
-            except storage.StorageError as e:
-                errors.append(f"{where}: shard {name} cannot be read ({e})")
-                continue
-            if size not in (-1, entry["shard_bytes"][i]):
-                errors.append(f"{where}: shard {name} has {size} bytes, index says {entry['shard_bytes'][i]}")
-            try:
-                samples, digest = _read_shard(p)
-            except (tarfile.TarError, OSError, EOFError) as e:
-                errors.append(f"{where}: shard {name} is not a readable tar ({e})")
-                continue
-            if digest != entry["shard_sha256"][i]:
-                errors.append(f"{where}: shard {name} sha256 mismatch (corrupted or rewritten)")
-            if len(samples) != entry["shard_lengths"][i]:
-                errors.append(f"{where}: shard {name} holds {len(samples)} samples, index says "
-                              f"{entry['shard_lengths'][i]}")
-            for key, s in samples.items():
-                if key in keys:
-                    errors.append(f"{where}: duplicate key {key!r} (shard {name})")
-                keys.add(key)
-                if set(s) != {"jpg", "cls"}:
-                    errors.append(f"{where}: sample {key!r} in {name} has members {sorted(s)}, expected cls+jpg")
-                    continue
-                try:
-                    label = int(s["cls"])
-                except ValueError:
-                    errors.append(f"{where}: sample {key!r} has a non-integer cls {s['cls']!r}")
-                    continue
-                if num_classes is not None and not 0 <= label < num_classes:
-                    errors.append(f"{where}: sample {key!r} label {label} outside [0, {num_classes})")
-                if decode:
-                    try:
-                        img = Image.open(io.BytesIO(s["jpg"]))
-                        if img.format != "JPEG" or img.mode != "RGB":
-                            errors.append(f"{where}: sample {key!r} is {img.format}/{img.mode}, expected JPEG/RGB")
-                        img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
-                        img.load()
-                    except Exception as e:
-                        errors.append(f"{where}: sample {key!r} does not decode ({e})")
-            total += len(samples)
-        if sum(entry["shard_lengths"]) != entry["num_samples"]:
-            errors.append(f"{where}: shard_lengths add up to {sum(entry['shard_lengths'])}, "
-                          f"num_samples is {entry['num_samples']}")
-        listed = set(names)
-        for n in sorted(present or ()):
-            if n.startswith(f"{split}-") and n.endswith(".tar") and n not in listed:
-                errors.append(f"{where}: unlisted shard {n}")
-        _check_counts(errors, where, read_json(storage.join(out_dir, f"{split}_manifest.json")),
-                      entry["num_samples"])
-        checked[split] = {"shards": len(names), "samples_read": total, "num_samples": entry["num_samples"]}
+        check = _WdsSplitCheck(out_dir=out_dir, split=split, entry=entry, num_classes=info.get("num_classes"),
+                               decode=decode, errors=errors)
+        checked[split] = check.run(present)
     return {"errors": errors, "splits": checked, "notes": notes}
 
 

@@ -47,7 +47,7 @@ from pipeline.atomic import TMP_MARK, fsync_replace, remove_stale_tmp, tmp_path
 from .atomic import read_json, sha256_file, write_json_atomic
 from .images import load_rgb_array, probe_image
 from .layout import Sample, class_list, discover_split
-from .manifest import build_manifest, is_resize_only, write_classes
+from .manifest import SampleOutcomes, build_manifest, write_classes
 from .sharding import plan_id
 from .tasks import CLUSTERS, default_workers, run_tasks, split_groups
 
@@ -132,6 +132,14 @@ class FfcvSplitTask:
                 "seed": self.seed, "page_size": self.page_size, "shuffle_seed": self.shuffle_seed,
                 "classes": list(self.classes)}
 
+    def manifest_params(self, workers: int) -> dict[str, Any]:
+        """The manifest's ``params`` (``workers``: the process count the write used)."""
+        return {"max_resolution": self.max_resolution, "write_mode": self.write_mode,
+                "compress_probability": self.compress_probability, "jpeg_quality": self.jpeg_quality,
+                "shuffle_seed": self.shuffle_seed, "seed": self.seed, "workers": workers,
+                "chunk_size": self.chunk_size, "page_size": self.page_size, "fields": list(FIELDS),
+                "cluster": self.cluster}
+
 
 # The fixed header at the start of every .beton (ffcv.types.HeaderType, format version 2 of ffcv 1.0). Read
 # here with numpy alone so that checking a complete split does not import ffcv (seconds of numba compiling).
@@ -176,55 +184,33 @@ def _remove_stale(out_dir: Path, split: str) -> list[str]:
                   + remove_stale_tmp(out_dir, f"{split}_manifest.json{TMP_MARK}"))
 
 
-def write_split(task: FfcvSplitTask) -> dict[str, Any]:
-    """Write (or reuse) ``OUT/ffcv/{split}.beton`` and its manifest; returns the manifest.
+def _reused(stored: dict, removed: list[str], started: float) -> dict[str, Any]:
+    """The stored manifest of a complete split, as returned for a run that left it untouched."""
+    stored["reused"] = True
+    stored["timings"] = {**stored["timings"], "reuse_check_s": round(time.perf_counter() - started, 3)}
+    stored["outputs"] = {**stored["outputs"], "removed_stale": removed}
+    return stored
 
-    Idempotent: a rerun after a completed write does nothing but check the file (``manifest["reused"]`` is
-    then True in the returned dict; the stored manifest is the one of the write that made the file).
-    """
-    split = task.split
-    src, out_dir = Path(task.src), Path(task.out) / "ffcv"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    classes = list(task.classes)
-    workers = task.workers or default_workers()
-    t0 = time.perf_counter()
-    source = discover_split(src, split, classes=classes, val_labels=task.val_labels, meta=task.meta,
-                            shuffle_seed=task.shuffle_seed)
-    samples = source.samples
-    plan = plan_id(split, 0, samples, task.content_params())
-    final = out_dir / f"{split}.beton"
-    manifest_path = out_dir / f"{split}_manifest.json"
-    stored = read_json(manifest_path)
-    why = check_complete(final, stored, plan)
-    removed = _remove_stale(out_dir, split)
-    if why is None:
-        stored["reused"] = True
-        stored["timings"] = {**stored["timings"], "reuse_check_s": round(time.perf_counter() - t0, 3)}
-        stored["outputs"] = {**stored["outputs"], "removed_stale": removed}
-        return stored
-    t_check = time.perf_counter()
-    import_ffcv()   # only now: a reused split needs no ffcv
+
+def _probe_split(task: FfcvSplitTask, samples: list[Sample],
+                 workers: int) -> tuple[SampleOutcomes, list[tuple[str, int]]]:
+    """Probe every file in ``workers`` processes: (the outcomes, (path, label) of each file to write)."""
+    groups = split_groups(samples, max(1, len(samples) // 256) if samples else 1)
+    probes = [p for g in run_tasks(_probe_group, [(g, task.max_resolution) for g in groups], workers=workers,
+                                   desc=f"ffcv {task.split} probe", progress=task.progress) for p in g]
+    outcomes = SampleOutcomes()
+    good = []
+    for s, (status, reason) in zip(samples, probes):
+        if outcomes.record(s.path, status, reason):
+            good.append((s.path, s.label))
+    return outcomes, good
+
+
+def _write_beton(task: FfcvSplitTask, final: Path, good: list[tuple[str, int]], workers: int) -> tuple[int, str]:
+    """Write ``good`` to a temp .beton, then rename it to ``final`` (fsynced); returns its (bytes, sha256)."""
     from ffcv.fields import IntField, RGBImageField  # local: ffcv (numba, ~3 s) only to write a split
     from ffcv.writer import DatasetWriter  # local: as ffcv.fields
 
-    t1 = time.perf_counter()
-    groups = split_groups(samples, max(1, len(samples) // 256) if samples else 1)
-    probes = [p for g in run_tasks(_probe_group, [(g, task.max_resolution) for g in groups], workers=workers,
-                                   desc=f"ffcv {split} probe", progress=task.progress) for p in g]
-    skipped, converted, good = [], [], []
-    resized = 0
-    for s, (status, reason) in zip(samples, probes):
-        if status == "skipped":
-            skipped.append({"path": s.path, "reason": reason})
-            continue
-        if status == "converted":
-            if is_resize_only(reason):
-                resized += 1
-            else:
-                converted.append({"path": s.path, "reason": reason})
-                resized += "resized " in reason
-        good.append((s.path, s.label))
-    t2 = time.perf_counter()
     tmp = tmp_path(final)
     err = Path(f"{tmp}.errors")
     try:
@@ -238,23 +224,48 @@ def write_split(task: FfcvSplitTask) -> dict[str, Any]:
         writer.from_indexed_dataset(DecodedImages(good, task.max_resolution, task.seed, str(err)),
                                     chunksize=task.chunk_size)
         if err.exists() and err.read_text().strip():
-            raise RuntimeError(f"ffcv/{split}: files changed while writing: {err.read_text().splitlines()[:3]}")
+            raise RuntimeError(f"ffcv/{task.split}: files changed while writing: {err.read_text().splitlines()[:3]}")
         nbytes, sha = tmp.stat().st_size, sha256_file(tmp)
         fsync_replace(tmp, final)
     finally:
         for p in (tmp, err):
             if p.exists():
                 p.unlink()
+    return nbytes, sha
+
+
+def write_split(task: FfcvSplitTask) -> dict[str, Any]:
+    """Write (or reuse) ``OUT/ffcv/{split}.beton`` and its manifest; returns the manifest.
+
+    Idempotent: a rerun after a completed write does nothing but check the file (``manifest["reused"]`` is
+    then True in the returned dict; the stored manifest is the one of the write that made the file).
+    """
+    split = task.split
+    src, out_dir = Path(task.src), Path(task.out) / "ffcv"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = task.workers or default_workers()
+    t0 = time.perf_counter()
+    source = discover_split(src, split, classes=list(task.classes), val_labels=task.val_labels, meta=task.meta,
+                            shuffle_seed=task.shuffle_seed)
+    plan = plan_id(split, 0, source.samples, task.content_params())
+    final = out_dir / f"{split}.beton"
+    manifest_path = out_dir / f"{split}_manifest.json"
+    stored = read_json(manifest_path)
+    why = check_complete(final, stored, plan)
+    removed = _remove_stale(out_dir, split)
+    if why is None:
+        return _reused(stored, removed, t0)
+    t_check = time.perf_counter()
+    import_ffcv()   # only now: a reused split needs no ffcv
+    t1 = time.perf_counter()
+    outcomes, good = _probe_split(task, source.samples, workers)
+    t2 = time.perf_counter()
+    nbytes, sha = _write_beton(task, final, good, workers)
     t3 = time.perf_counter()
     manifest = build_manifest(
         fmt="ffcv", split=split, source=str(src), layout=source.layout, ground_truth=source.ground_truth,
-        classes=classes, found=len(samples), written=len(good), skipped=skipped, converted=converted,
-        resized=resized,
-        params={"max_resolution": task.max_resolution, "write_mode": task.write_mode,
-                "compress_probability": task.compress_probability, "jpeg_quality": task.jpeg_quality,
-                "shuffle_seed": task.shuffle_seed, "seed": task.seed, "workers": workers,
-                "chunk_size": task.chunk_size, "page_size": task.page_size, "fields": list(FIELDS),
-                "cluster": task.cluster},
+        classes=list(task.classes), found=len(source.samples), written=len(good), skipped=outcomes.skipped,
+        converted=outcomes.converted, resized=outcomes.resized, params=task.manifest_params(workers),
         timings={"discover_s": round(t_check - t0, 3), "import_ffcv_s": round(t1 - t_check, 3),
                  "probe_s": round(t2 - t1, 3), "write_s": round(t3 - t2, 3),
                  "total_s": round(time.perf_counter() - t0, 3)},

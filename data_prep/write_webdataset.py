@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +43,7 @@ from pipeline.atomic import TMP_MARK, remove_stale_tmp, tmp_path
 from .atomic import read_json, sha256_file, write_json_atomic
 from .images import prepare_image
 from .layout import class_list, discover_split
-from .manifest import build_manifest, is_resize_only, write_classes
+from .manifest import SampleOutcomes, build_manifest, write_classes
 from .sharding import ShardTask, make_tasks, shard_name
 from .tasks import run_tasks
 
@@ -71,6 +72,56 @@ def _reusable(task: ShardTask, final: str, rec: dict | None) -> bool:
     return sha256_file(p) == rec.get("sha256")
 
 
+@dataclass
+class _ShardContent:
+    """What one shard holds once written: its sample keys, the source files' outcomes and source bytes."""
+
+    keys: list[str] = field(default_factory=list)
+    outcomes: SampleOutcomes = field(default_factory=SampleOutcomes)
+    source_bytes: int = 0
+
+
+def _write_tar(task: ShardTask, path: Path) -> _ShardContent:
+    """Write the task's samples, in plan order, as a tar with fixed headers to ``path`` (fsynced)."""
+    content = _ShardContent()
+    with open(path, "wb") as f:
+        with TarWriter(f, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, encoder=False, mtime=TAR_MTIME) as tw:
+            for s in task.samples:
+                if s.label is None:
+                    content.outcomes.record(s.path, "skipped", s.reason or "no label")
+                    continue
+                p = prepare_image(s.path, task.max_side, task.quality)
+                if not content.outcomes.record(s.path, p.status, p.reason):
+                    continue
+                content.source_bytes += p.source_bytes
+                tw.write({"__key__": s.key, "jpg": p.data, "cls": str(s.label).encode("ascii")})
+                content.keys.append(s.key)
+        f.flush()
+        os.fsync(f.fileno())
+    return content
+
+
+def _shard_record(task: ShardTask, tmp: Path, content: _ShardContent, started: float) -> dict[str, Any]:
+    """The shard's record (``_parts/{name}.json``): counts, bytes and sha256 of the written file, outcomes."""
+    return {
+        "name": task.name,
+        "split": task.split,
+        "index": task.index,
+        "plan_id": task.plan_id,
+        "num_samples": len(content.keys),
+        "found": len(task.samples),
+        "bytes": tmp.stat().st_size,
+        "sha256": sha256_file(tmp),
+        "source_bytes": content.source_bytes,
+        "keys": content.keys,
+        "skipped": content.outcomes.skipped,
+        "converted": content.outcomes.converted,
+        "resized": content.outcomes.resized,
+        "seconds": round(time.perf_counter() - started, 4),
+        "reused": False,
+    }
+
+
 def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write (or reuse) one shard; returns its record (counts, bytes, sha256, skipped/converted lists)."""
     remote = storage.is_url(task.out_dir)
@@ -81,52 +132,9 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         rec["reused"] = True
         return rec
     t0 = time.perf_counter()
-    keys: list[str] = []
-    skipped: list[dict] = []
-    converted: list[dict] = []
-    resized = 0
-    src_bytes = 0
     tmp = tmp_path(Path(tempfile.gettempdir()) / task.name if remote else final)
     try:
-        with open(tmp, "wb") as f:
-            with TarWriter(f, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, encoder=False,
-                           mtime=TAR_MTIME) as tw:
-                for s in task.samples:
-                    if s.label is None:
-                        skipped.append({"path": s.path, "reason": s.reason or "no label"})
-                        continue
-                    p = prepare_image(s.path, task.max_side, task.quality)
-                    if p.status == "skipped":
-                        skipped.append({"path": s.path, "reason": p.reason})
-                        continue
-                    if p.status == "converted":
-                        if is_resize_only(p.reason):
-                            resized += 1
-                        else:
-                            converted.append({"path": s.path, "reason": p.reason})
-                            resized += "resized " in p.reason
-                    src_bytes += p.source_bytes
-                    tw.write({"__key__": s.key, "jpg": p.data, "cls": str(s.label).encode("ascii")})
-                    keys.append(s.key)
-            f.flush()
-            os.fsync(f.fileno())
-        rec = {
-            "name": task.name,
-            "split": task.split,
-            "index": task.index,
-            "plan_id": task.plan_id,
-            "num_samples": len(keys),
-            "found": len(task.samples),
-            "bytes": tmp.stat().st_size,
-            "sha256": sha256_file(tmp),
-            "source_bytes": src_bytes,
-            "keys": keys,
-            "skipped": skipped,
-            "converted": converted,
-            "resized": resized,
-            "seconds": round(time.perf_counter() - t0, 4),
-            "reused": False,
-        }
+        rec = _shard_record(task, tmp, _write_tar(task, tmp), t0)
         # Record first, then the shard: once the shard exists under its final name its record does too.
         if not remote:
             Path(rec_file).parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +196,106 @@ def update_info(out_dir: str | Path, name: str, num_classes: int, split: str, re
     return info
 
 
+@dataclass(frozen=True)
+class _WdsRun:
+    """One write_webdataset call: where it reads and writes, and the settings every split shares."""
+
+    src: Path
+    out: str | Path
+    out_dir: str
+    classes: list[str]
+    name: str
+    max_side: int
+    quality: int
+    shard_max_count: int
+    shard_max_bytes: int | None
+    shuffle_seed: int | None
+    val_labels: str | Path | None
+    meta: str | Path | None
+    cluster: str
+    workers: int | None
+    folder: str | Path | None
+    array_size: int | None
+    progress: bool
+    executor_params: dict | None
+
+    def split_seed(self, split: str) -> int | None:
+        return self.shuffle_seed if split == "train" else None
+
+    def log_folder(self, split: str) -> str | Path | None:
+        return self.folder or (None if storage.is_url(self.out) else Path(self.out, "logs", f"wds_{split}"))
+
+    def params(self, split: str) -> dict[str, Any]:
+        """The manifest's ``params``."""
+        return {"max_side": self.max_side, "quality": self.quality, "shard_max_count": self.shard_max_count,
+                "shard_max_bytes": self.shard_max_bytes, "shuffle_seed": self.split_seed(split),
+                "cluster": self.cluster, "workers": self.workers, "array_size": self.array_size}
+
+
+def _open_output(out: str | Path, cluster: str, folder: str | Path | None) -> tuple[str | Path, str, list[str]]:
+    """Check ``out`` and make ``out/wds``: (out, out/wds, the index temp files a killed run left, now removed)."""
+    remote = storage.is_url(out)
+    if remote and not str(out).startswith("s3://"):
+        raise ValueError(f"out: {out!r}: only local folders and s3:// URLs can be written")
+    if remote and cluster != "pool" and folder is None:
+        raise ValueError(f"folder: a local log folder is needed for cluster={cluster!r} with out={out!r}")
+    out = str(out) if remote else Path(out)
+    out_dir = storage.join(out, "wds")
+    if remote:
+        storage.listdir(out_dir)   # the bucket is reachable and readable: fail now, before any image is read
+        return out, out_dir, []
+    Path(out_dir, PARTS).mkdir(parents=True, exist_ok=True)
+    # temp files of a run killed while writing the index or the class list (the finals are written
+    # atomically, so what is there under the final name is a complete earlier version, or nothing)
+    removed_index = remove_stale_tmp(out, f"classes.json{TMP_MARK}") + remove_stale_tmp(
+        out_dir, f"_info.json{TMP_MARK}")
+    return out, out_dir, removed_index
+
+
+def _check_shards(out_dir: str, split: str, tasks: list[ShardTask], recs: list[dict]) -> None:
+    """Every planned shard came back from its task, for this plan, and is there under its final name."""
+    if [r["name"] for r in recs] != [t.name for t in tasks]:
+        raise RuntimeError(f"wds/{split}: task results do not match the shard plan")
+    present = set(storage.listdir(out_dir))
+    for t, r in zip(tasks, recs):
+        if r["plan_id"] != t.plan_id or t.name not in present:
+            raise RuntimeError(f"wds/{split}: shard {t.name} missing after its task finished")
+
+
+def _write_split(run: _WdsRun, split: str, removed_index: list[str]) -> dict:
+    """Plan, write (or reuse) and check one split's shards, then its ``_info.json`` entry and manifest."""
+    t0 = time.perf_counter()
+    source = discover_split(run.src, split, classes=run.classes, val_labels=run.val_labels, meta=run.meta,
+                            shuffle_seed=run.split_seed(split))
+    tasks = make_tasks(split, source.samples, run.out_dir, max_count=run.shard_max_count,
+                       max_bytes=run.shard_max_bytes, max_side=run.max_side, quality=run.quality)
+    removed = _remove_stale_shards(run.out_dir, split, len(tasks)) + removed_index
+    t1 = time.perf_counter()
+    recs = run_tasks(write_shard, tasks, cluster=run.cluster, workers=run.workers, folder=run.log_folder(split),
+                     array_size=run.array_size,
+                     desc=f"wds {split}", progress=run.progress, **(run.executor_params or {}))
+    t2 = time.perf_counter()
+    _check_shards(run.out_dir, split, tasks, recs)
+    info = update_info(run.out_dir, run.name, len(run.classes), split, recs)
+    fresh = [r for r in recs if not r["reused"]]
+    manifest = build_manifest(
+        fmt="wds", split=split, source=str(run.src), layout=source.layout, ground_truth=source.ground_truth,
+        classes=run.classes, found=len(source.samples), written=info["splits"][split]["num_samples"],
+        skipped=[s for r in recs for s in r["skipped"]], converted=[c for r in recs for c in r["converted"]],
+        resized=sum(r["resized"] for r in recs),
+        params=run.params(split),
+        timings={"discover_s": round(t1 - t0, 3), "write_s": round(t2 - t1, 3),
+                 "total_s": round(time.perf_counter() - t0, 3),
+                 "shards_written": len(fresh), "shards_reused": len(recs) - len(fresh),
+                 "shard_task_s_sum": round(sum(r["seconds"] for r in fresh), 3)},
+        outputs={"dir": str(run.out_dir), "shards": [t.name for t in tasks], "num_shards": len(tasks),
+                 "bytes": sum(r["bytes"] for r in recs), "source_bytes": sum(r["source_bytes"] for r in recs),
+                 "removed_stale": removed},
+    )
+    write_json_atomic(storage.join(run.out_dir, f"{split}_manifest.json"), manifest)
+    return manifest
+
+
 def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] = ("train", "val"),
                      max_side: int = 512, quality: int = 90, shard_max_count: int = 1000,
                      shard_max_bytes: int | None = 256 << 20, shuffle_seed: int | None = 0,
@@ -202,66 +310,17 @@ def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] 
     :mod:`data_prep.tasks`). ``out`` may be an ``s3://`` URL (then ``folder`` is needed for array jobs).
     """
     src = Path(src)
-    remote = storage.is_url(out)
-    if remote and not str(out).startswith("s3://"):
-        raise ValueError(f"out: {out!r}: only local folders and s3:// URLs can be written")
-    if remote and cluster != "pool" and folder is None:
-        raise ValueError(f"folder: a local log folder is needed for cluster={cluster!r} with out={out!r}")
-    out = str(out) if remote else Path(out)
-    out_dir = storage.join(out, "wds")
-    if remote:
-        storage.listdir(out_dir)   # the bucket is reachable and readable: fail now, before any image is read
-        removed_index = []
-    else:
-        Path(out_dir, PARTS).mkdir(parents=True, exist_ok=True)
-        # temp files of a run killed while writing the index or the class list (the finals are written
-        # atomically, so what is there under the final name is a complete earlier version, or nothing)
-        removed_index = remove_stale_tmp(out, f"classes.json{TMP_MARK}") + remove_stale_tmp(
-            out_dir, f"_info.json{TMP_MARK}")
+    out, out_dir, removed_index = _open_output(out, cluster, folder)
     classes = class_list(src, splits[0], val_labels=val_labels, meta=meta)
     write_classes(out, classes)
+    run = _WdsRun(src=src, out=out, out_dir=out_dir, classes=classes, name=name or src.name, max_side=max_side,
+                  quality=quality, shard_max_count=shard_max_count, shard_max_bytes=shard_max_bytes,
+                  shuffle_seed=shuffle_seed, val_labels=val_labels, meta=meta, cluster=cluster, workers=workers,
+                  folder=folder, array_size=array_size, progress=progress, executor_params=executor_params)
     manifests = {}
     for split in splits:
-        t0 = time.perf_counter()
-        source = discover_split(src, split, classes=classes, val_labels=val_labels, meta=meta,
-                                shuffle_seed=shuffle_seed if split == "train" else None)
-        tasks = make_tasks(split, source.samples, str(out_dir), max_count=shard_max_count,
-                           max_bytes=shard_max_bytes, max_side=max_side, quality=quality)
-        removed = _remove_stale_shards(out_dir, split, len(tasks)) + removed_index
-        removed_index = []
-        t1 = time.perf_counter()
-        log_folder = folder or (None if remote else Path(out, "logs", f"wds_{split}"))
-        recs = run_tasks(write_shard, tasks, cluster=cluster, workers=workers, folder=log_folder,
-                         array_size=array_size,
-                         desc=f"wds {split}", progress=progress, **(executor_params or {}))
-        t2 = time.perf_counter()
-        if [r["name"] for r in recs] != [t.name for t in tasks]:
-            raise RuntimeError(f"wds/{split}: task results do not match the shard plan")
-        present = set(storage.listdir(out_dir))
-        for t, r in zip(tasks, recs):
-            if r["plan_id"] != t.plan_id or t.name not in present:
-                raise RuntimeError(f"wds/{split}: shard {t.name} missing after its task finished")
-        info = update_info(out_dir, name or src.name, len(classes), split, recs)
-        written = info["splits"][split]["num_samples"]
-        fresh = [r for r in recs if not r["reused"]]
-        manifest = build_manifest(
-            fmt="wds", split=split, source=str(src), layout=source.layout, ground_truth=source.ground_truth,
-            classes=classes, found=len(source.samples), written=written,
-            skipped=[s for r in recs for s in r["skipped"]], converted=[c for r in recs for c in r["converted"]],
-            resized=sum(r["resized"] for r in recs),
-            params={"max_side": max_side, "quality": quality, "shard_max_count": shard_max_count,
-                    "shard_max_bytes": shard_max_bytes, "shuffle_seed": shuffle_seed if split == "train" else None,
-                    "cluster": cluster, "workers": workers, "array_size": array_size},
-            timings={"discover_s": round(t1 - t0, 3), "write_s": round(t2 - t1, 3),
-                     "total_s": round(time.perf_counter() - t0, 3),
-                     "shards_written": len(fresh), "shards_reused": len(recs) - len(fresh),
-                     "shard_task_s_sum": round(sum(r["seconds"] for r in fresh), 3)},
-            outputs={"dir": str(out_dir), "shards": [t.name for t in tasks], "num_shards": len(tasks),
-                     "bytes": sum(r["bytes"] for r in recs), "source_bytes": sum(r["source_bytes"] for r in recs),
-                     "removed_stale": removed},
-        )
-        write_json_atomic(storage.join(out_dir, f"{split}_manifest.json"), manifest)
-        manifests[split] = manifest
+        manifests[split] = _write_split(run, split, removed_index)
+        removed_index = []   # reported once, in the first split's manifest
     return manifests
 
 
