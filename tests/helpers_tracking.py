@@ -32,7 +32,8 @@ def runs_of(run_dir: str | Path, uri: str | None = None, experiment: str = "cpvt
 
 
 # ----------------------------------------------------------------------------------------- one shared store
-TINY_RUN = ("run.epochs=1", "tracking.system_metrics=true")
+# fp32 stated: run.precision auto picks bf16 on a CPU with AMX / AVX512-BF16, and the tags below are asserted
+TINY_RUN = ("run.epochs=1", "tracking.system_metrics=true", "run.precision=fp32")
 
 
 @dataclass
