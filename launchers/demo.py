@@ -68,7 +68,8 @@ def train(run_dir: Path, data: Path, recipe: str, nproc: int, extra: list[str]) 
     return json.loads((run_dir / "final_metrics.json").read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's command line; without --nproc: 2 ranks on CPU, one per GPU (at most 2) on GPUs."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--recipe", default=str(ROOT / "pipeline" / "recipes" / "demo.yaml"))
@@ -80,6 +81,48 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc is None:
         gpus = torch.cuda.device_count() if select_device().kind == "cuda" else 0
         args.nproc = min(2, gpus) if gpus else 2
+    return args
+
+
+def export_and_evaluate(run_dir: Path, data: Path, final: dict) -> tuple[Path, str | None, list[int], dict]:
+    """Export the final checkpoint, log the export as the run's MLflow model (when the run is tracked) and score it
+    on the FFCV val split at the resolutions the training evaluated: (export, model URI, resolutions, results)."""
+    out = export(final["checkpoint"], run_dir / "export" / "cpvt_demo.safetensors")
+    model_uri = None
+    if final.get("mlflow_run_id"):   # the export as an MLflow model of the run, registered under the model's name
+        model_uri = log_mlflow_model(out, final["mlflow_run_id"], registered_name=read_meta(out)["model"])
+    model, _ = load_model(out)
+    resolutions = sorted(int(r) for r in final["eval"])
+    data_cfg = from_dict(DataConfig, {"format": "ffcv", "root": str(data), "eval_batch_size": 100,
+                                      "num_workers": 1}, prefix="data.")
+    export_eval = evaluate(model.eval(), data_cfg, resolutions=resolutions, rank=0, world_size=1,
+                           crop_pct=0.875, device=torch.device("cpu"), patch_size=model.patch_size)
+    return out, model_uri, resolutions, export_eval
+
+
+def print_accuracy_table(final: dict, export_eval: dict, resolutions: list[int]) -> None:
+    """Top-1 of the DeepSpeed run (wds) next to top-1/top-5 of its export (ffcv), one row per resolution."""
+    train_res = final["train_resolution"]
+    rows = [("resolution", "top-1 (DeepSpeed, wds)", "top-1 (export, ffcv)", "top-5 (export)")]
+    for r in resolutions:
+        rows.append((f"{r}px" + (" (train)" if r == train_res else ""), f"{final['eval'][str(r)]['top1']:.1f}",
+                     f"{export_eval[r]['top1']:.1f}", f"{export_eval[r]['top5']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def training_view(final: dict, uri: str) -> str:
+    """The MLflow UI's training-view URL of the run (served by `make ui`), or just "make ui" when untracked."""
+    view = "make ui"
+    if final.get("mlflow_run_id"):
+        exp = tracking.client_for(uri).get_run(final["mlflow_run_id"]).info.experiment_id
+        view = tracking.training_view_url("http://127.0.0.1:5000", exp) + "   (after: make ui)"
+    return view
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -94,32 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.time() - t0 - t_data
 
     print("== 3/4 export + evaluation of the export (FFCV val split)", flush=True)
-    out = export(final["checkpoint"], run_dir / "export" / "cpvt_demo.safetensors")
-    model_uri = None
-    if final.get("mlflow_run_id"):   # the export as an MLflow model of the run, registered under the model's name
-        model_uri = log_mlflow_model(out, final["mlflow_run_id"], registered_name=read_meta(out)["model"])
-    model, name = load_model(out)
-    resolutions = sorted(int(r) for r in final["eval"])
-    data_cfg = from_dict(DataConfig, {"format": "ffcv", "root": str(data), "eval_batch_size": 100,
-                                      "num_workers": 1}, prefix="data.")
-    export_eval = evaluate(model.eval(), data_cfg, resolutions=resolutions, rank=0, world_size=1,
-                           crop_pct=0.875, device=torch.device("cpu"), patch_size=model.patch_size)
+    out, model_uri, resolutions, export_eval = export_and_evaluate(run_dir, data, final)
     num_classes = len(json.loads((data / "classes.json").read_text())["classes"])
 
     print("== 4/4 summary", flush=True)
-    train_res = final["train_resolution"]
-    rows = [("resolution", "top-1 (DeepSpeed, wds)", "top-1 (export, ffcv)", "top-5 (export)")]
-    for r in resolutions:
-        rows.append((f"{r}px" + (" (train)" if r == train_res else ""), f"{final['eval'][str(r)]['top1']:.1f}",
-                     f"{export_eval[r]['top1']:.1f}", f"{export_eval[r]['top5']:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print_accuracy_table(final, export_eval, resolutions)
     uri = tracking.default_uri()
-    view = "make ui"
-    if final.get("mlflow_run_id"):
-        exp = tracking.client_for(uri).get_run(final["mlflow_run_id"]).info.experiment_id
-        view = tracking.training_view_url("http://127.0.0.1:5000", exp) + "   (after: make ui)"
+    view = training_view(final, uri)
     print(f"""
 chance level         {100 / num_classes:.1f}% ({num_classes} classes); steps {final['global_step']}, world size {final['world_size']}
 time                 data prep {t_data:.0f}s, training {t_train:.0f}s, total {time.time() - t0:.0f}s

@@ -80,6 +80,29 @@ def make_executor(
     ``cluster="local"`` has a single node: ``nodes * tasks_per_node`` tasks run on this machine.
     ``additional_parameters`` are extra ``#SBATCH --key=value`` lines (e.g. ``{"requeue": True}``).
     """
+    _check_executor_args(cluster, nodes, tasks_per_node, timeout_min, array_parallelism)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_num_timeout)
+    if cluster == "local":
+        tasks_per_node, nodes = nodes * tasks_per_node, 1
+    generic = _generic_parameters(job_name, timeout_min, nodes, tasks_per_node, stderr_to_stdout,
+                                  gpus_per_node, cpus_per_task, mem_gb)
+    specific: dict[str, Any] = {}
+    if cluster == "slurm":
+        specific = _slurm_parameters(partition=partition, account=account, qos=qos, constraint=constraint,
+                                     signal_delay_s=signal_delay_s, array_parallelism=array_parallelism,
+                                     additional_parameters=additional_parameters, srun_args=srun_args, setup=setup)
+    elif cluster == "local":
+        if setup:
+            specific["local_setup"] = list(setup)
+    executor.update_parameters(**generic, **{k: v for k, v in specific.items() if v is not None})
+    return executor
+
+
+def _check_executor_args(cluster: str, nodes: int, tasks_per_node: int, timeout_min: int,
+                         array_parallelism: int) -> None:
+    """One-line ConfigError for a bad cluster name or count, or for 'slurm' without the SLURM commands."""
     check_choice("cluster", cluster, CLUSTERS)
     check_positive("nodes", nodes)
     check_positive("tasks_per_node", tasks_per_node)
@@ -87,11 +110,12 @@ def make_executor(
     check_positive("array_parallelism", array_parallelism)
     if cluster == "slurm" and shutil.which("sbatch") is None:
         raise ConfigError("cluster: 'slurm' needs the SLURM client commands (sbatch, squeue) on PATH")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_num_timeout)
-    if cluster == "local":
-        tasks_per_node, nodes = nodes * tasks_per_node, 1
+
+
+def _generic_parameters(job_name: str, timeout_min: int, nodes: int, tasks_per_node: int, stderr_to_stdout: bool,
+                        gpus_per_node: int | None, cpus_per_task: int | None, mem_gb: float | None
+                        ) -> dict[str, Any]:
+    """submitit's cluster-independent parameters; a resource left at None is left out (the cluster's default)."""
     generic: dict[str, Any] = dict(name=job_name, timeout_min=int(timeout_min), nodes=nodes,
                                    tasks_per_node=tasks_per_node, stderr_to_stdout=stderr_to_stdout)
     if gpus_per_node is not None:
@@ -100,22 +124,23 @@ def make_executor(
         generic["cpus_per_task"] = int(cpus_per_task)
     if mem_gb is not None:
         generic["mem_gb"] = mem_gb
-    specific: dict[str, Any] = {}
-    if cluster == "slurm":
-        specific = dict(slurm_partition=partition, slurm_account=account, slurm_qos=qos,
-                        slurm_constraint=constraint, slurm_signal_delay_s=int(signal_delay_s),
-                        slurm_array_parallelism=int(array_parallelism))
-        if additional_parameters:
-            specific["slurm_additional_parameters"] = dict(additional_parameters)
-        if srun_args:
-            specific["slurm_srun_args"] = list(srun_args)
-        if setup:
-            specific["slurm_setup"] = list(setup)
-    elif cluster == "local":
-        if setup:
-            specific["local_setup"] = list(setup)
-    executor.update_parameters(**generic, **{k: v for k, v in specific.items() if v is not None})
-    return executor
+    return generic
+
+
+def _slurm_parameters(*, partition: str | None, account: str | None, qos: str | None, constraint: str | None,
+                      signal_delay_s: int, array_parallelism: int, additional_parameters: Mapping[str, Any] | None,
+                      srun_args: Sequence[str] | None, setup: Sequence[str] | None) -> dict[str, Any]:
+    """submitit's ``slurm_*`` parameters (a None value is dropped by the caller: SLURM's default)."""
+    specific: dict[str, Any] = dict(slurm_partition=partition, slurm_account=account, slurm_qos=qos,
+                                    slurm_constraint=constraint, slurm_signal_delay_s=int(signal_delay_s),
+                                    slurm_array_parallelism=int(array_parallelism))
+    if additional_parameters:
+        specific["slurm_additional_parameters"] = dict(additional_parameters)
+    if srun_args:
+        specific["slurm_srun_args"] = list(srun_args)
+    if setup:
+        specific["slurm_setup"] = list(setup)
+    return specific
 
 
 # ----------------------------------------------------------------------------------------------- job state
@@ -262,45 +287,7 @@ def wait_for(jobs: submitit.Job | Sequence[submitit.Job], timeout: float | None 
         others = [i for i, j in enumerate(job_list) if not isinstance(j, submitit.SlurmJob)]
         for i in others:
             results[i] = _wait_other(job_list[i], deadline, poll)
-        pending = [i for i in range(len(job_list)) if i not in results]
-        ended_at: dict[int, float] = {}
-        restarts: dict[int, int] = {}  # Restarts seen while the job was not completing
-        while pending:
-            for i in list(pending):
-                job = job_list[i]
-                if _results_ready(job):
-                    results[i] = _collect(job)
-                    pending.remove(i)
-                elif _task_failed(job):  # one rank raised: the job is lost even if others still run
-                    raise JobFailedError(job.job_id, "FAILED", _error_text(job, "FAILED"))
-            if not pending:
-                break
-            try:
-                infos = job_infos(job_list[i].job_id for i in pending)
-            except (RuntimeError, subprocess.SubprocessError, OSError):
-                infos = {}  # controller busy or restarting: ask again next round
-            now = time.time()
-            for i in list(pending):
-                job = job_list[i]
-                info = infos.get(job.job_id, JobInfo("UNKNOWN"))
-                state = info.state
-                killed = info.exit_code.rpartition(":")[2] not in ("", "0")  # ended by a signal
-                if state != "COMPLETING":
-                    restarts[i] = info.restarts
-                elif restarts.get(i) == info.restarts or (i not in restarts and killed):
-                    # its tasks are being killed and it is not being requeued (a requeue bumps Restarts first):
-                    # cancelled or failed, slurm just waits KillWait for processes that ignore SIGTERM
-                    state = f"COMPLETING (exit {info.exit_code}, reason {info.reason})"
-                if state not in TERMINAL_STATES and not state.startswith("COMPLETING ("):
-                    ended_at.pop(i, None)
-                    continue
-                grace = CANCELLED_GRACE_S if state == "CANCELLED" or killed else RESULT_GRACE_S
-                if now - ended_at.setdefault(i, now) >= grace and not _results_ready(job):
-                    raise JobFailedError(job.job_id, state, _error_text(job, state))
-            if deadline is not None and time.time() > deadline:
-                ids = ", ".join(job_list[i].job_id for i in pending)
-                raise TimeoutError(f"jobs {ids} still running after {timeout} s")
-            time.sleep(poll)
+        _wait_slurm(job_list, results, deadline, timeout, poll)
     except BaseException:
         if cancel_on_error:
             for i, job in enumerate(job_list):
@@ -309,3 +296,60 @@ def wait_for(jobs: submitit.Job | Sequence[submitit.Job], timeout: float | None 
         raise
     ordered = [results[i] for i in range(len(job_list))]
     return ordered[0] if single else ordered
+
+
+def _wait_slurm(job_list: list[submitit.Job], results: dict[int, Any], deadline: float | None,
+                timeout: float | None, poll: float) -> None:
+    """Poll the jobs of ``job_list`` without an entry in ``results`` (the SLURM ones) until each has its result
+    there (filled in as they finish); raises as :func:`wait_for` does."""
+    pending = [i for i in range(len(job_list)) if i not in results]
+    ended_at: dict[int, float] = {}
+    restarts: dict[int, int] = {}  # Restarts seen while the job was not completing
+    while pending:
+        _collect_ready(job_list, pending, results)
+        if not pending:
+            break
+        try:
+            infos = job_infos(job_list[i].job_id for i in pending)
+        except (RuntimeError, subprocess.SubprocessError, OSError):
+            infos = {}  # controller busy or restarting: ask again next round
+        now = time.time()
+        for i in list(pending):
+            job = job_list[i]
+            _raise_if_ended(job, infos.get(job.job_id, JobInfo("UNKNOWN")), i, restarts, ended_at, now)
+        if deadline is not None and time.time() > deadline:
+            ids = ", ".join(job_list[i].job_id for i in pending)
+            raise TimeoutError(f"jobs {ids} still running after {timeout} s")
+        time.sleep(poll)
+
+
+def _collect_ready(job_list: list[submitit.Job], pending: list[int], results: dict[int, Any]) -> None:
+    """Move every pending job whose tasks all left a result pickle into ``results``; JobFailedError as soon as
+    one task of a pending job raised."""
+    for i in list(pending):
+        job = job_list[i]
+        if _results_ready(job):
+            results[i] = _collect(job)
+            pending.remove(i)
+        elif _task_failed(job):  # one rank raised: the job is lost even if others still run
+            raise JobFailedError(job.job_id, "FAILED", _error_text(job, "FAILED"))
+
+
+def _raise_if_ended(job: submitit.Job, info: JobInfo, key: int, restarts: dict[int, int],
+                    ended_at: dict[int, float], now: float) -> None:
+    """JobFailedError once ``job`` has ended (a terminal state, or COMPLETING without a requeue) and no result
+    pickle showed up within the grace period; ``restarts``/``ended_at`` (by ``key``) carry earlier rounds."""
+    state = info.state
+    killed = info.exit_code.rpartition(":")[2] not in ("", "0")  # ended by a signal
+    if state != "COMPLETING":
+        restarts[key] = info.restarts
+    elif restarts.get(key) == info.restarts or (key not in restarts and killed):
+        # its tasks are being killed and it is not being requeued (a requeue bumps Restarts first):
+        # cancelled or failed, slurm just waits KillWait for processes that ignore SIGTERM
+        state = f"COMPLETING (exit {info.exit_code}, reason {info.reason})"
+    if state not in TERMINAL_STATES and not state.startswith("COMPLETING ("):
+        ended_at.pop(key, None)
+        return
+    grace = CANCELLED_GRACE_S if state == "CANCELLED" or killed else RESULT_GRACE_S
+    if now - ended_at.setdefault(key, now) >= grace and not _results_ready(job):
+        raise JobFailedError(job.job_id, state, _error_text(job, state))

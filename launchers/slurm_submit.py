@@ -317,7 +317,43 @@ def resolve_resources(args: argparse.Namespace, site, site_file) -> dict[str, Se
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The plan for parsed flags; raises a one-line ConfigError on the first problem (flags, resources, recipe,
+    overrides, training config, time limit, in this order)."""
+    _check_resource_flags(args)
+    site, site_file = load_site()
+    res = resolve_resources(args, site, site_file)
+    timeout_min = parse_time_min(res["time"].value)
+    world = args.nodes * res["tasks_per_node"].value
+    if args.model is not None:
+        _check_model(args.model)
 
+    _resolve_recipe_and_data(args, site, site_file, res)
+    flags = {"--recipe": res["recipe"].value, "--model": args.model, "--data": res["data_root"].value,
+             "--deepspeed_config": args.deepspeed_config}
+    train_argv = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
+    overrides = _training_overrides(args, site, site_file, res)
+    cfg, _ = _load_config(args, res, overrides, world)
+    run_dir = _resolve_run_dir(args, cfg, site, site_file, res)
+    cfg, ds = _load_config(args, res, overrides, world, run_dir)
+    checks, derived = _config_checks(cfg, args, res, world, timeout_min)
+    if derived is not None:
+        overrides.append(f"checkpoint.every_steps={derived}")
+        cfg, ds = _load_config(args, res, overrides, world, run_dir)
+
+    train_argv += ["--run-dir", str(run_dir), *overrides]
+    folder = Path(args.folder).resolve() if args.folder else run_dir / "submitit"
+    return Plan(cluster=args.cluster, executor_params=_executor_params(args, res, timeout_min, cfg.model.name),
+                train_argv=train_argv, run_dir=run_dir, folder=folder, world_size=world,
+                max_requeues=args.max_requeues, config_yaml=cfg.to_yaml(), deepspeed=ds,
+                tracking_uri=tracking.default_uri(cfg.tracking.uri) if cfg.tracking.enabled else "(tracking disabled)",
+                experiment=cfg.tracking.experiment, checks=checks,
+                run_name=(cfg.tracking.run_name or run_dir.name) if cfg.tracking.enabled else None,
+                settings={"site file": Setting(site_file, "$CPVT_SITE or ~/.config/cpvt/site.yaml"), **res},
+                model=cfg.model.name, recipe=cfg.tracking.recipe)
+
+
+def _check_resource_flags(args: argparse.Namespace) -> None:
+    """The resource and requeue flags on their own: known cluster, positive counts, one task per GPU."""
     check_choice("--cluster", args.cluster, CLUSTERS)
     check_positive("--nodes", args.nodes)
     if args.gpus_per_node is not None:
@@ -335,24 +371,23 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     check_positive("--signal-delay-s", args.signal_delay_s, allow_zero=True)
     if args.step_time_s is not None:
         check_positive("--step-time-s", args.step_time_s)
-    site, site_file = load_site()
-    res = resolve_resources(args, site, site_file)
-    timeout_min = parse_time_min(res["time"].value)
-    tasks_per_node = res["tasks_per_node"].value
-    world = args.nodes * tasks_per_node
-    if args.model is not None:
-        _check_model(args.model)
 
+
+def _resolve_recipe_and_data(args: argparse.Namespace, site, site_file, res: dict[str, Setting]) -> None:
+    """Adds ``res["recipe"]`` (--recipe, else the model's paper recipe, else none) and ``res["data_root"]``
+    (--data, else the site file's, else the recipe's)."""
     recipe = Setting(str(find_recipe(args.recipe, site.recipe_dirs)), "--recipe") if args.recipe else None
     if recipe is None and (found := recipe_for_model(args.model, site.recipe_dirs, site_file)) is not None:
         recipe = Setting(str(found[0]), found[1])
     res["recipe"] = recipe or Setting(None, "none (dataclass defaults)")
-    res["data_root"] = pick_data = (Setting(args.data, "flag") if args.data else
-                                    Setting(site.data_root, f"site file {site_file}") if site.data_root else
-                                    Setting(None, "recipe"))
-    flags = {"--recipe": res["recipe"].value, "--model": args.model, "--data": pick_data.value,
-             "--deepspeed_config": args.deepspeed_config}
-    train_argv = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
+    res["data_root"] = (Setting(args.data, "flag") if args.data else
+                        Setting(site.data_root, f"site file {site_file}") if site.data_root else
+                        Setting(None, "recipe"))
+
+
+def _training_overrides(args: argparse.Namespace, site, site_file, res: dict[str, Setting]) -> list[str]:
+    """The trainer's section.field=value overrides: the command line's, --global-batch's and the site file's
+    tracking URI (the job need not read the site file); adds ``res["mlflow_uri"]``."""
     overrides = list(args.overrides)
     for o in overrides:
         if "=" not in o:
@@ -366,22 +401,35 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     res["mlflow_uri"] = Setting(site.mlflow_uri, f"site file {site_file}") if "tracking" in defaults else \
         Setting(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI") \
         if os.environ.get("MLFLOW_TRACKING_URI") else Setting(None, "default store")
+    return overrides
 
-    def load(extra: list[str]):
-        return load_train_config(res["recipe"].value, _flag_overrides(args, pick_data.value) + overrides + extra,
-                                 world)
 
-    cfg, _ = load([])
+def _load_config(args: argparse.Namespace, res: dict[str, Setting], overrides: list[str], world: int,
+                 run_dir: Path | None = None):
+    """(TrainConfig, DeepSpeed config) as the job will load them, validated for ``world`` ranks."""
+    extra = [] if run_dir is None else [f"run.run_dir={run_dir}"]
+    return load_train_config(res["recipe"].value, _flag_overrides(args, res["data_root"].value) + overrides + extra,
+                             world)
+
+
+def _resolve_run_dir(args: argparse.Namespace, cfg, site, site_file, res: dict[str, Setting]) -> Path:
+    """--run-dir, else the config's run.run_dir when set, else <runs_root>/<model>-<time>; adds
+    ``res["runs_root"]``."""
     runs_root = Setting(site.runs_root, f"site file {site_file}") if site.runs_root else Setting("runs", "default")
     res["runs_root"] = runs_root
     run_dir = args.run_dir or (cfg.run.run_dir if cfg.run.run_dir != DEFAULT_RUN_DIR else
                                f"{runs_root.value}/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = Path(run_dir).resolve()
-    cfg, ds = load([f"run.run_dir={run_dir}"])
+    return Path(run_dir).resolve()
+
+
+def _config_checks(cfg, args: argparse.Namespace, res: dict[str, Setting], world: int, timeout_min: int
+                   ) -> tuple[list[str], int | None]:
+    """The resolved config against the data and the resources: (the plan's check lines, the derived
+    checkpoint.every_steps or None)."""
     _check_model(cfg.model.name)
     _check_data(cfg)
     read_num_classes(cfg)
-    checks: list[str] = [f"world size {world} = {args.nodes} nodes x {tasks_per_node} tasks; "
+    checks: list[str] = [f"world size {world} = {args.nodes} nodes x {res['tasks_per_node'].value} tasks; "
                          f"{batch_plan(cfg, world).line()}"
                          + (" (data.global_batch_size)" if cfg.data.global_batch_size else
                             " (data.batch_size per rank: the global batch grows with the world size)")]
@@ -390,26 +438,21 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         fitted, line = fit_num_workers(cfg.data, cpus)
         checks.append(line or f"loader workers: {fitted.num_workers} per rank ({cpus} CPUs per task)")
     derived = _check_time(cfg, args, timeout_min, world, res["gpus_per_node"].value, res["gpu_type"].value, checks)
-    if derived is not None:
-        overrides.append(f"checkpoint.every_steps={derived}")
-        cfg, ds = load([f"run.run_dir={run_dir}"])
+    return checks, derived
 
-    train_argv += ["--run-dir", str(run_dir), *overrides]
-    folder = Path(args.folder).resolve() if args.folder else run_dir / "submitit"
-    params = dict(nodes=args.nodes, tasks_per_node=tasks_per_node, gpus_per_node=res["gpus_per_node"].value or None,
-                  cpus_per_task=cpus, mem_gb=res["mem_gb"].value, partition=res["partition"].value,
+
+def _executor_params(args: argparse.Namespace, res: dict[str, Setting], timeout_min: int, model: str
+                     ) -> dict[str, Any]:
+    """The submitit executor's parameters (SLURM: requeue on, the whole step killed when one task fails)."""
+    params = dict(nodes=args.nodes, tasks_per_node=res["tasks_per_node"].value,
+                  gpus_per_node=res["gpus_per_node"].value or None, cpus_per_task=res["cpus_per_task"].value,
+                  mem_gb=res["mem_gb"].value, partition=res["partition"].value,
                   account=res["account"].value, qos=res["qos"].value, constraint=res["constraint"].value,
                   timeout_min=timeout_min, signal_delay_s=args.signal_delay_s,
-                  job_name=args.job_name or f"cpvt-{cfg.model.name}", max_num_timeout=args.max_requeues)
+                  job_name=args.job_name or f"cpvt-{model}", max_num_timeout=args.max_requeues)
     if args.cluster == "slurm":
         params.update(additional_parameters={"requeue": True}, srun_args=["--kill-on-bad-exit=1"])
-    return Plan(cluster=args.cluster, executor_params=params, train_argv=train_argv, run_dir=run_dir,
-                folder=folder, world_size=world, max_requeues=args.max_requeues, config_yaml=cfg.to_yaml(),
-                deepspeed=ds, tracking_uri=tracking.default_uri(cfg.tracking.uri) if cfg.tracking.enabled else
-                "(tracking disabled)", experiment=cfg.tracking.experiment, checks=checks,
-                run_name=(cfg.tracking.run_name or run_dir.name) if cfg.tracking.enabled else None,
-                settings={"site file": Setting(site_file, "$CPVT_SITE or ~/.config/cpvt/site.yaml"), **res},
-                model=cfg.model.name, recipe=cfg.tracking.recipe)
+    return params
 
 
 def _flag_overrides(args, data_root: str | None = None) -> list[str]:

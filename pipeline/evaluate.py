@@ -204,7 +204,8 @@ def describe_settings(data_cfg, aug_cfg, resolutions: Sequence[int]) -> str:
             f"channels_last={data_cfg.channels_last} jpeg_draft={data_cfg.jpeg_draft}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m pipeline.evaluate``; a flag left out takes the run config's setting."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="export .safetensors, checkpoint folder (step_*) or run dir")
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (run.ema=true)")
@@ -226,8 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     # the deepspeed launcher passes --local_rank=N (ranks come from the environment, see detect_env)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
 
+
+def _settings_from_args(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """(data, aug, resolutions, where they came from, eval mode, native max aspect): the flags over the stored
+    run config; a bad setting ends through ``p.error`` (exit 2)."""
     data_flags = {"root": args.data, "format": args.format, "eval_batch_size": args.batch_size,
                   "num_workers": args.workers}
     aug_flags = {"crop_pct": args.crop_pct, "eval_interpolation": args.interpolation,
@@ -237,6 +242,27 @@ def main(argv: list[str] | None = None) -> int:
         mode, max_aspect = eval_mode_settings(args.model, args.mode, args.max_aspect)
     except ConfigError as e:
         p.error(str(e))
+    return data_cfg, aug_cfg, resolutions, origin, mode, max_aspect
+
+
+def _load_checked_model(p: argparse.ArgumentParser, args: argparse.Namespace, mode: str,
+                        resolutions: Sequence[int], max_aspect: float):
+    """(model, name) from ``args.model``; in native mode every resolution is checked against the model's patch
+    size; --ema without EMA weights or a bad resolution ends through ``p.error`` (exit 2)."""
+    try:
+        model, name = load_model(args.model, ema=args.ema)
+        if mode == "native":   # the whole image, both sides multiples of the model's patch size
+            for r in resolutions:
+                check_native(r, model.patch_size, max_aspect, field="resolutions")
+    except ValueError as e:  # --ema without EMA weights; a ConfigError (a ValueError) from check_native
+        p.error(str(e))
+    return model, name
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    data_cfg, aug_cfg, resolutions, origin, mode, max_aspect = _settings_from_args(p, args)
 
     env = detect_env()  # torchrun / deepspeed / SLURM variables, or a single process
     rank, world_size = env.rank, env.world_size
@@ -253,13 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # (torch.distributed._shard, ...) take ``group=dist.group.WORLD`` as a default argument, so importing them
     # afterwards pins the group; destroy() could not free it and gloo's worker threads would outlive the
     # interpreter, now and then aborting it at exit ("terminate called without an active exception").
-    try:
-        model, name = load_model(args.model, ema=args.ema)
-        if mode == "native":   # the whole image, both sides multiples of the model's patch size
-            for r in resolutions:
-                check_native(r, model.patch_size, max_aspect, field="resolutions")
-    except ValueError as e:  # --ema without EMA weights; a ConfigError (a ValueError) from check_native
-        p.error(str(e))
+    model, name = _load_checked_model(p, args, mode, resolutions, max_aspect)
     if data_cfg.format == "ffcv":
         import_ffcv()
     if world_size > 1:

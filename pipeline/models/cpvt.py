@@ -217,53 +217,72 @@ class CPVT(nn.Module):
             drop_path_rate: Stochastic depth rate (linearly increasing over blocks, as in DeiT).
         """
         super().__init__()
-        if global_pool not in ('token', 'avg'):
-            raise ValueError(f"global_pool must be one of 'token', 'avg', got {global_pool!r}")
-        if global_pool == 'token' and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg' without it)")
-        if pos_embed not in ('none', 'learned'):
-            raise ValueError(f"pos_embed must be one of 'none', 'learned', got {pos_embed!r}")
-        if not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f'patch_size must be a positive int, got {patch_size!r}')
-
+        _check_cpvt_args(global_pool, class_token, pos_embed, patch_size)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_size = patch_size
-        self.num_prefix_tokens = 1 if class_token else 0
         self.peg_positions = check_peg_positions(peg_positions, depth)
-        self.peg_kernel = peg_kernel
         self.grad_checkpointing = False
 
+        # the creation order (embeddings, blocks, PEGs, head) fixes the state-dict keys and the seeded inits
+        self._build_embeddings(img_size, in_chans, class_token, pos_embed)
+        self._build_blocks(
+            depth, num_heads, mlp_ratio, qkv_bias, norm_eps, proj_drop_rate, attn_drop_rate, drop_path_rate)
+        self._build_pegs(peg_kernel)
+        self._build_head(norm_eps, drop_rate)
+        self.init_weights()
+
+    def _build_embeddings(
+            self, img_size: Union[int, Tuple[int, int]], in_chans: int, class_token: bool, pos_embed: PosEmbedType,
+    ) -> None:
+        """Patch embedding, the optional class token (the prefix token) and the optional learned `pos_embed`."""
+        self.num_prefix_tokens = 1 if class_token else 0
         # strict_img_size=False: any size that is a multiple of patch_size (checked in forward_features)
         self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            img_size=img_size, patch_size=self.patch_size, in_chans=in_chans, embed_dim=self.embed_dim,
             strict_img_size=False,
         )
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if class_token else None
         if pos_embed == 'learned':
             num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, self.embed_dim))
         else:
             self.pos_embed = None
 
+    def _build_blocks(
+            self,
+            depth: int,
+            num_heads: int,
+            mlp_ratio: float,
+            qkv_bias: bool,
+            norm_eps: float,
+            proj_drop_rate: float,
+            attn_drop_rate: float,
+            drop_path_rate: float,
+    ) -> None:
+        """The `depth` transformer blocks, stochastic depth rising linearly over them."""
         dpr = calculate_drop_path_rates(drop_path_rate, depth)  # linear 0 -> drop_path_rate (DeiT)
         self.blocks = nn.ModuleList([
             Block(
-                dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                dim=self.embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_eps=norm_eps,
             )
             for i in range(depth)
         ])
+
+    def _build_pegs(self, peg_kernel: int) -> None:
+        """One PEG per entry of `peg_positions`, and the block index -> PEG index map the forward uses."""
+        self.peg_kernel = peg_kernel
         # pos_block[k] is applied after block peg_positions[k] (-1: before block 0)
-        self.pos_block = nn.ModuleList([PEG(embed_dim, peg_kernel) for _ in self.peg_positions])
+        self.pos_block = nn.ModuleList([PEG(self.embed_dim, peg_kernel) for _ in self.peg_positions])
         self._peg_index = {pos: k for k, pos in enumerate(self.peg_positions)}
 
-        self.norm = LayerNorm(embed_dim, eps=norm_eps)
+    def _build_head(self, norm_eps: float, drop_rate: float) -> None:
+        """Final LayerNorm, dropout before the classifier, and the classifier (Identity when num_classes=0)."""
+        self.norm = LayerNorm(self.embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-        self.init_weights()
+        self.head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     def init_weights(self) -> None:
         """DeiT init: trunc_normal(.02) on Linear weights, cls_token and pos_embed; PEGs init themselves."""
@@ -376,6 +395,18 @@ class CPVT(nn.Module):
                 x = blk(x)
             x = self._peg_after(i, x, grid_size)
         return maps
+
+
+def _check_cpvt_args(global_pool: str, class_token: bool, pos_embed: str, patch_size: int) -> None:
+    """Reject CPVT arguments that no model can be built from (ValueError naming the argument)."""
+    if global_pool not in ('token', 'avg'):
+        raise ValueError(f"global_pool must be one of 'token', 'avg', got {global_pool!r}")
+    if global_pool == 'token' and not class_token:
+        raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg' without it)")
+    if pos_embed not in ('none', 'learned'):
+        raise ValueError(f"pos_embed must be one of 'none', 'learned', got {pos_embed!r}")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f'patch_size must be a positive int, got {patch_size!r}')
 
 
 def _init_linear(module: nn.Module) -> None:
