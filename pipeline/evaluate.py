@@ -242,6 +242,8 @@ def _settings_from_args(p: argparse.ArgumentParser, args: argparse.Namespace):
         mode, max_aspect = eval_mode_settings(args.model, args.mode, args.max_aspect)
     except ConfigError as e:
         p.error(str(e))
+    except FileNotFoundError as e:  # neither an export nor a folder holding a complete checkpoint
+        p.error(f"model: {e} (give an export .safetensors, a run folder or a checkpoint folder)")
     return data_cfg, aug_cfg, resolutions, origin, mode, max_aspect
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from helpers_analysis import tiny_cpvt, tiny_wds
+from helpers_train import PY, ROOT, job_env
 from pipeline.config import ConfigError
 from pipeline.data.aspect_buckets import bucket_shapes, native_shape, plan_native_batches
 from pipeline.data.loader import build_eval_loader
@@ -181,3 +183,14 @@ def test_trainer_evaluator_follows_eval_mode(root):
     assert results["center_crop"]["n"] == results["native"]["n"] == n
     assert results["native"]["tokens"] > results["center_crop"]["tokens"] == n * 4
     assert results["native"]["loss"] != pytest.approx(results["center_crop"]["loss"])
+
+
+def test_a_missing_model_is_one_line(tmp_path):
+    """``python -m pipeline.evaluate PATH`` where PATH holds neither an export nor a complete checkpoint: argparse's
+    one error line (exit 2), no traceback."""
+    proc = subprocess.run([PY, "-m", "pipeline.evaluate", str(tmp_path / "nothing")], cwd=ROOT, env=job_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"evaluate.py: error: model: no complete checkpoint at "
+                                                    f"{tmp_path / 'nothing'} (give an export .safetensors, a run "
+                                                    f"folder or a checkpoint folder)")
