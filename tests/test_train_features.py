@@ -178,7 +178,8 @@ def test_ema_is_evaluated_at_the_training_resolution(ema_run):
     model.load_state_dict(model_states(ckpt)["ema"])
     cfg = from_dict(TrainConfig, yaml.safe_load((ckpt / "train_config.yaml").read_text()))
     res = evaluation.evaluate(model.eval(), cfg.data, resolutions=(TRAIN_RES,), rank=0, world_size=1,
-                              crop_pct=cfg.aug.crop_pct, device=torch.device("cpu"), aug_cfg=cfg.aug)
+                              crop_pct=cfg.aug.crop_pct, device=torch.device("cpu"), aug_cfg=cfg.aug,
+                              patch_size=model.patch_size)
     assert res[TRAIN_RES]["n"] == VAL_SIZE
     assert hist[TOTAL_STEPS] == pytest.approx(res[TRAIN_RES]["top1"])
     assert f"EMA top-1 at {TRAIN_RES}px: {res[TRAIN_RES]['top1']:.2f}" in proc.stdout
