@@ -58,7 +58,7 @@ def setup_torch_dist_env() -> dict[str, str]:
     agree on the port through the job's submitit folder."""
     try:
         folder = submitit.JobEnvironment().paths.folder
-    except RuntimeError:   # not inside a submitit job (a plain process)
+    except (RuntimeError, KeyError):   # not in a submitit job, or in its debug executor (in-process, one rank)
         folder = None
     values = torch_dist_env(folder=folder)
     os.environ.update(values)
