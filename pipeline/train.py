@@ -507,27 +507,24 @@ def finish(trainer: Trainer, reason: StopReason | None, wall_s: float) -> dict[s
     return summary
 
 
+# the faults a user or a cluster can cause: one line on stderr (this prefix) and a documented exit code
+FAULTS: tuple[tuple[type[BaseException], str, int], ...] = (
+    (ConfigError, "config error", EXIT_CONFIG),
+    (devices.DeviceError, "error", EXIT_CONFIG),
+    (NonFiniteLossError, "error", EXIT_NONFINITE),
+    (checkpointing.DamagedCheckpointError, "error", EXIT_CHECKPOINT),
+    (checkpointing.DiskFullError, "error", EXIT_DISK_FULL),
+    (RendezvousError, "error", EXIT_RENDEZVOUS),
+)
+
+
 def cli() -> int:
     try:
         summary = main()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except devices.DeviceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except checkpointing.DamagedCheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CHECKPOINT
-    except checkpointing.DiskFullError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_DISK_FULL
-    except RendezvousError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_RENDEZVOUS
+    except tuple(kind for kind, _, _ in FAULTS) as e:
+        prefix, code = next((prefix, code) for kind, prefix, code in FAULTS if isinstance(e, kind))
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return code
     return int(summary.get("exit_code", 0))
 
 
