@@ -239,8 +239,9 @@ def _error_text(job: submitit.Job, state: str) -> str:
             except Exception as e:  # noqa: BLE001 - a torn pickle is reported, not raised
                 parts.append(f"[task {t.task_id}] unreadable result pickle {rp}: {e}")
                 continue
-            if outcome == "error":
-                parts.append(f"[task {t.task_id}] raised:\n{value}")
+            if outcome == "error":   # the traceback stays in the task's log; its last line says what failed
+                last = str(value).strip().splitlines()[-1] if str(value).strip() else "an error"
+                parts.append(f"[task {t.task_id}] raised {last} (traceback: {t.paths.stderr})")
             continue
         log = _tail(t.paths.stderr) or _tail(t.paths.stdout)
         parts.append(f"[task {t.task_id}] no result ({state}); log {t.paths.stderr}:\n{log}".rstrip())

@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # `python launchers/slurm_submit.py` runs this fi
 from pipeline import tracking  # noqa: E402
 from pipeline.config import (ConfigError, Setting, batch_plan, check_choice, check_positive, find_recipe,  # noqa: E402
                              load_site, load_train_config, pick, recipe_for_model, train_defaults)
-from pipeline.data.shard_index import read_num_classes, read_wds_info  # noqa: E402
+from pipeline.data.shard_index import check_index, read_num_classes, read_wds_info  # noqa: E402
 from pipeline.data.workers import fit_num_workers  # noqa: E402
 from pipeline.schedules import ResolutionSchedule  # noqa: E402
 from pipeline.storage import is_url  # noqa: E402
@@ -429,6 +429,7 @@ def _config_checks(cfg, args: argparse.Namespace, res: dict[str, Setting], world
     _check_model(cfg.model.name)
     _check_data(cfg)
     read_num_classes(cfg)
+    check_index(cfg)   # the index parses and every shard has the size it records: before the job queues
     checks: list[str] = [f"world size {world} = {args.nodes} nodes x {res['tasks_per_node'].value} tasks; "
                          f"{batch_plan(cfg, world).line()}"
                          + (" (data.global_batch_size)" if cfg.data.global_batch_size else

@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -175,6 +176,31 @@ def exists(path: str | os.PathLike) -> bool:
         return True
     except NotFound:
         return False
+
+
+def sizes(prefix: str | os.PathLike, paths: list[str]) -> dict[str, int | None]:
+    """Byte size of each of ``paths`` (files or objects under ``prefix``), ``None`` for one that does not exist:
+    one listing for an S3 prefix, a stat each for local files, a HEAD each (16 at a time) over HTTP."""
+    prefix = str(prefix)
+    if prefix.startswith("s3://"):
+        bucket, key = _split_s3(prefix.rstrip("/") + "/")
+        listed: dict[str, int] = {}
+        try:
+            for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                listed.update({f"s3://{bucket}/{o['Key']}": int(o["Size"]) for o in page.get("Contents", [])})
+        except (BotoCoreError, ClientError) as e:
+            raise _s3_error(prefix, e) from None
+        return {p: listed.get(p) for p in paths}
+
+    def size(path: str) -> int | None:
+        try:
+            return int(stat(path)["size"])
+        except NotFound:
+            return None
+    if not is_url(prefix):
+        return {p: size(p) for p in paths}
+    with ThreadPoolExecutor(16) as ex:
+        return dict(zip(paths, ex.map(size, paths)))
 
 
 def is_local_dir(path: str | os.PathLike) -> bool:
@@ -354,4 +380,5 @@ def abort_uploads(prefix: str) -> list[str]:
 
 
 __all__ = ["NotFound", "StorageError", "abort_uploads", "delete", "exists", "incomplete_uploads", "is_local_dir",
-           "is_url", "join", "listdir", "open_read", "read_bytes", "sha256", "stat", "upload_file", "write_bytes"]
+           "is_url", "join", "listdir", "open_read", "read_bytes", "sha256", "sizes", "stat", "upload_file",
+           "write_bytes"]

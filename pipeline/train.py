@@ -44,7 +44,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 from timm.utils import ModelEmaV3  # noqa: E402
 
 import pipeline.models  # noqa: E402,F401  (registers cpvt_* with timm)
-from pipeline import checkpointing, deepspeed_compat, tracking  # noqa: E402
+from pipeline import checkpointing, deepspeed_compat, storage, tracking  # noqa: E402
 from pipeline import device as devices  # noqa: E402
 from pipeline.checkpointing import Checkpointer  # noqa: E402
 from pipeline.config import (ConfigError, TrainConfig, batch_plan, flatten, load_site, load_train_config,  # noqa: E402
@@ -53,6 +53,7 @@ from pipeline.data.aspect_buckets import train_bucket_shapes  # noqa: E402
 from pipeline.data.loader import build_train_loader  # noqa: E402
 from pipeline.data.shard_index import check_index, read_num_classes  # noqa: E402
 from pipeline.data.step_batches import StepBatches  # noqa: E402
+from pipeline.data.tar_samples import ShardReadError, TarFormatError, worker_message  # noqa: E402
 from pipeline.data.workers import fit_num_workers, task_cpus  # noqa: E402
 from pipeline.distributed import RendezvousError, all_reduce_sum, destroy, detect_env, init_distributed  # noqa: E402
 from pipeline.evaluate import Evaluator, format_table  # noqa: E402
@@ -68,6 +69,7 @@ EXIT_NONFINITE = 65   # too many non-finite losses in a row
 EXIT_CONFIG = 2       # one-line ConfigError / DeviceError, nothing was started
 EXIT_CHECKPOINT = 66  # the checkpoint to resume could not be read (EX_NOINPUT)
 EXIT_RENDEZVOUS = 69  # the ranks could not agree on a rendezvous port (EX_UNAVAILABLE)
+EXIT_SHARD = 74       # a training or val shard could not be read after the start (EX_IOERR); resume after fixing it
 EXIT_DISK_FULL = 73   # the file system filled up during a checkpoint save (EX_CANTCREAT); the previous one is intact
 
 
@@ -158,7 +160,10 @@ def run(cfg: TrainConfig, ds_config: dict[str, Any] | None = None, *, train_load
         trainer = Trainer(cfg, ds_config, env, num_classes, choice, prec, train_loader=train_loader,
                           resume_plan=resume_plan)
         trainer.log.line(f"device {choice.reason}; {prec_line}")
-        reason, wall_s = trainer.fit()
+        try:
+            reason, wall_s = trainer.fit()
+        except (TarFormatError, storage.StorageError) as e:
+            raise ShardReadError(shard_fault_line(e, cfg, trainer.state.global_step)) from None
         return finish(trainer, reason, wall_s)
     except (Exception, KeyboardInterrupt) as e:
         tracking.end_run_after_error(e)  # FAILED / KILLED, not FINISHED by MLflow's atexit hook
@@ -507,6 +512,15 @@ def finish(trainer: Trainer, reason: StopReason | None, wall_s: float) -> dict[s
     return summary
 
 
+def shard_fault_line(error: BaseException, cfg: TrainConfig, step: int) -> str:
+    """What a shard that failed mid-run says: the shard and cause, what to check, where to resume from."""
+    latest = checkpointing.find_latest(cfg.run_dir / "checkpoints")
+    resume = (f"resume from the last complete checkpoint {latest} with --resume auto" if latest else
+              "start again (no checkpoint was saved yet)")
+    return (f"a shard could not be read at step {step}: {worker_message(error)}. Check the shards with "
+            f"`python -m data_prep verify {cfg.data.root}`, rewrite the damaged ones, then {resume}")
+
+
 # the faults a user or a cluster can cause: one line on stderr (this prefix) and a documented exit code
 FAULTS: tuple[tuple[type[BaseException], str, int], ...] = (
     (ConfigError, "config error", EXIT_CONFIG),
@@ -515,6 +529,7 @@ FAULTS: tuple[tuple[type[BaseException], str, int], ...] = (
     (checkpointing.DamagedCheckpointError, "error", EXIT_CHECKPOINT),
     (checkpointing.DiskFullError, "error", EXIT_DISK_FULL),
     (RendezvousError, "error", EXIT_RENDEZVOUS),
+    (ShardReadError, "error", EXIT_SHARD),
 )
 
 

@@ -3,9 +3,11 @@ a tiny CPVT recipe, and a launcher that runs pipeline/train.py as real 1- or 2-r
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -160,15 +162,17 @@ def model_states(ckpt: Path) -> dict:
     return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
 
 
-def data_without_shards(data: Path, dest: Path) -> Path:
-    """A copy of ``data``'s class list and WebDataset index without the shards: it passes every check made before
-    a job starts (``_info.json`` exists), and only the job, when it opens the first shard, finds out."""
-    import shutil
-
-    (dest / "wds").mkdir(parents=True)
-    shutil.copy(data / "classes.json", dest)
-    for index in (data / "wds").glob("*.json"):
-        shutil.copy(index, dest / "wds")
+def data_with_damaged_shard(data: Path, dest: Path, shard: str = "train-000000.tar", member: int = 2) -> Path:
+    """A copy of ``data`` whose WebDataset ``shard`` has the tar header of its ``member``-th member overwritten
+    with 0xFF bytes: same size, so it passes every check made before a job starts (the index and the shard
+    sizes), and only the job, when its reader reaches that header, finds out."""
+    shutil.copytree(data, dest, ignore=shutil.ignore_patterns("ffcv"))
+    path = dest / "wds" / shard
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[member].offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 512)
     return dest
 
 

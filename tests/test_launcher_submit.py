@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -83,6 +84,20 @@ def test_missing_data_path_fails_before_submission(capsys, tiny_recipe, tmp_path
                          "local")
     assert rc == 2 and err == f"error: --data: {tmp_path / 'nope'} does not exist\n"
     assert not list(tmp_path.iterdir())
+
+
+def test_a_short_shard_fails_before_submission(capsys, tiny_data, tiny_recipe, tmp_path):
+    """A shard smaller than ``_info.json`` records is found at submission (a stat per shard), not by the job."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("ffcv"))
+    shard = data / "wds" / "train-000000.tar"
+    size = shard.stat().st_size
+    os.truncate(shard, size - 512)
+    rc, _, err = _submit(capsys, "--recipe", str(tiny_recipe), "--data", str(data), "--run-dir",
+                         str(tmp_path / "run"), "--cluster", "local")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: data.root: 1 of ") and f"{shard} ({size - 512} bytes, _info.json says {size})" in err
+    assert not (tmp_path / "run").exists()
 
 
 def _launcher_env() -> dict[str, str]:

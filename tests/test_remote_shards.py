@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -238,12 +239,14 @@ def test_unreachable_endpoint_is_one_line_without_the_secret(remote_tiny, tiny_r
     _one_line(proc, "error:", f"{s3_root}/wds", "EndpointConnectionError")
 
 
-def test_missing_object_is_one_line_naming_it(remote_tiny, tmp_path):
-    """A shard listed in the index but missing behind HTTP: the loader stops with the trainer's one-line config
-    error before reading data (the trainer prints it as ``config error: ...``, tests/test_train_features.py),
-    ``verify`` names it; an object that disappears after the index was read: the tar reader names it."""
+def test_missing_object_is_one_line_naming_it(remote_tiny, s3, tmp_path):
+    """A shard listed in the index but missing behind HTTP (a HEAD each), or cut short in a bucket (one listing):
+    the loader stops with the trainer's one-line config error before reading data (the trainer prints it as
+    ``config error: ...`` before its process group, tests/test_train_config.py), ``verify`` names it; an object
+    that disappears after the index was read: the tar reader names it."""
     from pipeline.config import AugConfig, ConfigError, DataConfig, from_dict
     from pipeline.data.loader import build_train_loader
+    from pipeline.data.shard_index import load_split_index
     from pipeline.storage import NotFound
     from pipeline.data.tar_samples import tar_samples
 
@@ -256,13 +259,25 @@ def test_missing_object_is_one_line_naming_it(remote_tiny, tmp_path):
         data = from_dict(DataConfig, {"format": "wds", "root": http.url, "num_workers": 0})
         with pytest.raises(ConfigError) as e:
             build_train_loader(data, AugConfig(), num_classes=4, rank=0, world_size=1, seed=0)
-        assert str(e.value) == f"data.root: shard {http.url}/wds/train-000001.tar listed in _info.json does not exist"
+        n = len(json.loads((bad / "wds" / "_info.json").read_text())["splits"]["train"]["filenames"])
+        assert str(e.value) == (f"data.root: 1 of {n} train shards do not match _info.json: {http.url}/wds/"
+                                f"train-000001.tar (missing); check them with `python -m data_prep verify "
+                                f"{http.url}` and rewrite them with `python -m data_prep wds`")
         proc = subprocess.run([PY, "-m", "data_prep", "verify", http.url], cwd=ROOT, env=_env(),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1
         _one_line(proc, "verify:", "wds/train: shard train-000001.tar is missing")
     finally:
         http.stop()
+    c = s3.client()
+    for key, obj in _objects(s3, "tiny/").items():
+        short_obj = obj[:len(obj) // 2] if key == "wds/val-000000.tar" else obj
+        c.put_object(Bucket=BUCKET, Key=f"short/{key}", Body=short_obj)
+    short = f"s3://{BUCKET}/short"
+    full = len(_objects(s3, "tiny/wds/val-000000.tar")[""])
+    with pytest.raises(ConfigError, match=re.escape(f"{short}/wds/val-000000.tar ({full // 2} bytes, _info.json "
+                                                    f"says {full})")):
+        load_split_index(short, "val", field="data.val_split")
     missing = f"{s3_root}/wds/train-000099.tar"
     with pytest.raises(NotFound, match=f"^{missing}: no such object$"):
         list(tar_samples([{"url": missing}]))

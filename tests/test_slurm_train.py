@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from helpers_train import data_without_shards
+from helpers_train import data_with_damaged_shard
 from helpers_train import tiny_data, tiny_recipe  # noqa: F401 - session fixtures (shared tiny dataset)
 from launchers import slurm_submit
 from launchers.executor import job_infos, wait_for
@@ -263,9 +263,10 @@ def test_srun_train_py_two_nodes(slurm_cluster, job_env, tiny_data, tiny_recipe,
 
 
 def test_failing_training_job_surfaces_its_error(slurm_cluster, job_env, tiny_data, tiny_recipe, tmp_path):
-    """``slurm_submit.py --wait``: a data folder that passes every check before submission but whose shards are
-    missing (only the job finds out) -> the job's error text on stderr, exit code 1, the MLflow run FAILED."""
-    bad = data_without_shards(tiny_data, tmp_path / "data")
+    """``slurm_submit.py --wait``: a data folder that passes every check before submission but has a damaged
+    shard (only the job finds out) -> the job's one-line error on stderr with where its traceback is, exit code
+    1, the MLflow run FAILED."""
+    bad = data_with_damaged_shard(tiny_data, tmp_path / "data")
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "launchers/slurm_submit.py", "--cluster", "slurm", "--time", "10",
                            "--recipe", str(tiny_recipe), "--data", str(bad), "--run-dir", str(run_dir), "--wait",
@@ -273,9 +274,11 @@ def test_failing_training_job_surfaces_its_error(slurm_cluster, job_env, tiny_da
     assert proc.returncode == 1, proc.stdout + proc.stderr
     job_id = re.search(r"^submitted job (\d+) on slurm \(1 tasks\)$", proc.stdout, re.M).group(1)
     run_id = re.search(r"^MLflow: .* run (\w+)$", proc.stdout, re.M).group(1)
-    assert f"job {job_id} failed:\n[task 0] raised:\n" in proc.stderr
-    assert (f"pipeline.config.ConfigError: data.root: shard {bad}/wds/train-000000.tar listed in _info.json does "
-            f"not exist") in proc.stderr
+    found = re.search(rf"^job {job_id} failed:\n\[task 0\] raised pipeline\.data\.tar_samples\.ShardReadError: a "
+                      rf"shard could not be read at step \d+: {re.escape(str(bad))}/wds/train-000000\.tar: tar header "
+                      rf"checksum mismatch .*\(traceback: (\S+)\)$", proc.stderr, re.M)
+    assert found, proc.stderr
+    assert "Traceback (most recent call last)" in Path(found.group(1)).read_text()
     from tests.helpers_tracking import runs_of
 
     [run] = runs_of(run_dir)

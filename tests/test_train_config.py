@@ -320,6 +320,41 @@ def test_a_damaged_wds_index_stops_before_the_process_group(tiny_data, tmp_path,
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_shard_stops_before_the_process_group(tiny_data, tmp_path, monkeypatch, capsys, damage):
+    """A train shard cut to half its size (issue 23: a 40-line ``TarFormatError`` traceback 20 s into the epoch)
+    or a missing val shard: the shard sizes are checked against ``_info.json`` with the config, one line naming
+    the shard and ``python -m data_prep verify``, exit 2, no process group, nothing written."""
+    import torch.distributed as dist
+
+    from pipeline import train
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("ffcv"))
+    split, shard = ("train", data / "wds" / "train-000001.tar") if damage == "truncate" else \
+        ("val", data / "wds" / "val-000000.tar")
+    size = shard.stat().st_size
+    n = len(json.loads((data / "wds" / "_info.json").read_text())["splits"][split]["filenames"])
+    if damage == "truncate":
+        os.truncate(shard, size // 2)
+        what = f"{shard} ({size // 2} bytes, _info.json says {size})"
+    else:
+        shard.unlink()
+        what = f"{shard} (missing)"
+    monkeypatch.setenv("CPVT_SITE", "")
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)   # a peer that never comes: reaching the process group would hang
+    monkeypatch.setattr(sys, "argv", ["pipeline/train.py", "--recipe", "cpvt_ti", "--data", str(data),
+                                      "--run-dir", str(tmp_path / "run"), "data.format=wds"])
+    assert train.cli() == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err == (f"config error: data.root: 1 of {n} {split} shards do not match _info.json: {what}; check "
+                   f"them with `python -m data_prep verify {data}` and rewrite them with `python -m data_prep "
+                   f"wds`\n"), err
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()
+
+
 def test_too_many_workers_hide_no_later_check(tiny_data, tmp_path):
     """The issue's case as a subprocess: 64 FFCV threads on this machine used to die in numba ("number of threads
     must be between 1 and N") after the process group started, hiding every later check; the checks now all run

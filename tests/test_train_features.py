@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +35,7 @@ from pipeline import checkpointing
 from pipeline.net import free_port
 from tests.helpers_tracking import runs_of, suite_store
 from tests.helpers_train import (DEEPSPEED, NUM_CLASSES, PY, ROOT, TORCHRUN, TRAIN_PER_CLASS, VAL_PER_CLASS,
-                                 data_without_shards, final_params, job_env, model_states, run_job,
+                                 data_with_damaged_shard, final_params, job_env, model_states, run_job,
                                  run_train, step_losses, tiny_data, tiny_recipe, train_cmd)  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -385,26 +387,43 @@ sys.exit(rc)
 
 
 def test_crashed_training_ends_its_mlflow_run_failed(tiny_data, tiny_recipe, tmp_path):  # noqa: F811
-    """The trainer started directly (no launcher) on a data folder whose shards are missing -- found only when the
-    loader is built, after the MLflow run started: the run ends FAILED (not FINISHED by MLflow's atexit hook)
-    with the error in its ``error`` tag. The same process, after the trainer set up and destroyed its process
-    group, has no torch function holding that group in a default argument (timm was imported before it)."""
+    """The trainer started directly (no launcher) on a data folder with a damaged shard of the right size --
+    found only when the reader reaches it, after the MLflow run started and a checkpoint was saved: one line
+    naming the shard, what to check and the checkpoint to resume from, exit :data:`EXIT_SHARD`, no traceback;
+    the run ends FAILED (not FINISHED by MLflow's atexit hook) with the error in its ``error`` tag. With the
+    shard rewritten, ``--resume auto`` continues from that checkpoint to the end. The same process, after the
+    trainer set up and destroyed its process group, has no torch function holding that group in a default
+    argument (timm was imported before it)."""
     import mlflow
 
-    from pipeline.train import EXIT_CONFIG
+    from pipeline.checkpointing import read_meta
+    from pipeline.train import EXIT_SHARD
 
-    bad = data_without_shards(tiny_data, tmp_path / "data")
+    bad = data_with_damaged_shard(tiny_data, tmp_path / "data")
     run_dir = tmp_path / "run"
     cmd = train_cmd(1, tiny_recipe, bad, run_dir, "zero2")
     proc = subprocess.run([PY, "-c", _CRASH_PROBE, *cmd[2:]], cwd=ROOT, env=job_env(), capture_output=True,
                           text=True, timeout=300)
-    error = f"data.root: shard {bad}/wds/train-000000.tar listed in _info.json does not exist"
-    assert proc.returncode == EXIT_CONFIG and f"config error: {error}" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == EXIT_SHARD, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    cause = f"{bad}/wds/train-000000.tar: tar header checksum mismatch (not a tar file, or damaged)"
+    found = re.fullmatch(rf"error: a shard could not be read at step (\d+): {re.escape(cause)}\. Check the "
+                         rf"shards with `python -m data_prep verify {re.escape(str(bad))}`, rewrite the damaged "
+                         rf"ones, then resume from the last complete checkpoint (\S+) with --resume auto", line)
+    assert found, line
+    ckpt = Path(found.group(2))
+    assert ckpt.parent == run_dir / "checkpoints" and (ckpt / "COMPLETE").is_file()
+    assert 0 < read_meta(ckpt)["step"] <= int(found.group(1))
     assert "process group in the defaults of: []" in proc.stdout, proc.stdout[-3000:]
     mlflow.set_tracking_uri(suite_store())
     [run] = runs_of(run_dir)
-    assert run.info.status == "FAILED" and run.data.tags["error"] == f"ConfigError: {error}"
-    assert run.data.params["data.root"] == str(bad)   # the run was under way when the loader failed
+    assert run.info.status == "FAILED" and run.data.tags["error"] == f"ShardReadError: {line[len('error: '):]}"
+    assert run.data.params["data.root"] == str(bad)   # the run was under way when the shard failed
+
+    shutil.copy(tiny_data / "wds" / "train-000000.tar", bad / "wds")
+    resumed = run_job(train_cmd(1, tiny_recipe, bad, run_dir, "zero2", "checkpoint.resume=auto"))
+    assert f"resumed from {ckpt}" in resumed.stdout, resumed.stdout[-3000:]
 
 
 def test_interrupted_run_ends_killed(tmp_path):

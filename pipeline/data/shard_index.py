@@ -11,7 +11,6 @@ Layout (see CONTRACTS.md): ``OUT/wds/{split}-NNNNNN.tar`` with ``__key__``, ``jp
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ class SplitIndex:
     num_samples: int
     urls: tuple[str, ...]           # absolute shard paths or URLs, in index order
     shard_lengths: tuple[int, ...]
+    shard_bytes: tuple[int, ...] | None = None   # each shard's size as written (None: an index without them)
 
     def shard_offsets(self) -> list[int]:
         """Global index of each shard's first sample (plus the total at the end)."""
@@ -81,7 +81,8 @@ def read_wds_info(root: str | Path) -> dict:
 
 def check_index(cfg: TrainConfig) -> None:
     """Read the index the loaders will read, now (before any process group or engine): for WebDataset,
-    ``_info.json`` must parse and list the train and val splits. The shards themselves are the loaders' to open."""
+    ``_info.json`` must parse and list the train and val splits, and every shard of both must exist with the
+    size the index recorded."""
     if cfg.data.format != "wds":
         return
     info = read_wds_info(cfg.data.root)
@@ -92,25 +93,31 @@ def check_index(cfg: TrainConfig) -> None:
     for field, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
         if split not in splits:
             raise ConfigError(f"{field}: {split!r} is not in {index} (available: {sorted(splits)})")
+        load_split_index(cfg.data.root, split, field=field)
 
 
-def _missing_shards(wds_dir: str, urls: list[str]) -> list[str]:
-    """Shards of ``urls`` that do not exist: one listing for a folder or an S3 prefix, a HEAD each over HTTP."""
+def check_shards(root: str | Path, index: SplitIndex) -> None:
+    """Every shard of ``index`` exists with the byte size ``_info.json`` recorded (one listing or a stat per
+    shard, no data read): a truncated or missing shard is one line now, not a traceback mid-epoch."""
+    wds_dir = storage.join(root, "wds")
     try:
-        if not storage.is_url(wds_dir):
-            return [u for u in urls if not Path(u).is_file()]
-        if wds_dir.startswith("s3://"):
-            present = {storage.join(wds_dir, n) for n in storage.listdir(wds_dir)}
-            return [u for u in urls if u not in present]
-        with ThreadPoolExecutor(16) as ex:
-            found = list(ex.map(storage.exists, urls))
+        found = storage.sizes(wds_dir, list(index.urls))
     except storage.StorageError as e:
         raise ConfigError(f"data.root: cannot list the shards: {e}") from None
-    return [u for u, ok in zip(urls, found) if not ok]
+    expected = index.shard_bytes or (None,) * len(index.urls)
+    bad = [f"{u} ({'missing' if found[u] is None else f'{found[u]} bytes, _info.json says {want}'})"
+           for u, want in zip(index.urls, expected)
+           if found[u] is None or (want is not None and found[u] >= 0 and found[u] != want)]   # -1: size unknown
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ConfigError(f"data.root: {len(bad)} of {len(index.urls)} {index.name} shards do not match "
+                          f"_info.json: {shown}; check them with `python -m data_prep verify {root}` and rewrite "
+                          f"them with `python -m data_prep wds`")
 
 
 def load_split_index(root: str | Path, split: str, field: str = "data.train_split") -> SplitIndex:
-    """The shard list of ``split``; relative file names are resolved against ``OUT/wds``."""
+    """The shard list of ``split`` (relative file names resolved against ``OUT/wds``), its shards checked
+    against the index's sizes by :func:`check_shards`."""
     wds_dir = storage.join(root, "wds")
     index_path = storage.join(wds_dir, "_info.json")
     info = read_wds_info(root)
@@ -121,18 +128,19 @@ def load_split_index(root: str | Path, split: str, field: str = "data.train_spli
     s = splits[split]
     names = list(s.get("filenames", []))
     lengths = [int(n) for n in s.get("shard_lengths", [])]
-    if not names or len(names) != len(lengths):
+    sizes = s.get("shard_bytes")
+    if not names or len(names) != len(lengths) or (sizes is not None and len(sizes) != len(names)):
         raise ConfigError(f"data.root: {index_path}: split {split!r} needs matching non-empty "
-                          f"'filenames' and 'shard_lengths'")
+                          f"'filenames', 'shard_lengths' and 'shard_bytes'")
     urls = [n if storage.is_url(n) or Path(n).is_absolute() else storage.join(wds_dir, n) for n in names]
-    missing = _missing_shards(wds_dir, urls)
-    if missing:
-        raise ConfigError(f"data.root: shard {missing[0]} listed in _info.json does not exist")
     num = int(s.get("num_samples", sum(lengths)))
     if num != sum(lengths):
         raise ConfigError(f"data.root: {index_path}: split {split!r} num_samples {num} != "
                           f"sum(shard_lengths) {sum(lengths)}")
-    return SplitIndex(name=split, num_samples=num, urls=tuple(urls), shard_lengths=tuple(lengths))
+    index = SplitIndex(name=split, num_samples=num, urls=tuple(urls), shard_lengths=tuple(lengths),
+                       shard_bytes=tuple(int(b) for b in sizes) if sizes is not None else None)
+    check_shards(root, index)
+    return index
 
 
 def ffcv_path(root: str | Path, split: str) -> str:
@@ -145,5 +153,5 @@ def ffcv_path(root: str | Path, split: str) -> str:
     return str(p)
 
 
-__all__ = ["SplitIndex", "check_index", "check_root", "ffcv_path", "load_split_index", "read_classes",
+__all__ = ["SplitIndex", "check_index", "check_shards", "check_root", "ffcv_path", "load_split_index", "read_classes",
            "read_num_classes", "read_wds_info"]

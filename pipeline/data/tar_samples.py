@@ -37,6 +37,21 @@ class TarFormatError(ValueError):
     """A shard that is not a readable tar archive (bad checksum, truncated member, ...)."""
 
 
+class ShardReadError(RuntimeError):
+    """Training stopped because a shard could not be read after the start (one line: the shard, the cause, the
+    checkpoint to resume from)."""
+
+
+def worker_message(error: BaseException) -> str:
+    """The one-line message of ``error``; an exception a DataLoader worker raised is re-raised in the main process
+    with the worker's traceback in its text, and its own message is then the last line (``module.Type: message``)."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text.splitlines()[0] if text else type(error).__name__
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _octal(field: bytes) -> int:
     field = field.rstrip(b"\0 ").lstrip(b" ")
     if field[:1] and field[0] & 0x80:                       # GNU base-256 for large numbers
@@ -118,4 +133,4 @@ def tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
                 yield sample
 
 
-__all__ = ["KEY_EXT", "META_NAME", "TarFormatError", "tar_members", "tar_samples"]
+__all__ = ["KEY_EXT", "META_NAME", "ShardReadError", "TarFormatError", "tar_members", "tar_samples", "worker_message"]
