@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import ConfigError, check_choice, check_positive, check_range
+from pipeline.redaction import redact
 
 from .demo_dataset import make_demo_dataset
 from .tasks import CLUSTERS
@@ -207,9 +208,9 @@ def run(a: argparse.Namespace) -> int:
         return 0
     if a.cmd == "verify":
         report = verify(a.out, formats=a.formats, decode=a.decode)
-        print(json.dumps(report, indent=2))
+        print(redact(json.dumps(report, indent=2)))
         if not report["ok"]:
-            print(f"verify: {len(report['errors'])} problem(s); first: {report['errors'][0]}", file=sys.stderr)
+            print(redact(f"verify: {len(report['errors'])} problem(s); first: {report['errors'][0]}"), file=sys.stderr)
         return 0 if report["ok"] else 1
     shuffle_seed = None if a.shuffle_seed < 0 else a.shuffle_seed
     params = {"timeout_min": a.timeout_min}
@@ -232,7 +233,7 @@ def run(a: argparse.Namespace) -> int:
             seed=a.seed, val_labels=a.val_labels, meta=a.meta, workers=a.workers, chunk_size=a.chunk_size,
             progress=not a.no_progress, cluster=a.cluster, folder=a.log_folder, array_size=a.array_size,
             executor_params=params if a.cluster != "pool" else None)
-    print(json.dumps(_summary(manifests), indent=2))
+    print(redact(json.dumps(_summary(manifests), indent=2)))
     return 0
 
 

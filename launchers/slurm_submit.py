@@ -48,6 +48,7 @@ from pipeline.config import (ConfigError, Setting, batch_plan, check_choice, che
 from pipeline.data.shard_index import check_index, read_num_classes, read_wds_info  # noqa: E402
 from pipeline.data.workers import fit_num_workers  # noqa: E402
 from pipeline.schedules import ResolutionSchedule  # noqa: E402
+from pipeline.redaction import redact  # noqa: E402
 from pipeline.storage import is_url  # noqa: E402
 from pipeline.submitit_compat import sbatch_header  # noqa: E402
 
@@ -89,6 +90,7 @@ class Plan:
     model: str | None = None     # run tags set at submission
     recipe: str | None = None
     mlflow_run_id: str | None = None  # set by submit(): the run created for this job
+    data_secret: str | None = None    # the data root with its credentials (argv has it masked); memory only
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -328,7 +330,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         _check_model(args.model)
 
     _resolve_recipe_and_data(args, site, site_file, res)
-    flags = {"--recipe": res["recipe"].value, "--model": args.model, "--data": res["data_root"].value,
+    data_root = res["data_root"].value
+    # a URL's credentials travel in the job's environment (CPVT_DATA_ROOT), never in its pickled argv or logs
+    flags = {"--recipe": res["recipe"].value, "--model": args.model,
+             "--data": redact(str(data_root)) if data_root is not None else None,
              "--deepspeed_config": args.deepspeed_config}
     train_argv = [x for k, v in flags.items() if v is not None for x in (k, str(v))]
     overrides = _training_overrides(args, site, site_file, res)
@@ -344,6 +349,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     folder = Path(args.folder).resolve() if args.folder else run_dir / "submitit"
     return Plan(cluster=args.cluster, executor_params=_executor_params(args, res, timeout_min, cfg.model.name),
                 train_argv=train_argv, run_dir=run_dir, folder=folder, world_size=world,
+                data_secret=str(data_root) if data_root is not None and redact(str(data_root)) != data_root else None,
                 max_requeues=args.max_requeues, config_yaml=cfg.to_yaml(), deepspeed=ds,
                 tracking_uri=tracking.default_uri(cfg.tracking.uri) if cfg.tracking.enabled else "(tracking disabled)",
                 experiment=cfg.tracking.experiment, checks=checks,
@@ -540,6 +546,8 @@ def submit(p: Plan):
         p.mlflow_run_id = create_mlflow_run(p)
     task = TrainJob(p.train_argv, str(p.run_dir), p.max_requeues, mlflow_run_id=p.mlflow_run_id,
                     tracking_uri=p.tracking_uri if p.mlflow_run_id else None)
+    if p.data_secret is not None:   # sbatch and the local executor pass the submitter's environment on
+        os.environ["CPVT_DATA_ROOT"] = p.data_secret
     try:
         job = executor.submit(task)
     except BaseException:
@@ -560,10 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         p = plan_from_args(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact(f"error: {e}"), file=sys.stderr)
         return 2
     if args.dry_run:
-        print(describe(p))
+        print(redact(describe(p)))
         return 0
     job = submit(p)
     print(f"submitted job {job.job_id} on {p.cluster} ({p.world_size} tasks)")
@@ -573,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logs (rank k): {str(first.stdout).replace('_0_log', '_<k>_log')}")
     print(f"run dir: {p.run_dir}")
     if p.mlflow_run_id is not None:
-        print(f"MLflow: {p.tracking_uri} experiment {p.experiment!r} run {p.mlflow_run_id}")
+        print(redact(f"MLflow: {p.tracking_uri} experiment {p.experiment!r} run {p.mlflow_run_id}"))
     else:
         print("MLflow: tracking disabled")
     if not args.wait:
@@ -581,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = wait_for(job)
     except JobFailedError as e:
-        print(f"job {job.job_id} failed:\n{e.text}", file=sys.stderr)
+        print(redact(f"job {job.job_id} failed:\n{e.text}"), file=sys.stderr)
         end_mlflow_run(p, "FAILED")
         return 1
     summary = results[0] if isinstance(results, list) else results

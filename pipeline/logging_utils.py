@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline.redaction import redact
 from pipeline.distributed import all_reduce_
 
 
@@ -109,6 +110,7 @@ class ProgressLog:
     def line(self, text: str) -> None:
         if self.rank != 0:
             return
+        text = redact(text)
         if self._bar is not None:
             self._bar.write(text)
         else:

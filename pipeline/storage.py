@@ -36,6 +36,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from pipeline.atomic import write_atomic
+from pipeline.redaction import is_redacted, redact
 
 SCHEMES = ("s3", "http", "https")
 CHUNK = 1 << 20
@@ -50,7 +51,11 @@ def _retries() -> int:
 
 
 class StorageError(OSError):
-    """A location that cannot be read or written after the bounded retries (one-line message naming it)."""
+    """A location that cannot be read or written after the bounded retries (one-line message naming it, any
+    credentials in its URL masked)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 class NotFound(StorageError, FileNotFoundError):
@@ -69,6 +74,10 @@ def check_location(path: str | os.PathLike) -> None:
         if not u.netloc:
             what, form = ("bucket", "s3://BUCKET/prefix") if u.scheme == "s3" else ("host", f"{u.scheme}://HOST/path")
             raise StorageError(f"{str(path)!r} is not a valid {u.scheme} URL: it names no {what} ({form})")
+        if is_redacted(str(path)):
+            raise StorageError(f"{str(path)!r} has its credentials masked (stored that way): pass the URL with "
+                               f"them again, set CPVT_DATA_ROOT to it, or keep them out of the URL (~/.netrc for "
+                               f"HTTP, the AWS environment for S3)")
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:

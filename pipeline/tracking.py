@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from pipeline.config import flatten
 from pipeline.distributed import detect_env
+from pipeline.redaction import redact, redact_values
 
 # mlflow (and pipeline.mlflow_compat) is imported inside the functions that talk to a store: it takes seconds to
 # import, and the store paths, a tracking-off run and the launchers' URI look-ups need none of it.
@@ -199,7 +200,7 @@ def dataset_summary(root: str | Path, fmt: str) -> dict[str, Any]:
     local = Path(root_s) if "://" not in root_s else None
     splits: dict[str, int] = {}
     hashes: list[str] = []
-    name = Path(root_s.rstrip("/")).name or root_s
+    name = Path(redact(root_s).rstrip("/")).name or redact(root_s)
     classes = _read_json(local / "classes.json") if local else None
     if local and fmt == "wds":
         info = _read_json(local / "wds" / "_info.json") or {}
@@ -226,7 +227,7 @@ def dataset_input(root: str | Path, fmt: str):
     from pipeline import mlflow_compat   # local: mlflow (see the imports)
 
     info = dataset_summary(root, fmt)
-    return mlflow_compat.ShardDataset(info["source"], name=info["name"], digest=info["digest"],
+    return mlflow_compat.ShardDataset(redact(info["source"]), name=info["name"], digest=info["digest"],
                                       profile=info["profile"])
 
 
@@ -278,19 +279,19 @@ class MLflowTracker(NullTracker):
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
-        flat = {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(dict(params)).items()}
+        flat = {k: redact(str(v))[:_MAX_PARAM_LEN] for k, v in flatten(dict(params)).items()}
         new = {k: v for k, v in flat.items() if k not in existing}  # resumed runs: params are immutable
         if new:
             self.mlflow.log_params(new)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.mlflow.set_tags({k: str(v)[:_MAX_TAG_LEN] for k, v in tags.items()})
+        self.mlflow.set_tags({k: redact(str(v))[:_MAX_TAG_LEN] for k, v in tags.items()})
 
     def log_dataset(self, root: str | Path, fmt: str) -> None:
         try:
             dataset = dataset_input(root, fmt)
         except Exception as e:  # noqa: BLE001 - metadata: the training itself must not stop for it
-            print(f"warning: dataset {root} not logged to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
+            print(redact(f"warning: dataset {root} not logged to MLflow ({type(e).__name__}: {e})"), file=sys.stderr)
             return
         self.mlflow.log_input(dataset, context="training")
 
@@ -300,10 +301,10 @@ class MLflowTracker(NullTracker):
             self.mlflow.log_metrics(clean, step=step)
 
     def log_text(self, text: str, name: str) -> None:
-        self.mlflow.log_text(text, name)
+        self.mlflow.log_text(redact(text), name)
 
     def log_dict(self, data: Any, name: str) -> None:
-        self.mlflow.log_dict(data, name)
+        self.mlflow.log_dict(redact_values(data), name)
 
     def log_artifact(self, path: str | Path) -> None:
         self.mlflow.log_artifact(str(path))
@@ -322,7 +323,7 @@ def end_run_after_error(exc: BaseException) -> None:
     if mlflow is None or mlflow.active_run() is None:
         return
     try:
-        mlflow.set_tag("error", (type(exc).__name__ + (f": {exc}" if str(exc) else ""))[:_MAX_TAG_LEN])
+        mlflow.set_tag("error", redact(type(exc).__name__ + (f": {exc}" if str(exc) else ""))[:_MAX_TAG_LEN])
     except Exception as e:  # noqa: BLE001 - the training error is the one to report
         print(f"warning: could not record the error in MLflow: {e}", file=sys.stderr)
     mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

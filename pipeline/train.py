@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -60,6 +61,7 @@ from pipeline.evaluate import Evaluator, format_table  # noqa: E402
 from pipeline.logging_utils import LossMeter, ProgressLog, StepTimer  # noqa: E402
 from pipeline.optim import build_optimizer, param_groups  # noqa: E402
 from pipeline.preemption import StopAgreement, install_stop_handlers  # noqa: E402
+from pipeline.redaction import is_redacted, redact  # noqa: E402
 from pipeline.resume import ResumePlan, Resumer, layout_meta, plan_resume  # noqa: E402
 from pipeline.rng import seed_everything  # noqa: E402
 from pipeline.schedules import LRSchedule, LRScheduler, ResolutionSchedule  # noqa: E402
@@ -115,10 +117,20 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Comman
     if recipe is None and (found := recipe_for_model(args.model, site.recipe_dirs, site_file)) is not None:
         recipe, why = str(found[0]), found[1]
         notes.insert(0, f"recipe {recipe} ({why}; --recipe picks another)")
-    flags = {"model.name": args.model, "data.root": args.data, "run.deepspeed_config": args.deepspeed_config,
-             "run.run_dir": args.run_dir, "checkpoint.resume": args.resume}
+    flags = {"model.name": args.model, "data.root": data_root(args.data, os.environ if environ is None else environ),
+             "run.deepspeed_config": args.deepspeed_config, "run.run_dir": args.run_dir,
+             "checkpoint.resume": args.resume}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     return CommandLine(recipe, overrides, defaults, site.recipe_dirs, notes, site_notes)
+
+
+def data_root(flag: str | None, environ) -> str | None:
+    """``--data``; where it is a URL whose credentials were masked when it was stored, ``CPVT_DATA_ROOT`` (the
+    same URL with them) stands in for it, kept in memory only."""
+    real = environ.get("CPVT_DATA_ROOT")
+    if flag and real and is_redacted(flag) and redact(real) == flag:
+        return real
+    return flag
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if env.rank == 0:
         for line in [*cmd.lines(cfg), workers_line, f"batch: {batch_plan(cfg, env.world_size).line()}"]:
             if line:
-                print(f"config: {line}", flush=True)
+                print(redact(f"config: {line}"), flush=True)
     return run(cfg, ds_config)
 
 
@@ -538,7 +550,7 @@ def cli() -> int:
         summary = main()
     except tuple(kind for kind, _, _ in FAULTS) as e:
         prefix, code = next((prefix, code) for kind, prefix, code in FAULTS if isinstance(e, kind))
-        print(f"{prefix}: {e}", file=sys.stderr)
+        print(redact(f"{prefix}: {e}"), file=sys.stderr)
         return code
     return int(summary.get("exit_code", 0))
 

@@ -4,7 +4,8 @@
   clients reach it through the standard AWS convention only: :meth:`S3Server.aws_files` writes an
   ``~/.aws/config``-style file (profile with ``endpoint_url``) and a credentials file, selected by
   ``AWS_CONFIG_FILE`` / ``AWS_SHARED_CREDENTIALS_FILE`` / ``AWS_PROFILE``.
-* :class:`HttpServer`: ``python -m http.server`` (threaded) over a folder, a separate process.
+* :class:`HttpServer`: ``python -m http.server`` (threaded) over a folder, a separate process;
+  :class:`AuthHttpServer` the same behind HTTP Basic authentication (401 without the user and token).
 
 Both are started by the test set-up, stopped at teardown and never reached from outside the machine.
 """
@@ -86,6 +87,46 @@ class HttpServer(_Process):
         port = free_port()
         super().__init__([PY, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
                          port, log)
+
+
+_AUTH_SERVER = """
+import base64, functools, http.server, sys
+port, folder, user, token = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+want = "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def _allowed(self):
+        if self.headers.get("Authorization") == want:
+            return True
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="shards"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return False
+
+    def do_GET(self):
+        if self._allowed():
+            super().do_GET()
+
+    def do_HEAD(self):
+        if self._allowed():
+            super().do_HEAD()
+
+http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=folder)).serve_forever()
+"""
+
+
+class AuthHttpServer(_Process):
+    """A folder behind HTTP Basic authentication: :attr:`url_with_credentials` reads it, :attr:`url` gets 401."""
+
+    def __init__(self, folder: Path, log: Path, user: str, token: str):
+        port = free_port()
+        self.user, self.token = user, token
+        super().__init__([PY, "-c", _AUTH_SERVER, str(port), str(folder), user, token], port, log)
+
+    @property
+    def url_with_credentials(self) -> str:
+        return f"http://{self.user}:{self.token}@127.0.0.1:{self.port}"
 
 
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",

@@ -92,12 +92,15 @@ def test_cycle_detection_finds_a_cycle():
 
 
 def test_config_package_sits_low():
-    """pipeline.config imports no other project module: everything (schedules, checkpointing, loaders, the
-    trainer, the launchers) may read configs without a cycle."""
+    """pipeline.config imports no other project module but leaves (modules that import none, e.g.
+    pipeline.redaction): everything (schedules, checkpointing, loaders, the trainer, the launchers) may read
+    configs without a cycle."""
     graph = import_graph()
     config = [m for m in graph if m == "pipeline.config" or m.startswith("pipeline.config.")]
     assert len(config) > 1   # the package and its modules
-    outside = {m: sorted(d for d in graph[m] if not d.startswith("pipeline.config")) for m in config}
+    assert "pipeline.redaction" in graph["pipeline.config.errors"] and not graph["pipeline.redaction"]
+    outside = {m: sorted(d for d in graph[m] if not d.startswith("pipeline.config") and graph.get(d))
+               for m in config}
     assert all(not deps for deps in outside.values()), outside
 
 

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from pipeline.redaction import redact
+
 
 class ConfigError(ValueError):
-    """A one-line, user-facing configuration error (raised before any data or process group is touched)."""
+    """A one-line, user-facing configuration error (raised before any data or process group is touched); a URL
+    in it is shown with its credentials masked."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 ConfigError.__module__ = "pipeline.config"   # its public name, as tracebacks and job logs print it

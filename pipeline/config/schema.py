@@ -18,6 +18,7 @@ import yaml
 
 from pipeline.config.errors import ConfigError, check_multiple, check_positive, check_range
 from pipeline.config.sections import to_dict
+from pipeline.redaction import redact_values
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -529,4 +530,5 @@ class TrainConfig:
         return Path(self.run.run_dir)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(to_dict(self), sort_keys=False)
+        """The config as stored in the run folder, the checkpoints and MLflow: URLs without their credentials."""
+        return yaml.safe_dump(redact_values(to_dict(self)), sort_keys=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from typing import IO, Iterable, Iterator
 
+from pipeline.redaction import redact
 from pipeline.storage import open_read
 
 BLOCK = 512
@@ -34,7 +35,10 @@ META_NAME = re.compile(r"__[^/]*__($|/)")
 
 
 class TarFormatError(ValueError):
-    """A shard that is not a readable tar archive (bad checksum, truncated member, ...)."""
+    """A shard that is not a readable tar archive (bad checksum, truncated member, ...); credentials masked."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 class ShardReadError(RuntimeError):
