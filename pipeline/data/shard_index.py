@@ -94,6 +94,16 @@ def check_index(cfg: TrainConfig) -> None:
             raise ConfigError(f"{field}: {split!r} is not in {index} (available: {sorted(splits)})")
 
 
+def has_split(root: str | Path, fmt: str, split: str) -> bool:
+    """Whether data_prep wrote ``split`` for ``fmt``: listed in ``wds/_info.json``, or ``ffcv/{split}.beton`` exists
+    (an optional split, e.g. minival: its absence is no error)."""
+    if fmt == "ffcv":
+        return not storage.is_url(root) and (Path(root) / "ffcv" / f"{split}.beton").is_file()
+    info = read_wds_info(root)
+    splits = info.get("splits") if isinstance(info, dict) else None
+    return isinstance(splits, dict) and split in splits
+
+
 def _missing_shards(wds_dir: str, urls: list[str]) -> list[str]:
     """Shards of ``urls`` that do not exist: one listing for a folder or an S3 prefix, a HEAD each over HTTP."""
     try:
@@ -145,5 +155,5 @@ def ffcv_path(root: str | Path, split: str) -> str:
     return str(p)
 
 
-__all__ = ["SplitIndex", "check_index", "check_root", "ffcv_path", "load_split_index", "read_classes",
+__all__ = ["SplitIndex", "check_index", "check_root", "ffcv_path", "has_split", "load_split_index", "read_classes",
            "read_num_classes", "read_wds_info"]
