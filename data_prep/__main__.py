@@ -10,8 +10,12 @@ Examples::
     python -m data_prep ffcv --src /datasets/imagenet --out /scratch/in1k --cluster slurm --partition cpu \\
         --cpus-per-task 32 --timeout-min 600      # one array job per split
     python -m data_prep verify data/demo --decode
+    python -m data_prep wds  --src /datasets/imagenet --out /scratch/in1k --minival-fraction 0.02  # 2 % held out
     python -m data_prep wds  --src /datasets/imagenet --out s3://bucket/in1k --workers 16   # AWS_* variables/files
     python -m data_prep verify s3://bucket/in1k          # or https://host/in1k (read-only)
+
+Writing train also writes ``minival``: ``--minival-fraction`` (default 1 %) of train held out, on which training
+chooses the test resolution (:mod:`data_prep.minival`; 0: none).
 
 Arguments are validated before any data is read; a bad one gives a one-line ``error: ...`` and exit code 2.
 ``verify`` exits 1 when it finds a problem. The writers print a JSON summary of their manifests. A storage
@@ -30,6 +34,7 @@ from pipeline.config import ConfigError, check_choice, check_positive, check_ran
 from pipeline.redaction import redact
 
 from .demo_dataset import make_demo_dataset
+from .minival import DEFAULT_FRACTION, MAX_FRACTION, MINIVAL, SOURCE
 from .tasks import CLUSTERS
 from .verify import verify
 from .write_ffcv import WRITE_MODES, write_ffcv
@@ -70,6 +75,11 @@ def _add_source_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--val-labels", default=None, help="LOC_val_solution.csv or devkit ground-truth txt")
     q.add_argument("--meta", default=None, help="devkit meta.mat (with a devkit --val-labels)")
     q.add_argument("--shuffle-seed", type=int, default=0, help="train sample order; -1 keeps sorted order")
+    q.add_argument("--minival-fraction", type=float, default=DEFAULT_FRACTION,
+                   help=f"carve this share of train (stratified by class, by a hash of each image's key) into the "
+                        f"held-out split 'minival', on which training picks the test resolution; 0: none "
+                        f"(default {DEFAULT_FRACTION}, as big_vision / DeiT III hold out 1-2 %% of ImageNet)")
+    q.add_argument("--minival-seed", type=int, default=0, help="which images the carve takes")
     q.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     q.add_argument("--no-progress", action="store_true")
 
@@ -149,6 +159,10 @@ def validate(a: argparse.Namespace) -> None:
         return
     if not Path(a.src).is_dir():
         raise ConfigError(f"--src: {a.src!r} is not a directory")
+    if MINIVAL in a.splits:
+        raise ConfigError(f"--splits: {MINIVAL!r} is carved from {SOURCE!r}: list {SOURCE} and set "
+                          f"--minival-fraction")
+    check_range("--minival-fraction", a.minival_fraction, 0.0, MAX_FRACTION)
     for s in a.splits:
         if not (Path(a.src) / s).is_dir():
             raise ConfigError(f"--splits: {s!r} has no directory {Path(a.src) / s}")
@@ -225,14 +239,16 @@ def run(a: argparse.Namespace) -> int:
             shard_max_count=a.shard_max_count, shard_max_bytes=int(a.shard_max_mb * (1 << 20)),
             shuffle_seed=shuffle_seed, val_labels=a.val_labels, meta=a.meta, cluster=a.cluster,
             workers=a.workers, folder=a.log_folder, array_size=a.array_size, progress=not a.no_progress,
-            executor_params=params if a.cluster != "pool" else None)
+            executor_params=params if a.cluster != "pool" else None, minival_fraction=a.minival_fraction,
+            minival_seed=a.minival_seed)
     else:
         manifests = write_ffcv(
             a.src, a.out, splits=a.splits, max_resolution=a.max_resolution, write_mode=a.write_mode,
             compress_probability=a.compress_probability, jpeg_quality=a.jpeg_quality, shuffle_seed=shuffle_seed,
             seed=a.seed, val_labels=a.val_labels, meta=a.meta, workers=a.workers, chunk_size=a.chunk_size,
             progress=not a.no_progress, cluster=a.cluster, folder=a.log_folder, array_size=a.array_size,
-            executor_params=params if a.cluster != "pool" else None)
+            executor_params=params if a.cluster != "pool" else None, minival_fraction=a.minival_fraction,
+            minival_seed=a.minival_seed)
     print(redact(json.dumps(_summary(manifests), indent=2)))
     return 0
 

@@ -3,7 +3,8 @@
 WebDataset (``OUT/wds``), for every split of ``_info.json``: each listed shard exists, has the recorded size and
 sha256, parses as a tar whose samples all have ``jpg`` + ``cls`` (an int in ``[0, num_classes)``), holds
 ``shard_lengths[i]`` samples, keys are unique across the split, ``num_samples`` adds up and matches the
-manifest, whose counts reconcile (``written + skipped == found``); no unlisted ``{split}-*.tar`` lingers.
+manifest, whose counts reconcile (``written + skipped == found``); no unlisted ``{split}-*.tar`` lingers; no
+key of ``minival`` is also in ``train``.
 With ``decode=True`` every JPEG is also decoded (draft mode). ``out`` may be an ``s3://`` or ``http(s)://``
 URL: every shard is then streamed once (sha256 and tar parsing from the same read); an HTTP server cannot be
 listed, so there the unlisted-shard check is skipped (reported in ``notes``).
@@ -24,6 +25,7 @@ from PIL import Image
 from pipeline import storage
 
 from .atomic import read_json, sha256_file
+from .minival import MINIVAL, SOURCE
 from .write_ffcv import FIELDS, import_ffcv
 
 
@@ -177,10 +179,15 @@ def verify_wds(out: str | Path, decode: bool = False) -> dict:
     except storage.StorageError as e:
         present = None
         notes.append(f"unlisted-shard check skipped: {e}")
+    keys: dict[str, set[str]] = {}
     for split, entry in info.get("splits", {}).items():
         check = _WdsSplitCheck(out_dir=out_dir, split=split, entry=entry, num_classes=info.get("num_classes"),
                                decode=decode, errors=errors)
         checked[split] = check.run(present)
+        keys[split] = check.keys
+    both = keys.get(SOURCE, set()) & keys.get(MINIVAL, set())
+    if both:
+        errors.append(f"wds/{MINIVAL}: {len(both)} sample(s) also in {SOURCE}, e.g. {min(both)!r}")
     return {"errors": errors, "splits": checked, "notes": notes}
 
 

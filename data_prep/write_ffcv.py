@@ -30,6 +30,10 @@ is the plan's (train shuffled with ``shuffle_seed``, val sorted), i.e. index ``i
 sample, with the same stored bytes, on every run (the file's byte layout may differ with ``workers > 1``: FFCV's
 workers allocate pages as they finish).
 
+With ``minival_fraction`` > 0 one more task writes ``minival.beton``, carved from train (:mod:`data_prep.minival`);
+the train and minival tasks each discover train and carve it (the carve depends on the files alone), so they
+can run as separate array jobs.
+
 One writer per output directory: a run removes the ``*.tmp.*`` files of its splits, whoever left them.
 """
 from __future__ import annotations
@@ -46,8 +50,9 @@ from pipeline.atomic import TMP_MARK, fsync_replace, remove_stale_tmp, tmp_path
 
 from .atomic import read_json, sha256_file, write_json_atomic
 from .images import load_rgb_array, probe_image
-from .layout import Sample, class_list, discover_split
+from .layout import Sample, SplitSource, class_list, discover_split
 from .manifest import SampleOutcomes, build_manifest, write_classes
+from .minival import MINIVAL, SOURCE, carve
 from .sharding import plan_id
 from .tasks import CLUSTERS, default_workers, run_tasks, split_groups
 
@@ -124,13 +129,22 @@ class FfcvSplitTask:
     page_size: int | None
     cluster: str
     progress: bool
+    minival_fraction: float = 0.0   # > 0: train and minival are the two parts of the carve (data_prep.minival)
+    minival_seed: int = 0
+
+    @property
+    def carved(self) -> bool:
+        return self.minival_fraction > 0 and self.split in (SOURCE, MINIVAL)
 
     def content_params(self) -> dict[str, Any]:
         """The parameters that change what the .beton holds (part of the plan id)."""
-        return {"format": "ffcv-1", "max_resolution": self.max_resolution, "write_mode": self.write_mode,
-                "compress_probability": self.compress_probability, "jpeg_quality": self.jpeg_quality,
-                "seed": self.seed, "page_size": self.page_size, "shuffle_seed": self.shuffle_seed,
-                "classes": list(self.classes)}
+        params = {"format": "ffcv-1", "max_resolution": self.max_resolution, "write_mode": self.write_mode,
+                  "compress_probability": self.compress_probability, "jpeg_quality": self.jpeg_quality,
+                  "seed": self.seed, "page_size": self.page_size, "shuffle_seed": self.shuffle_seed,
+                  "classes": list(self.classes)}
+        if self.carved:
+            params |= {"minival_fraction": self.minival_fraction, "minival_seed": self.minival_seed}
+        return params
 
     def manifest_params(self, workers: int) -> dict[str, Any]:
         """The manifest's ``params`` (``workers``: the process count the write used)."""
@@ -139,6 +153,17 @@ class FfcvSplitTask:
                 "shuffle_seed": self.shuffle_seed, "seed": self.seed, "workers": workers,
                 "chunk_size": self.chunk_size, "page_size": self.page_size, "fields": list(FIELDS),
                 "cluster": self.cluster}
+
+    def source(self) -> tuple[SplitSource | None, dict | None]:
+        """(the split's samples, the minival carve's record or None). Train and minival discover train and carve
+        it, each in its own task: the carve depends on the files alone, so both carve the same set. None: this
+        is minival and the carve is empty."""
+        found = discover_split(self.src, SOURCE if self.split == MINIVAL else self.split, classes=list(self.classes),
+                               val_labels=self.val_labels, meta=self.meta, shuffle_seed=self.shuffle_seed)
+        if not self.carved:
+            return found, None
+        parts = carve(found, self.minival_fraction, self.minival_seed)
+        return (parts.minival if self.split == MINIVAL else parts.train), parts.record()
 
 
 # The fixed header at the start of every .beton (ffcv.types.HeaderType, format version 2 of ffcv 1.0). Read
@@ -182,6 +207,16 @@ def _remove_stale(out_dir: Path, split: str) -> list[str]:
     """Temp files of killed runs: ``{split}.beton.tmp.*`` (+ ``.errors``) and ``{split}_manifest.json.tmp.*``."""
     return sorted(remove_stale_tmp(out_dir, f"{split}.beton{TMP_MARK}")
                   + remove_stale_tmp(out_dir, f"{split}_manifest.json{TMP_MARK}"))
+
+
+def drop_split(out_dir: Path, split: str) -> list[str]:
+    """Remove ``{split}.beton``, its manifest and their temp files; returns the names removed."""
+    removed = _remove_stale(out_dir, split)
+    for name in (f"{split}_manifest.json", f"{split}.beton"):   # the manifest first: it marks the file complete
+        if (out_dir / name).is_file():
+            (out_dir / name).unlink()
+            removed.append(name)
+    return removed
 
 
 def _reused(stored: dict, removed: list[str], started: float) -> dict[str, Any]:
@@ -245,11 +280,12 @@ def write_split(task: FfcvSplitTask) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = task.workers or default_workers()
     t0 = time.perf_counter()
-    source = discover_split(src, split, classes=list(task.classes), val_labels=task.val_labels, meta=task.meta,
-                            shuffle_seed=task.shuffle_seed)
-    plan = plan_id(split, 0, source.samples, task.content_params())
+    source, record = task.source()
     final = out_dir / f"{split}.beton"
     manifest_path = out_dir / f"{split}_manifest.json"
+    if source is None:   # an empty carve: no minival (an earlier one would hold images train now has)
+        return {"split": split, "removed": drop_split(out_dir, split)}
+    plan = plan_id(split, 0, source.samples, task.content_params())
     stored = read_json(manifest_path)
     why = check_complete(final, stored, plan)
     removed = _remove_stale(out_dir, split)
@@ -265,7 +301,8 @@ def write_split(task: FfcvSplitTask) -> dict[str, Any]:
     manifest = build_manifest(
         fmt="ffcv", split=split, source=str(src), layout=source.layout, ground_truth=source.ground_truth,
         classes=list(task.classes), found=len(source.samples), written=len(good), skipped=outcomes.skipped,
-        converted=outcomes.converted, resized=outcomes.resized, params=task.manifest_params(workers),
+        converted=outcomes.converted, resized=outcomes.resized,
+        params=task.manifest_params(workers) | ({MINIVAL: record} if record else {}),
         timings={"discover_s": round(t_check - t0, 3), "import_ffcv_s": round(t1 - t_check, 3),
                  "probe_s": round(t2 - t1, 3), "write_s": round(t3 - t2, 3),
                  "total_s": round(time.perf_counter() - t0, 3)},
@@ -283,23 +320,33 @@ def write_ffcv(src: str | Path, out: str | Path, *, splits: Sequence[str] = ("tr
                val_labels: str | Path | None = None, meta: str | Path | None = None, workers: int | None = None,
                chunk_size: int = 100, page_size: int | None = None, progress: bool = True,
                cluster: str = "pool", folder: str | Path | None = None, array_size: int | None = None,
-               executor_params: dict | None = None) -> dict[str, dict]:
+               executor_params: dict | None = None, minival_fraction: float = 0.0,
+               minival_seed: int = 0) -> dict[str, dict]:
     """Write (or reuse) ``out/ffcv/{split}.beton`` for each split of ``src``; returns {split: manifest}.
 
     ``cluster="pool"`` runs the splits here, one after the other; ``"local" | "debug" | "slurm"`` runs one array
     job per split (at most ``array_size`` jobs, default one per split) through :func:`data_prep.tasks.run_tasks`
     with submitit folder ``folder`` (default ``out/logs/ffcv``) and ``executor_params`` (make_executor's).
     ``workers`` is the process count inside each split's task (default: all cores the task may use).
+    ``minival_fraction`` > 0 (with ``train`` in ``splits``): one more task writes ``minival.beton``, carved from
+    train (:mod:`data_prep.minival`, ``minival_seed``), and train's holds the rest; both manifests record the
+    carve. Otherwise (or when the carve is empty) writing train removes an earlier run's minival. (0 here keeps
+    library callers' data as it was; the command line defaults to 1 %.)
     """
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode: {write_mode!r} is not one of {list(WRITE_MODES)}")
     if cluster not in CLUSTERS:
         raise ValueError(f"cluster: {cluster!r} is not one of {list(CLUSTERS)}")
+    if MINIVAL in splits:
+        raise ValueError(f"splits: {MINIVAL!r} is carved from {SOURCE!r} (minival_fraction), not read from src")
     src, out = Path(src), Path(out)
     (out / "ffcv").mkdir(parents=True, exist_ok=True)
     classes = class_list(src, splits[0], val_labels=val_labels, meta=meta)
     remove_stale_tmp(out, f"classes.json{TMP_MARK}")
     write_classes(out, classes)
+    carved = minival_fraction > 0 and SOURCE in splits
+    if SOURCE in splits and not carved:
+        drop_split(out / "ffcv", MINIVAL)
     tasks = [FfcvSplitTask(split=split, src=str(src), out=str(out), classes=tuple(classes),
                            val_labels=None if val_labels is None else str(val_labels),
                            meta=None if meta is None else str(meta),
@@ -307,8 +354,9 @@ def write_ffcv(src: str | Path, out: str | Path, *, splits: Sequence[str] = ("tr
                            max_resolution=max_resolution, write_mode=write_mode,
                            compress_probability=compress_probability, jpeg_quality=jpeg_quality, seed=seed,
                            workers=workers, chunk_size=chunk_size, page_size=page_size, cluster=cluster,
-                           progress=progress)
-             for split in splits]
+                           progress=progress, minival_fraction=minival_fraction if carved else 0.0,
+                           minival_seed=minival_seed)
+             for split in (*splits, MINIVAL) if split != MINIVAL or carved]
     if cluster == "pool":
         results = [write_split(t) for t in tasks]
     else:
@@ -317,6 +365,8 @@ def write_ffcv(src: str | Path, out: str | Path, *, splits: Sequence[str] = ("tr
                             desc="ffcv", progress=progress, **(executor_params or {}))
     manifests = {}
     for t, m in zip(tasks, results):
+        if t.split == MINIVAL and "removed" in m:   # the carve was empty: no minival
+            continue
         if m.get("split") != t.split or not (out / "ffcv" / f"{t.split}.beton").is_file():
             raise RuntimeError(f"ffcv/{t.split}: output missing after its task finished")
         manifests[t.split] = m

@@ -12,6 +12,9 @@ Each shard is one independent, idempotent task (:func:`write_shard`):
    record whose shard is missing: redone). Tar headers are fixed (mtime 0, fixed owner/mode) and the sample
    order is the plan's, so a rewritten shard is byte-identical to a clean run's.
 
+With ``minival_fraction`` > 0 the split ``minival`` is carved from train (:mod:`data_prep.minival`) and written
+like the others (``minival-{i:06d}.tar``, its ``_info.json`` entry and manifest); train then holds the rest.
+
 The split's ``_info.json`` entry and manifest are written last, after every task has finished, so a reader
 never sees an index that points to missing or partial shards.
 Both (and ``classes.json``) are written atomically (temp name + fsync + rename, :mod:`data_prep.atomic`): a kill
@@ -42,8 +45,9 @@ from pipeline.atomic import TMP_MARK, remove_stale_tmp, tmp_path
 
 from .atomic import read_json, sha256_file, write_json_atomic
 from .images import prepare_image
-from .layout import class_list, discover_split
+from .layout import SplitSource, class_list, discover_split
 from .manifest import SampleOutcomes, build_manifest, write_classes
+from .minival import MINIVAL, SOURCE, carve
 from .sharding import ShardTask, make_tasks, shard_name
 from .tasks import run_tasks
 
@@ -176,8 +180,10 @@ def _remove_stale_shards(out_dir: str, split: str, n_shards: int) -> list[str]:
     return removed
 
 
-def update_info(out_dir: str | Path, name: str, num_classes: int, split: str, recs: list[dict]) -> dict:
-    """Merge this split's entry into ``_info.json`` (timm conventions + per-shard bytes and sha256)."""
+def update_info(out_dir: str | Path, name: str, num_classes: int, split: str, recs: list[dict],
+                extra: dict | None = None) -> dict:
+    """Merge this split's entry into ``_info.json`` (timm conventions + per-shard bytes and sha256; ``extra``:
+    more fields of the entry, e.g. the minival carve)."""
     info_path = storage.join(out_dir, "_info.json")
     info = read_json(info_path) or {}
     info.setdefault("name", name)
@@ -190,6 +196,7 @@ def update_info(out_dir: str | Path, name: str, num_classes: int, split: str, re
         "shard_lengths": [r["num_samples"] for r in recs],
         "shard_bytes": [r["bytes"] for r in recs],
         "shard_sha256": [r["sha256"] for r in recs],
+        **(extra or {}),
     }
     info["splits"] = dict(sorted(splits.items()))
     write_json_atomic(info_path, info)
@@ -262,11 +269,18 @@ def _check_shards(out_dir: str, split: str, tasks: list[ShardTask], recs: list[d
             raise RuntimeError(f"wds/{split}: shard {t.name} missing after its task finished")
 
 
-def _write_split(run: _WdsRun, split: str, removed_index: list[str]) -> dict:
-    """Plan, write (or reuse) and check one split's shards, then its ``_info.json`` entry and manifest."""
-    t0 = time.perf_counter()
-    source = discover_split(run.src, split, classes=run.classes, val_labels=run.val_labels, meta=run.meta,
-                            shuffle_seed=run.split_seed(split))
+def _discover(run: _WdsRun, split: str) -> SplitSource:
+    return discover_split(run.src, split, classes=run.classes, val_labels=run.val_labels, meta=run.meta,
+                          shuffle_seed=run.split_seed(split))
+
+
+def _write_split(run: _WdsRun, source: SplitSource, removed_index: list[str], carve_record: dict | None = None,
+                 t0: float | None = None) -> dict:
+    """Plan, write (or reuse) and check one split's shards, then its ``_info.json`` entry and manifest
+    (``carve_record``: the minival carve, recorded in both when ``source`` is one of its parts)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    split = source.split
+    extra = {MINIVAL: carve_record} if carve_record else None
     tasks = make_tasks(split, source.samples, run.out_dir, max_count=run.shard_max_count,
                        max_bytes=run.shard_max_bytes, max_side=run.max_side, quality=run.quality)
     removed = _remove_stale_shards(run.out_dir, split, len(tasks)) + removed_index
@@ -276,14 +290,14 @@ def _write_split(run: _WdsRun, split: str, removed_index: list[str]) -> dict:
                      desc=f"wds {split}", progress=run.progress, **(run.executor_params or {}))
     t2 = time.perf_counter()
     _check_shards(run.out_dir, split, tasks, recs)
-    info = update_info(run.out_dir, run.name, len(run.classes), split, recs)
+    info = update_info(run.out_dir, run.name, len(run.classes), split, recs, extra)
     fresh = [r for r in recs if not r["reused"]]
     manifest = build_manifest(
         fmt="wds", split=split, source=str(run.src), layout=source.layout, ground_truth=source.ground_truth,
         classes=run.classes, found=len(source.samples), written=info["splits"][split]["num_samples"],
         skipped=[s for r in recs for s in r["skipped"]], converted=[c for r in recs for c in r["converted"]],
         resized=sum(r["resized"] for r in recs),
-        params=run.params(split),
+        params=run.params(split) | (extra or {}),
         timings={"discover_s": round(t1 - t0, 3), "write_s": round(t2 - t1, 3),
                  "total_s": round(time.perf_counter() - t0, 3),
                  "shards_written": len(fresh), "shards_reused": len(recs) - len(fresh),
@@ -302,13 +316,20 @@ def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] 
                      val_labels: str | Path | None = None, meta: str | Path | None = None,
                      cluster: str = "pool", workers: int | None = None, folder: str | Path | None = None,
                      array_size: int | None = None, progress: bool = True, name: str | None = None,
-                     executor_params: dict | None = None) -> dict[str, dict]:
+                     executor_params: dict | None = None, minival_fraction: float = 0.0,
+                     minival_seed: int = 0) -> dict[str, dict]:
     """Write WebDataset shards for ``splits`` of ``src`` under ``out/wds``; returns {split: manifest}.
 
     ``shuffle_seed`` fixes a reproducible shuffled sample order for the train split (None keeps sorted order,
     val is always sorted). ``cluster``/``workers``/``folder``/``array_size`` select where shard tasks run (see
     :mod:`data_prep.tasks`). ``out`` may be an ``s3://`` URL (then ``folder`` is needed for array jobs).
+    ``minival_fraction`` > 0 (with ``train`` in ``splits``): the split ``minival`` is carved from train
+    (:mod:`data_prep.minival`, ``minival_seed``) and written after it, train without those images; the carve is
+    recorded in both splits' ``_info.json`` entries and manifests. Otherwise writing train removes an earlier
+    run's minival. (0 here keeps library callers' data as it was; the command line defaults to 1 %.)
     """
+    if MINIVAL in splits:
+        raise ValueError(f"splits: {MINIVAL!r} is carved from {SOURCE!r} (minival_fraction), not read from src")
     src = Path(src)
     out, out_dir, removed_index = _open_output(out, cluster, folder)
     classes = class_list(src, splits[0], val_labels=val_labels, meta=meta)
@@ -319,9 +340,46 @@ def write_webdataset(src: str | Path, out: str | Path, *, splits: Sequence[str] 
                   folder=folder, array_size=array_size, progress=progress, executor_params=executor_params)
     manifests = {}
     for split in splits:
-        manifests[split] = _write_split(run, split, removed_index)
-        removed_index = []   # reported once, in the first split's manifest
+        t0 = time.perf_counter()
+        source = _discover(run, split)
+        if split != SOURCE:
+            manifests[split] = _write_split(run, source, removed_index, t0=t0)
+            removed_index = []   # reported once, in the first split's manifest
+            continue
+        parts = carve(source, minival_fraction, minival_seed) if minival_fraction > 0 else None
+        record = parts.record() if parts else None
+        # an earlier minival may hold images this train takes: out of the index until it is rewritten (its
+        # shards stay, and are reused when their plan is the same)
+        forget_split(out_dir, MINIVAL)
+        manifests[split] = _write_split(run, parts.train if parts else source, removed_index, record, t0)
+        removed_index = []
+        if parts and parts.minival:
+            manifests[MINIVAL] = _write_split(run, parts.minival, [], record)
+        else:
+            drop_split(out_dir, MINIVAL)
     return manifests
 
 
-__all__ = ["write_webdataset", "write_shard", "update_info", "record_path", "shard_name"]
+def forget_split(out_dir: str, split: str) -> bool:
+    """Remove ``split``'s entry from ``_info.json`` (False: there was none)."""
+    info_path = storage.join(out_dir, "_info.json")
+    info = read_json(info_path)
+    if not info or split not in info.get("splits", {}):
+        return False
+    del info["splits"][split]
+    write_json_atomic(info_path, info)
+    return True
+
+
+def drop_split(out_dir: str, split: str) -> list[str]:
+    """Remove ``split``'s ``_info.json`` entry, shards, shard records and manifest; returns the names removed."""
+    removed = [f"_info.json[{split}]"] if forget_split(out_dir, split) else []
+    removed += _remove_stale_shards(out_dir, split, 0)
+    manifest = storage.join(out_dir, f"{split}_manifest.json")
+    if storage.exists(manifest):
+        storage.delete(manifest)
+        removed.append(f"{split}_manifest.json")
+    return removed
+
+
+__all__ = ["drop_split", "forget_split", "write_webdataset", "write_shard", "update_info", "record_path", "shard_name"]

@@ -23,6 +23,12 @@ The input pipeline is the one the trainer evaluated with, from the run's resolve
 options), the resolutions (the final training resolution + ``eval.resolutions``) and ``eval.mode`` /
 ``eval.native_max_aspect``; ``eval.max_batches`` is not applied (the whole val split is scored). Command-line
 flags override single settings; an export without a config uses the defaults. The settings used are printed first.
+
+The test resolution is chosen, not assumed (``eval.choose_test_res``, ``--choose-test-res``): when the data has
+a ``minival`` split (held out from train by ``python -m data_prep ... --minival-fraction``), the model is scored
+there at the same resolutions, the best minival top-1 picks the resolution (:func:`choose_test_resolution`: ties
+go to the training resolution, else the lowest), and val's top-1 is reported at it. Val never takes part in the
+choice. The trainer does this after its final evaluation (:meth:`Evaluator.choose_test_res`).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import timm
 import torch
@@ -43,6 +49,7 @@ from pipeline.config import (EVAL_RESOLUTIONS, AugConfig, ConfigError, DataConfi
                              check_choice, from_dict, validate)
 from pipeline.data.aspect_buckets import check_native
 from pipeline.data.loader import build_eval_loader
+from pipeline.data.shard_index import has_split
 from pipeline.device import DeviceError, autocast_forward, select_device
 from pipeline.distributed import all_reduce_, destroy, detect_env, init_distributed, use_device
 from pipeline.ffcv_compat import import_ffcv
@@ -96,26 +103,106 @@ def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), ce.sum(), keep.sum()]).double()
 
 
+def choose_test_resolution(minival_top1: Mapping[int, float], train_res: int | None) -> tuple[int, str]:
+    """(the test resolution with the best minival top-1, why). Ties: the training resolution when it is among the
+    best, else the lowest of them. It is given minival's scores only, so val cannot take part in the choice."""
+    if not minival_top1:
+        raise ValueError("choose_test_resolution: no minival scores")
+    best = max(minival_top1.values())
+    tied = sorted(r for r, top1 in minival_top1.items() if top1 == best)
+    if len(tied) == 1:
+        return tied[0], "best minival top-1"
+    if train_res in tied:
+        return int(train_res), f"tie at {tied} px: the training resolution"
+    return tied[0], f"tie at {tied} px: the lowest"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolutionChoice:
+    """The test resolution chosen on minival (:func:`choose_test_resolution`) and val's top-1 there."""
+
+    resolution: int
+    why: str
+    minival: dict[int, dict[str, float]]   # minival results at every candidate resolution
+    val_top1: float                        # val top-1 at the chosen resolution
+
+    @property
+    def minival_top1(self) -> float:
+        return self.minival[self.resolution]["top1"]
+
+    def line(self) -> str:
+        return (f"test resolution {self.resolution} px chosen on minival (top-1 {self.minival_top1:.1f} %, "
+                f"{self.why}); val top-1 at {self.resolution} px: {self.val_top1:.1f} %")
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics: ``test_res/chosen``, ``test_res/minival_top1``, ``test_res/val_top1`` and minival's
+        top-1 at every candidate (``test_res/minival_top1_{r}px``)."""
+        return {"test_res/chosen": self.resolution, "test_res/minival_top1": self.minival_top1,
+                "test_res/val_top1": self.val_top1,
+                **{f"test_res/minival_top1_{r}px": v["top1"] for r, v in sorted(self.minival.items())}}
+
+    def summary(self) -> dict:
+        return {"chosen": self.resolution, "why": self.why, "minival_top1": self.minival_top1,
+                "val_top1": self.val_top1, "minival": {str(r): v for r, v in sorted(self.minival.items())}}
+
+
+def choose_on_minival(minival: Mapping[int, Mapping[str, float]], val: Mapping[int, Mapping[str, float]],
+                      train_res: int | None) -> ResolutionChoice:
+    """Choose on ``minival``'s results ({resolution: {"top1", ...}}), then read ``val``'s top-1 at the choice."""
+    res, why = choose_test_resolution({r: v["top1"] for r, v in minival.items()}, train_res)
+    if res not in val:
+        raise ValueError(f"val was not scored at the chosen test resolution {res} px (scored: {sorted(val)})")
+    return ResolutionChoice(res, why, {r: dict(v) for r, v in minival.items()}, float(val[res]["top1"]))
+
+
+def no_minival_line(root: str, split: str) -> str:
+    """What is said when the test resolution cannot be chosen: the data has no held-out split."""
+    return (f"test resolution: not chosen, {root} has no {split!r} split (carve one from train with `python -m "
+            f"data_prep wds|ffcv ... --minival-fraction 0.01`); the val table stands as it is")
+
+
 class Evaluator:
     """The trainer's evaluation component: its own cadence (``eval.every_epochs`` and the last epoch), eval
-    loaders built once per resolution and reused, the EMA weights scored at the training resolution."""
+    loaders built once per resolution and reused, the EMA weights scored at the training resolution, and the
+    test resolution chosen on minival (``eval.choose_test_res``)."""
 
     def __init__(self, cfg, *, rank: int, world_size: int, device: torch.device, input_dtype: torch.dtype):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device, self.input_dtype = device, input_dtype
-        self.loaders: dict[tuple[str, int], object] = {}   # (mode, resolution) -> eval loader
+        self.loaders: dict[tuple[str, int], object] = {}   # (mode, resolution) -> eval loader of the val split
+        self.split_loaders: dict[str, dict[tuple[str, int], object]] = {}   # the same for other splits
 
     def should_eval(self, epoch: int, last: bool) -> bool:
         every = self.cfg.eval.every_epochs
         return last or bool(every and (epoch + 1) % every == 0)
 
-    def __call__(self, forward, resolutions: Sequence[int], input_dtype: torch.dtype | None = None):
-        return evaluate(forward, self.cfg.data, resolutions=resolutions, rank=self.rank, world_size=self.world_size,
+    def __call__(self, forward, resolutions: Sequence[int], input_dtype: torch.dtype | None = None,
+                 split: str | None = None):
+        """Results at ``resolutions`` on the val split (``split``: another one, e.g. minival)."""
+        data = self.cfg.data if split is None else dataclasses.replace(self.cfg.data, val_split=split)
+        loaders = self.loaders if split is None else self.split_loaders.setdefault(split, {})
+        return evaluate(forward, data, resolutions=resolutions, rank=self.rank, world_size=self.world_size,
                         crop_pct=self.cfg.aug.crop_pct, device=self.device,
                         input_dtype=self.input_dtype if input_dtype is None else input_dtype,
-                        max_batches=self.cfg.eval.max_batches, aug_cfg=self.cfg.aug, loaders=self.loaders,
+                        max_batches=self.cfg.eval.max_batches, aug_cfg=self.cfg.aug, loaders=loaders,
                         mode=self.cfg.eval.mode, max_aspect=self.cfg.eval.native_max_aspect,
                         patch_size=self.cfg.model.patch_size)
+
+    def choose_test_res(self, forward, train_res: int, val: Mapping[int, Mapping[str, float]],
+                        log: Callable[[str], None]) -> ResolutionChoice | None:
+        """With ``eval.choose_test_res`` and a minival split in the data: score minival at the training
+        resolution and ``eval.resolutions``, choose there, read ``val`` (the final results) at the choice, say so
+        in one line. None: switched off, or no minival (said in one line). Collective: every rank calls it."""
+        ev, data = self.cfg.eval, self.cfg.data
+        if not ev.choose_test_res:
+            return None
+        if not has_split(data.root, data.format, ev.minival_split):
+            log(no_minival_line(data.root, ev.minival_split))
+            return None
+        minival = self(forward, (train_res, *ev.resolutions), split=ev.minival_split)
+        choice = choose_on_minival(minival, val, train_res)
+        log(choice.line())
+        return choice
 
 
 def format_table(results: dict[int, dict[str, float]], train_res: int | None = None) -> str:
@@ -197,6 +284,19 @@ def eval_mode_settings(path: str | Path, mode: str | None = None,
     return mode, max_aspect
 
 
+def choice_settings(path: str | Path, choose: bool | None = None) -> tuple[bool, str, int | None]:
+    """(``eval.choose_test_res``, the minival split, the final training resolution or None) for the weights at
+    ``path``: the flag when given, else the run config's, else true / minival / None (ties then go to the
+    lowest resolution)."""
+    cfg, _ = stored_config(path)
+    ev = cfg.eval if cfg is not None else EvalConfig()
+    choose = ev.choose_test_res if choose is None else choose
+    train_res = None
+    if cfg is not None:
+        train_res = ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs).at(cfg.run.epochs - 1)[0]
+    return choose, ev.minival_split, train_res
+
+
 def describe_settings(data_cfg, aug_cfg, resolutions: Sequence[int]) -> str:
     return (f"crop_pct={aug_cfg.crop_pct} interpolation={aug_cfg.eval_interpolation} mean={list(aug_cfg.mean)} "
             f"std={list(aug_cfg.std)} resolutions={sorted(set(resolutions))} format={data_cfg.format} "
@@ -224,7 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's eval.mode, else center_crop; native: whole image, short side = resolution")
     p.add_argument("--max-aspect", type=float, default=None,
                    help="native mode: long side <= this x short side (the run's eval.native_max_aspect, else 2)")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--choose-test-res", default=None, action=argparse.BooleanOptionalAction,
+                   help="with a minival split in the data, choose the resolution there and report val's top-1 at "
+                        "it (default: the run's eval.choose_test_res, else on)")
+    p.add_argument("--json", default=None, help="also write the results here ({resolution: ...}, and 'test_res' "
+                                                "when one was chosen)")
     # the deepspeed launcher passes --local_rank=N (ranks come from the environment, see detect_env)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -240,11 +344,12 @@ def _settings_from_args(p: argparse.ArgumentParser, args: argparse.Namespace):
     try:
         data_cfg, aug_cfg, resolutions, origin = eval_settings(args.model, data_flags, aug_flags, args.resolutions)
         mode, max_aspect = eval_mode_settings(args.model, args.mode, args.max_aspect)
+        choice = choice_settings(args.model, args.choose_test_res)
     except ConfigError as e:
         p.error(str(e))
     except FileNotFoundError as e:  # neither an export nor a folder holding a complete checkpoint
         p.error(f"model: {e} (give an export .safetensors, a run folder or a checkpoint folder)")
-    return data_cfg, aug_cfg, resolutions, origin, mode, max_aspect
+    return data_cfg, aug_cfg, resolutions, origin, mode, max_aspect, choice
 
 
 def _load_checked_model(p: argparse.ArgumentParser, args: argparse.Namespace, mode: str,
@@ -264,7 +369,8 @@ def _load_checked_model(p: argparse.ArgumentParser, args: argparse.Namespace, mo
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    data_cfg, aug_cfg, resolutions, origin, mode, max_aspect = _settings_from_args(p, args)
+    data_cfg, aug_cfg, resolutions, origin, mode, max_aspect, (choose, minival_split, train_res) = \
+        _settings_from_args(p, args)
 
     env = detect_env()  # torchrun / deepspeed / SLURM variables, or a single process
     rank, world_size = env.rank, env.world_size
@@ -288,14 +394,29 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(choice)
     device = choice.torch_device
     model.to(device).eval()
-    results = evaluate(autocast_forward(model, device), data_cfg, resolutions=resolutions, rank=rank,
-                       world_size=world_size, crop_pct=aug_cfg.crop_pct, device=device, aug_cfg=aug_cfg,
-                       mode=mode, patch_size=model.patch_size, max_aspect=max_aspect)
+
+    def score(data) -> dict[int, dict[str, float]]:
+        return evaluate(autocast_forward(model, device), data, resolutions=resolutions, rank=rank,
+                        world_size=world_size, crop_pct=aug_cfg.crop_pct, device=device, aug_cfg=aug_cfg,
+                        mode=mode, patch_size=model.patch_size, max_aspect=max_aspect)
+
+    results = score(data_cfg)
+    chosen, choice_line = None, None
+    if choose:   # minival is scored after val; the choice reads minival's results only
+        if has_split(data_cfg.root, data_cfg.format, minival_split):
+            minival = score(dataclasses.replace(data_cfg, val_split=minival_split))
+            chosen = choose_on_minival(minival, results, train_res)
+            choice_line = chosen.line()
+        else:
+            choice_line = no_minival_line(data_cfg.root, minival_split)
     if rank == 0:
         print(f"{name} from {args.model}" + (" (EMA weights)" if args.ema else "") + f", {mode} evaluation")
         print(format_table(results))
+        if choice_line:
+            print(choice_line)
         if args.json:
-            Path(args.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+            out = {str(k): v for k, v in results.items()} | ({"test_res": chosen.summary()} if chosen else {})
+            Path(args.json).write_text(json.dumps(out, indent=2))
     destroy()
     return 0
 

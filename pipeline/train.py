@@ -57,7 +57,7 @@ from pipeline.data.step_batches import StepBatches  # noqa: E402
 from pipeline.data.tar_samples import ShardReadError, TarFormatError, worker_message  # noqa: E402
 from pipeline.data.workers import fit_num_workers, task_cpus  # noqa: E402
 from pipeline.distributed import RendezvousError, all_reduce_sum, destroy, detect_env, init_distributed  # noqa: E402
-from pipeline.evaluate import Evaluator, format_table  # noqa: E402
+from pipeline.evaluate import Evaluator, ResolutionChoice, format_table  # noqa: E402
 from pipeline.logging_utils import LossMeter, ProgressLog, StepTimer  # noqa: E402
 from pipeline.optim import build_optimizer, param_groups  # noqa: E402
 from pipeline.preemption import StopAgreement, install_stop_handlers  # noqa: E402
@@ -317,6 +317,7 @@ class Trainer:
         self.overflow_skipped, self.nonfinite_run = 0, 0
         self.last_resolution: int | None = None   # of the last epoch trained (the summary's)
         self.results: dict[int, dict[str, float]] = {}
+        self.test_res: ResolutionChoice | None = None   # chosen on minival after the final evaluation
         self.log.line(f"model {cfg.model.name} ({num_params / 1e6:.2f}M params) world={self.world} "
                       f"precision={precision} zero={self.engine.zero_optimization_stage()} run_dir={cfg.run_dir}")
 
@@ -383,6 +384,8 @@ class Trainer:
             if self.evaluator.should_eval(epoch.index, last):
                 self.results = self.evaluate(epoch.resolution, epoch.index, final=last)
                 metric = self.results[epoch.resolution]["top1"]
+                if last:
+                    self.choose_test_res(epoch.resolution)
                 s.best_top1 = metric if s.best_top1 is None else max(s.best_top1, metric)
             if s.step_in_epoch >= epoch.steps:   # the epoch's data is done: resume at the next epoch
                 s.epoch, s.step_in_epoch = epoch.index + 1, 0
@@ -475,6 +478,15 @@ class Trainer:
         self.log.line(("final " if final else f"epoch {epoch} ") + "eval:\n" + format_table(results, res))
         return results
 
+    def choose_test_res(self, res: int) -> None:
+        """After the final evaluation: the test resolution chosen on minival and val's top-1 there (one line,
+        ``test_res/*`` metrics, the summary's ``test_res``); ``eval.choose_test_res``."""
+        self.engine.eval()
+        self.test_res = self.evaluator.choose_test_res(self.engine, res, self.results, self.log.line)
+        self.engine.train()
+        if self.test_res is not None:
+            self.tracker.log_metrics(self.test_res.metrics(), step=self.state.global_step)
+
     def summary(self, reason: StopReason | None, wall_s: float) -> dict[str, Any]:
         """The run's final numbers (``final_metrics.json``); also logged under ``final/*``, one value per run
         under names that are the same in every run (MLflow's compare view lines them up)."""
@@ -486,6 +498,7 @@ class Trainer:
             "precision": self.precision, "nonfinite_skipped": s.nonfinite_total, "wall_time_s": wall_s,
             "throughput_img_s": steady["throughput/img_s"], "data_wait_share": steady["time/data_wait_frac"],
             "best_top1": s.best_top1, "eval": {str(r): v for r, v in self.results.items()},
+            "test_res": self.test_res.summary() if self.test_res else None,
             "mlflow_run_id": self.tracker.run_id, "run_dir": str(self.cfg.run_dir),
             "checkpoint": str(checkpointing.find_latest(self.cfg.run_dir / "checkpoints") or "")}
         if self.precision == "fp16":

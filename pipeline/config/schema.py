@@ -443,6 +443,11 @@ class EvalConfig:
     # batched by aspect bucket (pipeline.data.aspect_buckets)
     mode: Literal["center_crop", "native"] = "center_crop"
     native_max_aspect: float = 2.0
+    # the test resolution is chosen on minival (held out from train by `python -m data_prep --minival-fraction`),
+    # among the training resolution and `resolutions`, at the end of training; val is then read at the chosen one
+    # (never used to choose). true: when data.root has the split (else one line says there is none); false: never
+    choose_test_res: bool = True
+    minival_split: str = "minival"
 
     def validate(self) -> None:
         check_positive("every_epochs", self.every_epochs, allow_zero=True)
@@ -450,6 +455,8 @@ class EvalConfig:
             check_positive(f"resolutions[{i}]", r)
         if not self.native_max_aspect >= 1.0:
             raise ConfigError(f"native_max_aspect: {self.native_max_aspect!r} must be >= 1")
+        if not self.minival_split:
+            raise ConfigError("minival_split: must be a non-empty split name (data_prep writes 'minival')")
 
 
 @dataclass
@@ -513,6 +520,10 @@ class TrainConfig:
             if r % patch:
                 raise ConfigError(f"eval.resolutions[{i}]: {r} must be a multiple of the patch size {patch} "
                                   f"(e.g. {max(patch, r // patch * patch)} or {(r // patch + 1) * patch})")
+        if self.eval.minival_split in (self.data.val_split, self.data.train_split):
+            raise ConfigError(f"eval.minival_split: {self.eval.minival_split!r} is data.val_split or "
+                              f"data.train_split; the test resolution is chosen on held-out train images "
+                              f"(data_prep writes 'minival')")
         if self.aug.aspect_buckets:
             m = self.aug.aspect_multiple
             if m % patch:

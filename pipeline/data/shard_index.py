@@ -96,6 +96,16 @@ def check_index(cfg: TrainConfig) -> None:
         load_split_index(cfg.data.root, split, field=field)
 
 
+def has_split(root: str | Path, fmt: str, split: str) -> bool:
+    """Whether data_prep wrote ``split`` for ``fmt``: listed in ``wds/_info.json``, or ``ffcv/{split}.beton`` exists
+    (an optional split, e.g. minival: its absence is no error)."""
+    if fmt == "ffcv":
+        return not storage.is_url(root) and (Path(root) / "ffcv" / f"{split}.beton").is_file()
+    info = read_wds_info(root)
+    splits = info.get("splits") if isinstance(info, dict) else None
+    return isinstance(splits, dict) and split in splits
+
+
 def check_shards(root: str | Path, index: SplitIndex) -> None:
     """Every shard of ``index`` exists with the byte size ``_info.json`` recorded (one listing or a stat per
     shard, no data read): a truncated or missing shard is one line now, not a traceback mid-epoch."""
@@ -153,5 +163,5 @@ def ffcv_path(root: str | Path, split: str) -> str:
     return str(p)
 
 
-__all__ = ["SplitIndex", "check_index", "check_shards", "check_root", "ffcv_path", "load_split_index", "read_classes",
-           "read_num_classes", "read_wds_info"]
+__all__ = ["SplitIndex", "check_index", "check_root", "check_shards", "ffcv_path", "has_split", "load_split_index",
+           "read_classes", "read_num_classes", "read_wds_info"]
