@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.config import ConfigError, check_choice, check_positive, check_range
+from pipeline.config import FFCV_MISSING, ConfigError, check_choice, check_positive, check_range, ffcv_installed
 
 from .demo_dataset import make_demo_dataset
 from .tasks import CLUSTERS
@@ -146,6 +146,8 @@ def validate(a: argparse.Namespace) -> None:
         for fmt in a.formats or ():
             check_choice("--formats", fmt, ["wds", "ffcv"])
         return
+    if a.cmd == "ffcv" and not ffcv_installed():
+        raise ConfigError(f"ffcv: {FFCV_MISSING}; WebDataset shards: python -m data_prep wds")
     if not Path(a.src).is_dir():
         raise ConfigError(f"--src: {a.src!r} is not a directory")
     for s in a.splits:
