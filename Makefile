@@ -21,6 +21,7 @@ TORCH_INDEX_URL ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 DEEPSPEED_PIN := deepspeed==0.19.8
 FFCV_PIN := ffcv==1.0.2
+# FFCV's build libraries: apt-installed when root; otherwise scripts/ffcv_extra.sh skips FFCV with one line
 SYSTEM_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
 TEST_SYSTEM_PKGS := slurm-wlm munge chromium
 RUN_DIR ?= runs/demo
@@ -34,7 +35,7 @@ ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 
 export DS_ACCELERATOR ?= cpu
 endif
 
-.PHONY: setup setup-test system-deps system-test-deps demo test bench ui clean
+.PHONY: setup setup-test system-deps system-test-deps ffcv-extra demo test bench ui clean
 
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -42,12 +43,12 @@ define apt_install
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "apt-get install:$$missing"; \
 	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  else echo "warning: missing system packages:$$missing (not root: install them yourself)"; fi; \
+	  else $(if $(2),true,echo "warning: missing system packages:$$missing (not root: install them yourself)"); fi; \
 	fi
 endef
 
 system-deps:
-	$(call apt_install,$(SYSTEM_PKGS))
+	$(call apt_install,$(SYSTEM_PKGS),quiet)
 
 system-test-deps:
 	$(call apt_install,$(TEST_SYSTEM_PKGS))
@@ -58,12 +59,18 @@ $(STAMP): pyproject.toml requirements.lock | system-deps
 	$(PIP) install $(TORCH_PIP_ARGS) $(TORCH_PINS) 2>&1 | $(QUIET)
 	$(BIN)/python -c "import torch, torchvision"
 	$(PIP) install -r requirements.lock 2>&1 | $(QUIET)
-	$(PIP) install --no-build-isolation $(DEEPSPEED_PIN) $(FFCV_PIN) 2>&1 | $(QUIET)
+	$(PIP) install --no-build-isolation $(DEEPSPEED_PIN) 2>&1 | $(QUIET)
 	$(PIP) install --no-build-isolation --no-deps -e . 2>&1 | $(QUIET)
-	$(BIN)/python -c "import torch, deepspeed, ffcv, webdataset, timm, mlflow, submitit, pipeline, launchers, data_prep" >/dev/null
+	$(BIN)/python -c "import torch, deepspeed, webdataset, timm, mlflow, submitit, pipeline, launchers, data_prep" >/dev/null
 	touch $@
 
-setup: $(STAMP)
+# The optional extra `ffcv` (pyproject), on every set-up until it is installed: where its libraries are missing,
+# one line says so and the set-up goes on without it.
+ffcv-extra: $(STAMP)
+	@if $(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('ffcv') is None)"; then exit 0; fi; \
+	scripts/ffcv_extra.sh $(PIP) install --no-build-isolation $(FFCV_PIN) 2>&1 | $(QUIET)
+
+setup: $(STAMP) ffcv-extra
 
 setup-test: setup system-test-deps
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import add_common_args, format_table, measure_interleaved, ratio, write_result
+from benchmarks.common import add_common_args, command_line, format_table, measure_interleaved, ratio, write_result
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     summary = {f"{r['model']} hash / save": round(r["hash_over_save"], 3) for r in rows}
     path = write_result("bench_checkpoint" + ("_quick" if args.quick else ""),
-                        {"rows": rows, "rounds": rounds, "summary": summary}, args.results_dir)
+                        {"rows": rows, "rounds": rounds, "summary": summary}, args.results_dir,
+                        command=command_line("benchmarks.bench_checkpoint", argv))
     print(f"wrote {path}")
     return {"rows": rows, "summary": summary}
 

@@ -1,6 +1,9 @@
 """Data-prep throughput per core, in one run: WebDataset writing, FFCV writing, a read-only loop, draft mode.
 
     python -m benchmarks.bench_data_prep [--images 240] [--large 24] [--out PATH.json]
+    python -m benchmarks.bench_data_prep --quick      # 12 images, 2 large (smoke test)
+
+Results: ``benchmarks/results/bench_data_prep.json`` (``bench_data_prep_quick.json`` with ``--quick``).
 
 Everything runs with one worker process, so images/s is images/s per core. Both wall-clock and CPU-time rates
 are reported (CPU time = this process + its reaped children, robust against other load on a shared machine).
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import write_result
+from benchmarks.common import add_common_args, command_line, write_result
 from data_prep.demo_dataset import render, wnid
 from data_prep.images import decode_rgb, target_size
 
@@ -185,15 +188,20 @@ def print_table(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--images", type=int, default=240)
     p.add_argument("--large", type=int, default=24)
-    p.add_argument("--out", default=None, help="JSON path (default: <results dir>/data_prep.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: <results dir>/bench_data_prep.json)")
     a = p.parse_args(argv)
+    if a.quick:
+        a.images, a.large = 12, 2
     if a.images < 8 or a.large < 1:
         p.error("--images must be >= 8 and --large >= 1")
     payload = run(a.images, a.large)
-    out = write_result(Path(a.out).stem, payload, Path(a.out).parent) if a.out else write_result("data_prep", payload)
+    command = command_line("benchmarks.bench_data_prep", argv)
+    name = "bench_data_prep" + ("_quick" if a.quick else "")
+    out = (write_result(Path(a.out).stem, payload, Path(a.out).parent, command=command) if a.out
+           else write_result(name, payload, a.results_dir, command=command))
     print_table(json.loads(out.read_text()))
     print(f"\nwrote {out}")
     return 0

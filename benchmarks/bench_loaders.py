@@ -30,7 +30,7 @@ split (default 1024 images). Every candidate first runs one untimed epoch (FFCV 
 persistent workers start: once per training run); per-epoch fixed costs (the loaders' epoch set-up, the first
 batch, the last batch's drain) are in every timed epoch, as a trainer pays them, but weigh more here than in an
 ImageNet-sized epoch.
-Results: ``benchmarks/results/loaders.json``.
+Results: ``benchmarks/results/bench_loaders.json`` (``bench_loaders_quick.json`` with ``--quick``).
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ from typing import Callable
 
 import torch
 
-from benchmarks.common import add_common_args, format_table, measure_interleaved, ratio, write_result
+from benchmarks.common import (add_common_args, command_line, format_table, judged, measure_interleaved, paired_ratios,
+                               ratio, ratio_spread, verdict, write_result)
 
 RESOLUTIONS = (128, 160, 224)
 TARGETS = {"ffcv_vs_bare_min": 0.9, "wds_vs_imagefolder_224": 1.0, "wds_128_over_224": 1.6}
@@ -247,8 +248,18 @@ def main(argv: list[str] | None = None) -> dict:
         "wds_128_over_224": ratio(ips["wds@128"], ips["wds@224"]),
     }
     ratios["ffcv_vs_bare_min"] = min(ratios[f"ffcv_vs_bare_{r}"] for r in RESOLUTIONS)
+
+    def rate_spread(a: str, b: str) -> float:   # spread of the per-round rate ratio a/b (rate = images / time)
+        return ratio_spread(paired_ratios(timings[b].samples, timings[a].samples))
+
+    spreads = {**{f"ffcv_vs_bare_{r}": rate_spread(f"ffcv@{r}", f"ffcv_bare@{r}") for r in RESOLUTIONS},
+               "wds_vs_imagefolder_224": rate_spread("wds@224", "imagefolder@224"),
+               "wds_128_over_224": rate_spread("wds@128", "wds@224")}
+    worst = min(RESOLUTIONS, key=lambda r: ratios[f"ffcv_vs_bare_{r}"])
+    spreads["ffcv_vs_bare_min"] = spreads[f"ffcv_vs_bare_{worst}"]
     passed = {k: ratios[k] >= v for k, v in TARGETS.items()}
-    summary = {k: f"{ratios[k]:.2f} (target >= {v}) {'PASS' if passed[k] else 'FAIL'}" for k, v in TARGETS.items()}
+    verdicts = {k: verdict(ratios[k], v, spreads[k]) for k, v in TARGETS.items()}
+    summary = {k: judged(ratios[k], v, spreads[k]) for k, v in TARGETS.items()}
 
     print(format_table(rows, floatfmt="{:.2f}"))
     print("images/s = images of one epoch / median epoch time over interleaved rounds; ms/img = one thread's "
@@ -260,14 +271,17 @@ def main(argv: list[str] | None = None) -> dict:
         "transform_ms_per_image": cpu_ms,
         "spread": {k: t.spread for k, t in timings.items()},
         "ratios": ratios,
+        "ratio_spread": spreads,
         "targets": TARGETS,
         "passed": passed,
+        "verdicts": verdicts,
         "summary": summary,
         "config": {**configs, "consumer_torch_threads": 1, "rounds": args.rounds, "resolutions": RESOLUTIONS,
                    "data_seconds": t_data,
                    "total_seconds": time.time() - t0},
     }
-    path = write_result("loaders", payload, args.results_dir)
+    path = write_result("bench_loaders" + ("_quick" if args.quick else ""), payload, args.results_dir,
+                        command=command_line("benchmarks.bench_loaders", argv))
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
     return payload
 

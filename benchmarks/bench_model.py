@@ -3,7 +3,9 @@
 For each case (size, mode, dtype, resolution) both models are built with random init and timed interleaved
 (:func:`benchmarks.common.measure_interleaved`); the table reports images/s, the ratio CPVT/DeiT and the PEG
 overhead ``1 - ratio`` against the target of <= 3% (the paper: CPVT-Ti 2500.7 vs DeiT-tiny 2536.5 img/s on a
-V100, -1.4%). Modes: ``train`` (forward + backward + AdamW step) and ``infer`` (forward under inference_mode).
+V100, -1.4%), with the ratio's spread over the rounds and its verdict (:func:`benchmarks.common.verdict`:
+inconclusive where the spread exceeds the margin to the target). Modes: ``train`` (forward + backward + AdamW
+step) and ``infer`` (forward under inference_mode).
 
     python -m benchmarks.bench_model                 # default cases for this device
     python -m benchmarks.bench_model --sizes ti --modes infer --dtypes fp32 --rounds 5
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.models  # noqa: F401  (registers cpvt_* in timm)
-from benchmarks.common import add_common_args, format_table, measure_interleaved, ratio, write_result
+from benchmarks.common import (add_common_args, command_line, format_table, judged, measure_interleaved, paired_ratios,
+                               ratio, ratio_spread, verdict, write_result)
 
 PEG_OVERHEAD_TARGET = 0.03
 PAPER = {"ti": {"deit": 2536.5, "cpvt": 2500.7}, "s": {"deit": 940.4, "cpvt": 930.5}}
@@ -115,10 +118,12 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int) -> dict
     t = measure_interleaved(steps, warmup=warmup, rounds=rounds, sync=sync)
     deit_ips, cpvt_ips = case.batch / t["deit"].median, case.batch / t["cpvt"].median
     r = ratio(cpvt_ips, deit_ips)
+    spread = ratio_spread(paired_ratios(t["deit"].samples, t["cpvt"].samples))   # per-round CPVT/DeiT rates
     return {"size": case.size, "mode": case.mode, "dtype": case.dtype, "res": case.res, "batch": case.batch,
             "deit_model": deit_name, "cpvt_model": cpvt_name, "deit_img_s": deit_ips, "cpvt_img_s": cpvt_ips,
             "cpvt_over_deit": r, "peg_overhead": 1.0 - r,
-            "within_target": bool(1.0 - r <= PEG_OVERHEAD_TARGET),
+            "within_target": bool(1.0 - r <= PEG_OVERHEAD_TARGET), "ratio_spread": spread,
+            "verdict": verdict(r, 1.0 - PEG_OVERHEAD_TARGET, spread),
             "spread_deit": t["deit"].spread, "spread_cpvt": t["cpvt"].spread,
             "samples_s": {k: v.samples for k, v in t.items()}}
 
@@ -152,21 +157,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         row = run_case(case, device, args.warmup, rounds)
         rows.append(row)
         print(f"[bench_model] {case}: cpvt/deit = {row['cpvt_over_deit']:.3f}", file=sys.stderr, flush=True)
-    cols = ["size", "mode", "dtype", "res", "batch", "deit_img_s", "cpvt_img_s", "cpvt_over_deit", "peg_overhead",
-            "within_target", "spread_deit", "spread_cpvt"]
+    cols = ["size", "mode", "dtype", "res", "batch", "deit_img_s", "cpvt_img_s", "cpvt_over_deit", "ratio_spread",
+            "verdict", "peg_overhead", "spread_deit", "spread_cpvt"]
     print(format_table(rows, cols))
     print(f"PEG overhead target <= {PEG_OVERHEAD_TARGET:.0%}; paper (V100, Ti): "
           f"{PAPER['ti']['cpvt']} vs {PAPER['ti']['deit']} img/s = {PAPER['ti']['cpvt'] / PAPER['ti']['deit']:.3f}")
     if not native_bf16:
         print("this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 rows measure torch's emulation, not a "
               "deployment setting; the target applies to fp32 here")
-    summary = {f"cpvt/deit {r['size']} {r['mode']} {r['dtype']} {r['res']}": round(r["cpvt_over_deit"], 3)
-               for r in rows}
+    summary = {f"cpvt/deit {r['size']} {r['mode']} {r['dtype']} {r['res']}":
+               judged(r["cpvt_over_deit"], 1.0 - PEG_OVERHEAD_TARGET, r["ratio_spread"]) for r in rows}
     payload = {"device": str(device), "native_bf16": native_bf16, "rounds": rounds, "warmup": args.warmup,
                "cpvt_kwargs": CPVT_KWARGS,
                "target_peg_overhead": PEG_OVERHEAD_TARGET, "paper": PAPER, "rows": rows, "summary": summary,
                "skipped_cases": [dataclasses.asdict(c) for c in skipped]}
-    path = write_result("bench_model" + ("_quick" if args.quick else ""), payload, args.results_dir)
+    path = write_result("bench_model" + ("_quick" if args.quick else ""), payload, args.results_dir,
+                        command=command_line("benchmarks.bench_model", argv))
     print(f"wrote {path}")
     return payload
 

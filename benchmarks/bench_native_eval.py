@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.common import add_common_args, format_table, measure_interleaved, ratio, write_result
+from benchmarks.common import add_common_args, command_line, format_table, measure_interleaved, ratio, write_result
 
 MODES = ("center_crop", "native")
 
@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-aspect", type=float, default=2.0)
     args = p.parse_args(argv)
+    if not args.quick and not Path(args.checkpoint).exists():
+        print(f"bench_native_eval: --checkpoint {args.checkpoint} does not exist: run `make demo` (or "
+              f"`python -m benchmarks.bench_demo`, which make bench runs first) or name an export", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             model, source, data = _quick_setup(Path(tmp))
@@ -131,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{k}: {v}")
     path = write_result("bench_native_eval" + ("_quick" if args.quick else ""),
                         {"config": {**vars(args), "model": source, "data": str(data)}, **out},
-                        args.results_dir)
+                        args.results_dir, command=command_line("benchmarks.bench_native_eval", argv))
     print(f"wrote {path}")
     return 0
 

@@ -54,7 +54,8 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from benchmarks.common import ROOT, Timing, add_common_args, format_table, measure_interleaved, ratio, write_result
+from benchmarks.common import (ROOT, Timing, add_common_args, command_line, format_table, measure_interleaved,
+                               paired_ratios, ratio, ratio_spread, write_result)
 
 # the augmentation of pipeline/recipes/demo.yaml
 DEMO_AUG = ["aug.auto_augment=null", "aug.reprob=0.0", "aug.mixup=0.0", "aug.cutmix=0.0", "aug.smoothing=0.1",
@@ -253,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     in_runs = [(r, s) for run in runs for r, s in zip(run["epoch_resolutions"], run["epoch_train_s"])]
     res_rows = [{"resolution": r, "step_s": epoch_s[r] / steps_per_epoch, "epoch_s": epoch_s[r],
                  "epoch_vs_final": ratio(epoch_s[r], epoch_s[final]), "pixels_vs_final": (r / final) ** 2,
+                 "ratio_spread": ratio_spread(paired_ratios(timings[r].samples, timings[final].samples)),
                  "spread": timings[r].spread, "epoch_s_in_runs": statistics.median(s for rr, s in in_runs if rr == r)}
                 for r in args.resolutions]
     if len({r["steps"] for r in runs}) != 1:
@@ -271,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"1. one epoch ({steps_per_epoch} steps of batch {args.batch_size}) at each resolution, interleaved, "
           f"median of {args.rounds} rounds:")
     print(format_table(res_rows, floatfmt="{:.3g}"))
-    print("spread: (max - min) / median over the rounds; epoch_s_in_runs: the same epochs inside the runs of 2.")
+    print("spread: (max - min) / median over the rounds (ratio_spread: of the per-round ratios); "
+          "epoch_s_in_runs: the same epochs inside the runs of 2.")
     print(f"2. full schedule, {epochs} epochs, runs in the order {', '.join(order)}; medians:")
     print(format_table([{"run": k, **v} for k, v in kinds.items()], floatfmt="{:.3g}"))
     print(f"progressive / fixed: train-step time {ratios['train_steps']:.3f} (predicted from 1.: "
@@ -279,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"top-1 at {final}px (smoke number on demo data): fixed {top1['fixed']:.1f}, "
           f"progressive {top1['progressive']:.1f}")
     summary = {f"epoch time {r['resolution']}px / {final}px": f"{r['epoch_vs_final']:.3f} "
-                                                               f"(pixels {r['pixels_vs_final']:.3f})"
+                                                               f"(pixels {r['pixels_vs_final']:.3f}, "
+                                                               f"spread {r['ratio_spread']:.1%})"
                for r in res_rows}
     summary.update({"progressive / fixed train-step time": f"{ratios['train_steps']:.3f} "
                                                           f"(predicted {ratios['predicted']:.3f})",
@@ -292,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "schedule_epochs": epoch_resolutions(args.resolutions, epochs), "per_resolution": res_rows,
                "samples_s": {r: t.samples for r, t in timings.items()}, "order": order, "runs": runs,
                "kinds": kinds, "ratios": ratios, "summary": summary, "seconds": seconds}
-    path = write_result("bench_progressive" + ("_quick" if args.quick else ""), payload, args.results_dir)
+    path = write_result("bench_progressive" + ("_quick" if args.quick else ""), payload, args.results_dir,
+                        command=command_line("benchmarks.bench_progressive", argv))
     print(f"wrote {path} ({seconds:.0f} s)")
     return payload
 

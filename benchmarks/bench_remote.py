@@ -18,7 +18,7 @@ Rows:
   folder, the ``s3://`` URL and the ``http://`` URL.
 
 A loopback server measures the client and protocol overhead (request handling, copies, the server's own CPU,
-which competes with the loader for the same cores), not a network. Results: ``benchmarks/results/remote.json``.
+which competes with the loader for the same cores), not a network. Results: ``benchmarks/results/bench_remote.json``.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from typing import Callable
 import torch
 import webdataset
 
-from benchmarks.common import add_common_args, format_table, measure_interleaved, ratio, write_result
+from benchmarks.common import (add_common_args, command_line, format_table, measure_interleaved, paired_ratios, ratio,
+                               ratio_spread, write_result)
 
 BUCKET = "cpvt-bench"
 RESOLUTION = 128
@@ -161,15 +162,24 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if "http_fsspec" in mb_s:
         ratios["read_requests_vs_fsspec"] = ratio(mb_s["http_requests"], mb_s["http_fsspec"])
+    pairs = {"read_s3_vs_local": (read_t, "s3_boto3", "local"),
+             "read_http_vs_local": (read_t, "http_requests", "local"),
+             "loader_s3_vs_local": (load_t, "s3", "local"), "loader_http_vs_local": (load_t, "http", "local"),
+             "read_requests_vs_gopen_curl": (read_t, "http_requests", "http_gopen_curl"),
+             "read_requests_vs_fsspec": (read_t, "http_requests", "http_fsspec")}
+    # per-round rate ratios a/b (rate = amount / time): the spread of each ratio
+    ratio_spreads = {k: ratio_spread(paired_ratios(t[b].samples, t[a].samples)) for k, (t, a, b) in pairs.items()
+                     if k in ratios}
     rows = [{"row": "read MB/s", **{k: round(v, 1) for k, v in mb_s.items()}},
             {"row": f"loader img/s @{RESOLUTION}", **{k: round(v, 1) for k, v in ips.items()}}]
-    summary = {k: f"{v:.2f}" for k, v in ratios.items()}
+    summary = {k: f"{v:.2f} (spread {ratio_spreads[k]:.1%})" for k, v in ratios.items()}
     print(format_table(rows[:1]))
     print(format_table(rows[1:]))
     for k, v in summary.items():
         print(f"{k}: {v}")
     payload = {
-        "read_mb_per_s": mb_s, "loader_images_per_s": ips, "ratios": ratios, "summary": summary,
+        "read_mb_per_s": mb_s, "loader_images_per_s": ips, "ratios": ratios, "ratio_spread": ratio_spreads,
+        "summary": summary,
         "skipped": skipped,
         "spread": {**{f"read_{k}": t.spread for k, t in read_t.items()},
                    **{f"loader_{k}": t.spread for k, t in load_t.items()}},
@@ -177,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "batch_size": args.batch_size, "workers": args.workers, "rounds": args.rounds,
                    "resolution": RESOLUTION, "data_seconds": t_data, "total_seconds": time.time() - t0},
     }
-    path = write_result("remote", payload, args.results_dir)
+    path = write_result("bench_remote" + ("_quick" if args.quick else ""), payload, args.results_dir,
+                        command=command_line("benchmarks.bench_remote", argv))
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
     return payload
 

@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from benchmarks.common import ROOT, add_common_args, format_table, ratio, write_result
+from benchmarks.common import (ROOT, add_common_args, command_line, format_table, judged, paired_ratios, ratio,
+                               ratio_spread, verdict, write_result)
 from pipeline.net import free_port
 
 NUM_CLASSES = 10
@@ -343,7 +344,7 @@ def run_parent(args) -> int:
                   f"(trainer-reported {_fmt(res.get('reported_img_s'))}) wall {run['wall_s']} s", flush=True)
     payload = summarize(runs, args, supported, why)
     name = "bench_trainer" + ("_quick" if args.quick else "")
-    path = write_result(name, payload, args.results_dir)
+    path = write_result(name, payload, args.results_dir, command=args.command)
     print(format_table([{"loop": k, "img_s": payload["img_s"].get(k), "runs": len([r for r in runs if r["kind"] == k])}
                         for k in ("trainer", "bare")]))
     print(f"trainer / bare: {_fmt(payload['ratio'])}" + (f"   (trainer skipped: {why})" if not supported else ""))
@@ -358,17 +359,24 @@ def summarize(runs: list[dict[str, Any]], args, supported: bool, why: str) -> di
 
     trainer, bare = med("trainer"), med("bare")
     r = ratio(trainer, bare) if trainer and bare else None
+    # the i-th trainer run against the i-th bare run (the order is A B B A ...): the per-round ratios' spread
+    rates = {kind: [run.get("img_s") for run in runs if run["kind"] == kind] for kind in ("trainer", "bare")}
+    paired = [(t, b) for t, b in zip(rates["trainer"], rates["bare"]) if t and b]
+    spread = ratio_spread(paired_ratios([t for t, _ in paired], [b for _, b in paired]))
+    target = 0.9 if args.device == "cuda" or (args.device == "auto" and _device("auto").type == "cuda") else 0.95
     tw, bw = med("trainer", "img_s_wall"), med("bare", "img_s_wall")
     clock = next((run["clock"] for run in runs if run.get("clock")), None)
     settings = {k: getattr(args, k) for k in ("device", "model", "model_kwargs", "resolution", "batch_size",
                                                "precision", "zero_stage", "steps", "warmup", "rounds", "threads")}
-    summary = {"trainer img/s": _fmt(trainer), "bare img/s": _fmt(bare), "trainer/bare ratio": _fmt(r),
+    summary = {"trainer img/s": _fmt(trainer), "bare img/s": _fmt(bare),
+               "trainer/bare ratio": judged(r, target, spread),
                "clock": clock, "trainer/bare ratio (wall clock)": _fmt(ratio(tw, bw) if tw and bw else None)}
     if not supported:
         summary["trainer"] = f"skipped: {why}"
     return {"settings": settings, "runs": runs, "img_s": {"trainer": trainer, "bare": bare}, "clock": clock,
             "img_s_wall": {"trainer": tw, "bare": bw}, "ratio_wall": ratio(tw, bw) if tw and bw else None,
-            "trainer_reported_img_s": med("trainer", "reported_img_s"), "ratio": r, "target_cpu": 0.95,
+            "trainer_reported_img_s": med("trainer", "reported_img_s"), "ratio": r, "ratio_spread": spread,
+            "target": target, "verdict": verdict(r, target, spread), "target_cpu": 0.95,
             "target_gpu": 0.9, "trainer_skipped": None if supported else why, "summary": summary}
 
 
@@ -421,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = resolve_defaults(build_parser().parse_args(argv))
     if args.worker:
         return run_worker(args)
+    args.command = command_line("benchmarks.bench_trainer", argv)
     return run_parent(args)
 
 

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from benchmarks.common import ROOT, add_common_args, format_table, write_result
+from benchmarks.common import ROOT, add_common_args, command_line, format_table, write_result
 from pipeline.deepspeed_compat import inner_optimizer, model_states_estimate, zero3_partition
 from pipeline.net import free_port
 
@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             summary[f"zero{stage} x{ws} / zero0 x{ws} model states"] = round(r["model_states"]
                                                                                / base["model_states"], 3)
     payload = {"model": args.model, "rows": rows, "summary": summary}
-    path = write_result("bench_zero_memory" + ("_quick" if args.quick else ""), payload, args.results_dir)
+    path = write_result("bench_zero_memory" + ("_quick" if args.quick else ""), payload, args.results_dir,
+                        command=command_line("benchmarks.bench_zero_memory", argv))
     print(f"wrote {path}")
     return payload
 

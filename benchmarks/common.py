@@ -4,6 +4,9 @@ Benchmarks on a shared machine are noisy, so candidates are never timed one afte
 blocks. :func:`measure_interleaved` runs every candidate once per round (rotating the order each round) for
 several rounds and reports per-candidate medians; comparisons are then made as ratios of medians taken in
 the same run, which cancels most of the drift caused by other load on the machine.
+
+A ratio comes with its spread (:func:`ratio_spread` over the per-round ratios) and is judged against its target by
+:func:`verdict`: PASS, FAIL, or inconclusive where the spread is larger than the ratio's distance to the target.
 """
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ import argparse
 import datetime as _dt
 import json
 import os
+import math
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +78,41 @@ def measure_interleaved(candidates: Mapping[str, Callable[[], Any]], *, warmup: 
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Round-by-round ratios ``num[i] / den[i]`` of two candidates timed in the same interleaved rounds (for a
+    throughput ratio pass the times the other way round: ``paired_ratios(t_b, t_a)`` = rate_a / rate_b)."""
+    if len(num) != len(den):
+        raise ValueError(f"paired_ratios: {len(num)} vs {len(den)} rounds")
+    return [ratio(a, b) for a, b in zip(num, den)]
+
+
+def ratio_spread(ratios: Sequence[float]) -> float:
+    """(max - min) / median of the per-round ratios; NaN with fewer than two rounds (no spread measured)."""
+    if len(ratios) < 2:
+        return float("nan")
+    return (max(ratios) - min(ratios)) / statistics.median(ratios)
+
+
+def verdict(value: float | None, target: float, spread: float, *, higher_is_better: bool = True) -> str:
+    """"PASS" / "FAIL" for ``value`` against ``target`` (``>=`` when ``higher_is_better``, else ``<=``), or
+    "inconclusive" when the measurement cannot tell: its relative spread is larger than its relative distance to
+    the target, ``|value - target| / value``, or the spread is unknown (one round) or the value missing."""
+    if value is None or not math.isfinite(value) or value == 0 or not math.isfinite(spread):
+        return "inconclusive"
+    if spread > abs(value - target) / abs(value):
+        return "inconclusive"
+    return "PASS" if (value >= target if higher_is_better else value <= target) else "FAIL"
+
+
+def judged(value: float | None, target: float, spread: float, *, higher_is_better: bool = True) -> str:
+    """One summary cell: ``0.981 (spread 4.2%, target >= 0.97) PASS``."""
+    shown = "n/a" if value is None else f"{value:.3f}"
+    spread_s = f"{spread:.1%}" if math.isfinite(spread) else "n/a"
+    op = ">=" if higher_is_better else "<="
+    word = verdict(value, target, spread, higher_is_better=higher_is_better)
+    return f"{shown} (spread {spread_s}, target {op} {target}) {word}"
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -150,8 +191,15 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def write_result(name: str, payload: Mapping[str, Any], results_dir: str | Path | None = None) -> Path:
-    """Write ``{"benchmark", "timestamp", "commit", "machine", **payload}`` to ``<results_dir>/<name>.json``."""
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
+    """The command that reruns a benchmark: ``python -m <module> <argv>`` (``argv`` None: this process's)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_result(name: str, payload: Mapping[str, Any], results_dir: str | Path | None = None,
+                 command: str | None = None) -> Path:
+    """Write ``{"benchmark", "timestamp", "commit", "machine", "command", **payload}`` to
+    ``<results_dir>/<name>.json`` (``command``: :func:`command_line`, how the numbers were made)."""
     results_dir = Path(results_dir or os.environ.get("CPVT_BENCH_RESULTS", RESULTS_DIR))
     results_dir.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -159,6 +207,7 @@ def write_result(name: str, payload: Mapping[str, Any], results_dir: str | Path 
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "machine": machine_info(),
+        "command": command,
         **payload,
     }
     path = results_dir / f"{name}.json"

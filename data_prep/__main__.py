@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.config import ConfigError, check_choice, check_positive, check_range
+from pipeline.config import FFCV_MISSING, ConfigError, check_choice, check_positive, check_range, ffcv_installed
 from pipeline.redaction import redact
 
 from .demo_dataset import make_demo_dataset
@@ -157,6 +157,8 @@ def validate(a: argparse.Namespace) -> None:
         for fmt in a.formats or ():
             check_choice("--formats", fmt, ["wds", "ffcv"])
         return
+    if a.cmd == "ffcv" and not ffcv_installed():
+        raise ConfigError(f"ffcv: {FFCV_MISSING}; WebDataset shards: python -m data_prep wds")
     if not Path(a.src).is_dir():
         raise ConfigError(f"--src: {a.src!r} is not a directory")
     if MINIVAL in a.splits:

@@ -1,11 +1,11 @@
 """`make demo`: the whole pipeline end to end on the built-in synthetic dataset, on CPU, in minutes.
 
-1. demo dataset (ImageNet layout) -> WebDataset shards + FFCV .beton files (data_prep; 5 % of train held out as
-   minival, on which the training chooses its test resolution),
+1. demo dataset (ImageNet layout) -> WebDataset shards + FFCV .beton files (data_prep; FFCV where installed;
+   5 % of train held out as minival, on which the training chooses its test resolution),
 2. 2-rank DeepSpeed training (ZeRO-2, precision auto: fp32 on a CPU without native bf16, progressive resolution
    48 -> 64 px) of CPVT-Ti,
    launched as ``torchrun --nproc_per_node 2 pipeline/train.py`` with MLflow tracking,
-3. export to safetensors and evaluation of the export at 3 resolutions (from the FFCV val split),
+3. export to safetensors and evaluation of the export at 3 resolutions (from the FFCV val split, else WebDataset's),
 4. the export logged as an MLflow model of the run (registered as ``cpvt_ti``),
 5. a summary table: accuracies, where the checkpoint / export / MLflow store are, the UI's training-view URL.
 
@@ -32,7 +32,7 @@ from data_prep.demo_dataset import make_demo_dataset
 from data_prep.write_ffcv import write_ffcv
 from data_prep.write_webdataset import write_webdataset
 from pipeline import tracking
-from pipeline.config import DataConfig, from_dict
+from pipeline.config import DataConfig, ffcv_installed, from_dict
 from pipeline.device import select_device
 from pipeline.evaluate import evaluate, load_model
 from pipeline.export import export, log_mlflow_model, read_meta
@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # minival, on which the training chooses its test resolution: 5 % of the 1000 train images (5 per class; the
 # command line's 1 % would leave one image per class)
 MINIVAL_FRACTION = 0.05
+# the export is scored on the FFCV val split where FFCV is installed (an optional extra), else on the WebDataset one
+EVAL_FORMAT = "ffcv" if ffcv_installed() else "wds"
 
 
 def prepare_data(run_dir: Path, workers: int) -> Path:
@@ -52,7 +54,8 @@ def prepare_data(run_dir: Path, workers: int) -> Path:
     if not (data / "wds" / "minival_manifest.json").is_file():
         write_webdataset(src, data, cluster="pool", workers=workers, progress=False, shard_max_count=250,
                          minival_fraction=MINIVAL_FRACTION)
-    if not (data / "ffcv" / "val.beton").is_file() or not (data / "ffcv" / "minival.beton").is_file():
+    if EVAL_FORMAT == "ffcv" and (not (data / "ffcv" / "val.beton").is_file()
+                                  or not (data / "ffcv" / "minival.beton").is_file()):
         with keep_torch_threads():
             write_ffcv(src, data, workers=workers, progress=False, minival_fraction=MINIVAL_FRACTION)
     return data
@@ -91,14 +94,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def export_and_evaluate(run_dir: Path, data: Path, final: dict) -> tuple[Path, str | None, list[int], dict]:
     """Export the final checkpoint, log the export as the run's MLflow model (when the run is tracked) and score it
-    on the FFCV val split at the resolutions the training evaluated: (export, model URI, resolutions, results)."""
+    on the EVAL_FORMAT val split at the resolutions the training evaluated: (export, model URI, resolutions,
+    results)."""
     out = export(final["checkpoint"], run_dir / "export" / "cpvt_demo.safetensors")
     model_uri = None
     if final.get("mlflow_run_id"):   # the export as an MLflow model of the run, registered under the model's name
         model_uri = log_mlflow_model(out, final["mlflow_run_id"], registered_name=read_meta(out)["model"])
     model, _ = load_model(out)
     resolutions = sorted(int(r) for r in final["eval"])
-    data_cfg = from_dict(DataConfig, {"format": "ffcv", "root": str(data), "eval_batch_size": 100,
+    data_cfg = from_dict(DataConfig, {"format": EVAL_FORMAT, "root": str(data), "eval_batch_size": 100,
                                       "num_workers": 1}, prefix="data.")
     export_eval = evaluate(model.eval(), data_cfg, resolutions=resolutions, rank=0, world_size=1,
                            crop_pct=0.875, device=torch.device("cpu"), patch_size=model.patch_size)
@@ -106,9 +110,9 @@ def export_and_evaluate(run_dir: Path, data: Path, final: dict) -> tuple[Path, s
 
 
 def print_accuracy_table(final: dict, export_eval: dict, resolutions: list[int]) -> None:
-    """Top-1 of the DeepSpeed run (wds) next to top-1/top-5 of its export (ffcv), one row per resolution."""
+    """Top-1 of the DeepSpeed run (wds) next to top-1/top-5 of its export (EVAL_FORMAT), one row per resolution."""
     train_res = final["train_resolution"]
-    rows = [("resolution", "top-1 (DeepSpeed, wds)", "top-1 (export, ffcv)", "top-5 (export)")]
+    rows = [("resolution", "top-1 (DeepSpeed, wds)", f"top-1 (export, {EVAL_FORMAT})", "top-5 (export)")]
     for r in resolutions:
         rows.append((f"{r}px" + (" (train)" if r == train_res else ""), f"{final['eval'][str(r)]['top1']:.1f}",
                      f"{export_eval[r]['top1']:.1f}", f"{export_eval[r]['top5']:.1f}"))
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    print("== 1/4 demo dataset -> WebDataset + FFCV", flush=True)
+    print("== 1/4 demo dataset -> WebDataset" + (" + FFCV" if EVAL_FORMAT == "ffcv" else ""), flush=True)
     data = prepare_data(run_dir, args.workers)
     t_data = time.time() - t0
 
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     final = train(run_dir, data, args.recipe, args.nproc, args.overrides)
     t_train = time.time() - t0 - t_data
 
-    print("== 3/4 export + evaluation of the export (FFCV val split)", flush=True)
+    print(f"== 3/4 export + evaluation of the export ({EVAL_FORMAT} val split)", flush=True)
     out, model_uri, resolutions, export_eval = export_and_evaluate(run_dir, data, final)
     num_classes = len(json.loads((data / "classes.json").read_text())["classes"])
 
@@ -165,6 +169,7 @@ MLflow UI            {view}
 evaluate again       python -m pipeline.evaluate {out} --data {data} --resolutions {' '.join(map(str, resolutions))}
 """, flush=True)  # noqa: E501 - a table printed as it reads
     (run_dir / "demo_summary.json").write_text(json.dumps({"train": final, "export_eval": export_eval,
+                                                            "export_eval_format": EVAL_FORMAT,
                                                             "export": str(out), "seconds": time.time() - t0},
                                                            indent=2, default=str))
     return 0

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks import bench_loaders
+from benchmarks.common import verdict
 
 CANDIDATES = ("wds", "wds_nodraft", "imagefolder", "ffcv", "ffcv_bare", "ffcv_bare_u8")
 
@@ -14,7 +15,7 @@ CANDIDATES = ("wds", "wds_nodraft", "imagefolder", "ffcv", "ffcv_bare", "ffcv_ba
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_loaders")
     payload = bench_loaders.main(["--quick", "--workers", "1", "--results-dir", str(out)])
-    return payload, json.loads((out / "loaders.json").read_text())
+    return payload, json.loads((out / "bench_loaders_quick.json").read_text())
 
 
 def test_all_candidates_at_all_resolutions(result):
@@ -38,4 +39,5 @@ def test_ratios_and_verdicts_follow_from_the_rates(result):
     assert ratios["wds_128_over_224"] == pytest.approx(ips["wds@128"] / ips["wds@224"])
     for name, target in bench_loaders.TARGETS.items():
         assert payload["passed"][name] == (ratios[name] >= target)
-        assert payload["summary"][name].endswith("PASS" if payload["passed"][name] else "FAIL")
+        assert payload["verdicts"][name] == verdict(ratios[name], target, payload["ratio_spread"][name])
+        assert payload["summary"][name].endswith(payload["verdicts"][name])

@@ -17,3 +17,11 @@ def test_quick_run_writes_both_modes(tmp_path, capsys):
         "top1 native - crop", "native/crop pass img/s", "native/crop pass tokens/s", "native/crop fwd img/s",
         "native/crop fwd tokens/s")}
     assert "native/crop pass tokens/s 32px" in capsys.readouterr().out
+
+
+def test_missing_demo_export_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "runs" / "demo" / "export" / "cpvt_demo.safetensors"
+    assert bench_native_eval.main(["--checkpoint", str(missing), "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err and "make demo" in err
+    assert not list(tmp_path.glob("*.json"))

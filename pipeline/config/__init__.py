@@ -9,6 +9,7 @@ global batch, the DeepSpeed JSON and the site file.
 * :mod:`~pipeline.config.batch`: global batch -> per-rank micro-batch and accumulation
 * :mod:`~pipeline.config.deepspeed`: the DeepSpeed JSON resolved against the recipe
 * :mod:`~pipeline.config.site`: the site file (cluster defaults below the recipe and the command line)
+* :mod:`~pipeline.config.extras`: whether the optional extra FFCV is installed (``data.format: ffcv`` needs it)
 
 Nothing here reads training data or touches a process group, so callers validate before doing either.
 """
@@ -16,6 +17,7 @@ from pipeline.config.batch import BatchPlan, apply_global_batch, batch_plan, der
 from pipeline.config.deepspeed import (DS_DTYPES, deepspeed_optimizer_section, precision, read_deepspeed_json,
                                        resolve_deepspeed_config)
 from pipeline.config.errors import ConfigError, check_choice, check_multiple, check_positive, check_range
+from pipeline.config.extras import FFCV_MISSING, ffcv_installed
 from pipeline.config.loading import (apply_overrides, deep_merge, load_config, load_train_config, load_yaml,
                                      merge_sources, parse_override)
 from pipeline.config.recipes import DEEPSPEED_CONFIGS, RECIPES, ROOT, find_recipe, recipe_for_model
@@ -28,12 +30,14 @@ from pipeline.config.site import SiteConfig, Setting, load_site, pick, site_path
 
 __all__ = [
     "AugConfig", "BatchPlan", "CheckpointConfig", "ConfigError", "DEEPSPEED_CONFIGS", "DS_DTYPES", "DataConfig",
-    "EVAL_RESOLUTIONS", "EvalConfig", "IMAGENET_MEAN", "IMAGENET_STD", "LRScheduleConfig", "ModelConfig",
+    "EVAL_RESOLUTIONS", "EvalConfig", "FFCV_MISSING", "IMAGENET_MEAN", "IMAGENET_STD", "LRScheduleConfig",
+    "ModelConfig",
     "OptimConfig", "RECIPES", "ROOT", "ResolutionScheduleConfig", "RunConfig", "ScheduleConfig", "Setting",
     "SiteConfig", "TrackingConfig", "TrainConfig", "apply_global_batch", "apply_overrides", "batch_plan",
     "check_auto_augment", "check_choice", "check_data_aug", "check_multiple", "check_peg_positions",
     "check_positive", "check_range",
-    "deep_merge", "deepspeed_optimizer_section", "derive_batch", "find_recipe", "flatten", "from_dict",
+    "deep_merge", "deepspeed_optimizer_section", "derive_batch", "ffcv_installed", "find_recipe", "flatten",
+    "from_dict",
     "load_config", "load_site", "load_train_config", "load_yaml", "merge_sources", "parse_override", "pick",
     "precision", "read_deepspeed_json", "recipe_for_model", "resolve_deepspeed_config", "site_path", "to_dict",
     "train_defaults", "validate",

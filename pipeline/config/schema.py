@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 
 from pipeline.config.errors import ConfigError, check_multiple, check_positive, check_range
+from pipeline.config.extras import FFCV_MISSING, ffcv_installed
 from pipeline.config.sections import to_dict
 from pipeline.redaction import redact_values
 
@@ -140,6 +141,8 @@ class DataConfig:
         if self.decode == "device" and self.format != "wds":
             raise ConfigError(f"decode: 'device' needs format 'wds' (FFCV decodes inside its own pipeline); "
                               f"allowed with format={self.format!r}: ['cpu']")
+        if self.format == "ffcv" and not ffcv_installed():
+            raise ConfigError(f"format: 'ffcv' needs FFCV, but {FFCV_MISSING}; use format 'wds'")
         if self.format == "ffcv" and self.ffcv_order == "quasi_random" and self.os_cache:
             raise ConfigError("ffcv_order: 'quasi_random' needs os_cache=false (FFCV's process cache); "
                               "allowed with os_cache=true: ['random']")
