@@ -49,6 +49,7 @@ def check_peg_positions(peg_positions: int | Sequence[int], depth: int,
 
 @dataclass
 class ModelConfig:
+    # the registered variant (pipeline/models/cpvt.py); *_gap: global average pooling instead of the class token
     name: Literal["cpvt_ti", "cpvt_s", "cpvt_b", "cpvt_ti_gap", "cpvt_s_gap", "cpvt_b_gap"] = "cpvt_ti"
     num_classes: Optional[int] = None   # None: from <data.root>/classes.json
     drop_path_rate: float = 0.1         # stochastic depth rate (DeiT: 0.1)
@@ -84,10 +85,10 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
-    format: Literal["wds", "ffcv"] = "wds"
+    format: Literal["wds", "ffcv"] = "wds"   # WebDataset shards or FFCV .beton files (the optional extra ffcv)
     root: str = ""                      # data_prep output root (holds classes.json, wds/, ffcv/)
     train_split: str = "train"          # the split names data_prep wrote (shard / .beton prefixes)
-    val_split: str = "val"
+    val_split: str = "val"              # the split evaluated
     # samples per optimizer step over all ranks (the recipe's, e.g. DeiT's 1024). Set: pipeline.config.batch derives
     # data.batch_size (per rank) and optim.grad_accum for the world size, and schedule.resolution.batch_sizes are
     # global batches too. null: data.batch_size is stated per rank (the global batch grows with the world)
@@ -116,9 +117,9 @@ class DataConfig:
     decode: Literal["cpu", "device"] = "cpu"
     os_cache: bool = True               # FFCV: rely on the page cache (False: FFCV's process cache)
     ffcv_order: Literal["random", "quasi_random"] = "random"  # quasi_random: single process, os_cache=False
-    ffcv_batches_ahead: int = 3
-    channels_last: bool = False
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    ffcv_batches_ahead: int = 3         # FFCV: batches its loader prepares ahead
+    channels_last: bool = False         # image batches in channels-last memory format
+    dtype: Literal["float32", "bfloat16"] = "float32"   # dtype of the normalised image batches
 
     def validate(self) -> None:
         check_positive("batch_size", self.batch_size)
@@ -153,34 +154,34 @@ class AugConfig:
     # DeiT repeated augmentation: each epoch draws ~N/repeats distinct images, each `repeats` times with its
     # own augmentation (same number of steps per epoch); 1 = off, DeiT uses 3
     repeats: int = 1
-    # RandomResizedCrop + flip (per sample)
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    hflip: float = 0.5
+    # per sample:
+    scale: tuple[float, float] = (0.08, 1.0)            # RandomResizedCrop: area fraction range
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)   # RandomResizedCrop: aspect ratio range (W/H)
+    hflip: float = 0.5                                   # horizontal flip probability
     # aspect-bucketed training (WebDataset): each optimizer step crops all its images to one H x W bucket of
     # ~resolution^2 pixels with W/H inside `ratio`, sides multiples of `aspect_multiple` (the model's patch);
     # pipeline.data.aspect_buckets
     aspect_buckets: bool = False
-    aspect_multiple: int = 16
-    train_interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
+    aspect_multiple: int = 16           # aspect buckets: both sides are multiples of this
+    train_interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"   # RandomResizedCrop resize filter
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm spec; null/"" disables
     color_jitter: float = 0.3                              # only used when auto_augment is off (timm rule)
-    # on the batch, after normalisation
-    reprob: float = 0.25
-    remode: Literal["const", "rand", "pixel"] = "pixel"
-    recount: int = 1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    cutmix_minmax: Optional[tuple[float, float]] = None
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    # on the batch, after normalisation:
+    reprob: float = 0.25                # random erasing probability
+    remode: Literal["const", "rand", "pixel"] = "pixel"   # random erasing fill (timm)
+    recount: int = 1                    # random erasing: at most this many boxes per image
+    mixup: float = 0.8                  # Mixup alpha (0: off)
+    cutmix: float = 1.0                 # CutMix alpha (0: off)
+    cutmix_minmax: Optional[tuple[float, float]] = None   # CutMix box size range (overrides the alpha)
+    mixup_prob: float = 1.0             # probability that a batch is mixed
+    mixup_switch_prob: float = 0.5      # probability of CutMix instead of Mixup when both are on
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"   # one mix per batch, per pair or per element
     smoothing: float = 0.1              # folded into soft targets when mixup/cutmix is on, else the loss's job
-    # eval
-    crop_pct: float = 0.875
-    eval_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    # evaluation:
+    crop_pct: float = 0.875             # center crop: resize to resolution / crop_pct first
+    eval_interpolation: Literal["bicubic", "bilinear"] = "bicubic"   # eval resize filter
+    mean: tuple[float, float, float] = IMAGENET_MEAN   # normalisation (train and eval)
+    std: tuple[float, float, float] = IMAGENET_STD     # normalisation (train and eval)
 
     @property
     def mixup_active(self) -> bool:
@@ -272,7 +273,7 @@ def check_data_aug(data: DataConfig, aug: AugConfig, batch_size: int | None = No
 # ----------------------------------------------------------------------------------------- schedules
 @dataclass
 class ResolutionScheduleConfig:
-    kind: Literal["fixed", "linear", "steps", "low_then_full"] = "fixed"
+    kind: Literal["fixed", "linear", "steps", "low_then_full"] = "fixed"   # how the resolution follows the epoch
     resolution: int = 224                 # fixed, and the final resolution of low_then_full
     start_res: int = 160                  # linear
     end_res: int = 192                    # linear
@@ -357,7 +358,7 @@ class LRScheduleConfig:
     ref_batch: int = 512                   # lr is scaled by global_batch / ref_batch
     batch_scaling: Literal["linear", "sqrt", "none"] = "linear"   # how the peak follows the global batch
     warmup_epochs: float = 5.0             # linear warmup from warmup_lr to the peak (fractional epochs)
-    warmup_lr: float = 1e-6
+    warmup_lr: float = 1e-6                # the warmup starts here
     min_lr: float = 1e-5                   # the cosine ends here
 
     def check_epochs(self, total_epochs: int) -> None:
@@ -383,10 +384,10 @@ class ScheduleConfig:
 # ----------------------------------------------------------------------------------------- optimizer, checkpoints
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw"] = "adamw"   # the optimizer
     weight_decay: float = 0.05      # not on 1-d tensors, biases and the model's no_weight_decay() (pipeline.optim)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)   # AdamW betas
+    eps: float = 1e-8                   # AdamW epsilon
     # gradient accumulation steps (DeepSpeed gradient_accumulation_steps); with data.global_batch_size set, the
     # fewest steps >= this value that keep the micro-batch within data.max_batch_per_gpu (derived per world size)
     grad_accum: int = 1
@@ -445,12 +446,12 @@ class EvalConfig:
     # short side res, aspect kept, both sides multiples of the patch size, long side <= native_max_aspect x res,
     # batched by aspect bucket (pipeline.data.aspect_buckets)
     mode: Literal["center_crop", "native"] = "center_crop"
-    native_max_aspect: float = 2.0
+    native_max_aspect: float = 2.0      # native: the long side is at most this x the short side
     # the test resolution is chosen on minival (held out from train by `python -m data_prep --minival-fraction`),
     # among the training resolution and `resolutions`, at the end of training; val is then read at the chosen one
     # (never used to choose). true: when data.root has the split (else one line says there is none); false: never
     choose_test_res: bool = True
-    minival_split: str = "minival"
+    minival_split: str = "minival"      # the split the test resolution is chosen on
 
     def validate(self) -> None:
         check_positive("every_epochs", self.every_epochs, allow_zero=True)
@@ -465,8 +466,8 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     run_dir: str = "runs/default"       # checkpoints, logs and the resolved config go here
-    seed: int = 0
-    epochs: int = 300
+    seed: int = 0                       # every random draw derives from it (pipeline.rng)
+    epochs: int = 300                   # training epochs
     max_steps: Optional[int] = None     # stop after this many optimizer steps in total (smoke tests)
     log_every: int = 50                 # optimizer steps between logged training metrics
     deepspeed_config: str = "deepspeed_configs/zero2.json"   # ZeRO stage and communication (deepspeed_configs/)
@@ -478,7 +479,7 @@ class RunConfig:
     nonfinite_patience: int = 10        # stop after this many non-finite losses in a row
     stop_check_steps: int = 10          # ranks agree on a preemption signal every N steps (1 rank: every step)
     ema: bool = False                   # an EMA of the weights, evaluated beside the model (ZeRO 0-2)
-    ema_decay: float = 0.9998
+    ema_decay: float = 0.9998           # the EMA decay per optimizer step
     progress_bar: Optional[bool] = None   # None: tqdm on a TTY, plain lines otherwise
 
     def validate(self) -> None:
