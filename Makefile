@@ -3,6 +3,7 @@
 #   make test   - set-up + the full test suite
 #   make bench  - set-up + all benchmarks (prints ratios, writes JSON under benchmarks/results/)
 #   make ui     - MLflow UI on 127.0.0.1 over the project's tracking store (runs/mlflow.db), training view
+#   make docs   - the documentation site (mkdocs, strict) into site/
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
@@ -35,7 +36,7 @@ ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 
 export DS_ACCELERATOR ?= cpu
 endif
 
-.PHONY: setup setup-test system-deps system-test-deps ffcv-extra demo test bench ui clean
+.PHONY: setup setup-test system-deps system-test-deps ffcv-extra demo test bench ui docs clean
 
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -88,8 +89,12 @@ bench: setup
 ui: setup
 	$(BIN)/python -m pipeline.tracking ui --host 127.0.0.1 --port $${PORT:-5000}
 
+# Strict: a broken internal link, a missing page or a stale API reference fails (tests/test_docs.py builds it too)
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .cache runs build *.egg-info
+	rm -rf $(VENV) .cache runs build site *.egg-info
 
 # GPU proof (benchmarks/gpu_check.py): one GPU, <= 8 min, JSON + table; one line and exit 0 without CUDA.
 # No set-up dependency: on a GPU machine without this .venv it runs under python3 (wheels from gpu-wheelhouse on
