@@ -138,7 +138,7 @@ def test_kill_data_prep_midway_and_rerun_gives_identical_objects(s3, tmp_path):
     tiny_demo(src, train_per_class=12, val_per_class=2, min_side=300, max_side=480, large_images=0)
     out = f"s3://{BUCKET}/killed"
     args = ["wds", "--src", str(src), "--out", out, "--max-side", "96", "--shard-max-count", "3",
-            "--workers", "2", "--splits", "train"]
+            "--workers", "2", "--splits", "train", "--minival-fraction", "0"]
     c = s3.client()
     log = tmp_path / "run1.log"
     proc = subprocess.Popen([PY, "-m", "data_prep", *args], cwd=ROOT, env=_env(), stdout=open(log, "w"),
