@@ -1,8 +1,10 @@
 """SIGKILL a real job at a chosen moment, observed from outside: from an armed point on, the job runs only in
 short slices between SIGSTOP freezes of all its processes. While everything is stopped its output (read to the
 end of the pipe) and its files are a consistent picture, so the test decides there whether the moment has come
-(inside a checkpoint save, inside an evaluation, ...) and SIGKILLs the frozen job; a save or an evaluation
-that lasts a few milliseconds of the job's own time is hit on any machine, however loaded."""
+(inside a checkpoint save, inside an evaluation, ...) and SIGKILLs the frozen job. A save or an evaluation that
+lasts a few milliseconds of the job's own time is hit without any hook in the product; on a loaded machine the
+observer may wake too late once in a while and the moment passes between two freezes, which the result reports
+(the caller runs the segment again from the same files)."""
 from __future__ import annotations
 
 import codecs
@@ -90,7 +92,7 @@ class Job:
                     pass
             if not new:
                 break
-        self._known = [proc for proc in procs]
+        self._known = procs
         _frozen_all(self._known)
 
     def thaw(self) -> None:
