@@ -51,11 +51,11 @@ def prepare_data(run_dir: Path, workers: int) -> Path:
     src, data = run_dir / "src", run_dir / "data"
     if not (src / "demo_dataset.json").is_file():
         make_demo_dataset(src)
-    if not (data / "wds" / "minival_manifest.json").is_file():
+    # a data folder already in place is used as it is (with or without a minival split)
+    if not (data / "wds" / "_info.json").is_file():
         write_webdataset(src, data, cluster="pool", workers=workers, progress=False, shard_max_count=250,
                          minival_fraction=MINIVAL_FRACTION)
-    if EVAL_FORMAT == "ffcv" and (not (data / "ffcv" / "val.beton").is_file()
-                                  or not (data / "ffcv" / "minival.beton").is_file()):
+    if EVAL_FORMAT == "ffcv" and not (data / "ffcv" / "val.beton").is_file():
         with keep_torch_threads():
             write_ffcv(src, data, workers=workers, progress=False, minival_fraction=MINIVAL_FRACTION)
     return data
