@@ -87,7 +87,7 @@ class InMemoryLoader:
         return self.num_batches
 
     def set_epoch(self, epoch: int, resolution: int, batch_size: int | None = None, skip_batches: int = 0,
-                  accum: int = 1) -> None:
+                  accum: int = 1, aug_strength: float = 1.0) -> None:
         self.set_epoch_calls.append((epoch, resolution, batch_size, skip_batches))
         if int(resolution) != self.resolution:
             raise ValueError(f"InMemoryLoader holds {self.resolution} px batches, asked for {resolution}")

@@ -47,6 +47,7 @@ from pipeline.config import (ConfigError, Setting, batch_plan, check_choice, che
                              load_site, load_train_config, pick, recipe_for_model, train_defaults)
 from pipeline.data.shard_index import check_index, read_num_classes, read_wds_info  # noqa: E402
 from pipeline.data.workers import fit_num_workers  # noqa: E402
+from pipeline.schedules import plan_lines  # noqa: E402
 from pipeline.schedules import ResolutionSchedule  # noqa: E402
 from pipeline.redaction import redact  # noqa: E402
 from pipeline.storage import is_url  # noqa: E402
@@ -440,6 +441,7 @@ def _config_checks(cfg, args: argparse.Namespace, res: dict[str, Setting], world
                          f"{batch_plan(cfg, world).line()}"
                          + (" (data.global_batch_size)" if cfg.data.global_batch_size else
                             " (data.batch_size per rank: the global batch grows with the world size)")]
+    checks += plan_lines(cfg, world)   # a budgeted resolution schedule's stages
     cpus = res["cpus_per_task"].value
     if cpus:
         fitted, line = fit_num_workers(cfg.data, cpus)

@@ -32,7 +32,7 @@ from pipeline.config import ConfigError
 from pipeline.data.step_batches import MicroBatch, step_keys
 from pipeline.distributed import all_gather_object, barrier
 from pipeline.rng import make_seed, rng_state, seed_everything
-from pipeline.schedules import ResolutionSchedule
+from pipeline.schedules import ResolutionSchedule, step_layout
 
 
 class ResumeMismatchError(ConfigError):
@@ -56,8 +56,8 @@ def epoch_batch(cfg, epoch: int) -> int:
 def layout_meta(cfg, *, world_size: int, epoch: int, step_in_epoch: int, global_step: int,
                 zero_stage: int) -> dict[str, Any]:
     """The layout record of a checkpoint that continues at (``epoch``, ``step_in_epoch``)."""
-    micro = epoch_batch(cfg, epoch) if epoch < cfg.run.epochs else cfg.data.batch_size
-    accum = cfg.optim.grad_accum
+    micro, accum = step_layout(cfg, epoch)[1:] if epoch < cfg.run.epochs else (cfg.data.batch_size,
+                                                                                cfg.optim.grad_accum)
     g = micro * accum * world_size
     return {"world_size": world_size, "micro_batch": micro, "grad_accum": accum, "global_batch": g,
             "epoch": epoch, "step_in_epoch": step_in_epoch, "samples_in_epoch": step_in_epoch * g,
@@ -96,7 +96,7 @@ def check_layout(cfg, meta: dict[str, Any], world_size: int, name: str, elastic:
     epoch = int(meta["epoch"])
     if epoch >= cfg.run.epochs:
         return   # the run is complete: nothing left to continue
-    micro, accum = epoch_batch(cfg, epoch), cfg.optim.grad_accum
+    micro, accum = step_layout(cfg, epoch)[1:]
     g_old, g_new = int(meta["global_batch"]), micro * accum * world_size
     if g_new != g_old:
         raise ResumeMismatchError(

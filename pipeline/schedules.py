@@ -8,6 +8,9 @@ Resolution schedules (:class:`ResolutionScheduleConfig`, ``kind``):
 * ``steps``: ``[[epoch, res], ...]``: from each epoch on, that resolution (first entry at epoch 0).
 * ``low_then_full``: ``low_res`` for all but the last ``full_res_epochs`` epochs, then ``resolution``
   (DeiT III / FixRes style "train small, finish at full size").
+* ``budgeted``: EfficientTrain++'s equal-cost stages under a compute budget (:mod:`pipeline.config.budget`) at
+  one global batch: each stage's per-rank batch and accumulation (:func:`step_layout`); :func:`plan_rows` /
+  :func:`plan_lines` are the resolved plan the trainer prints and logs before training.
 
 ``batch_sizes: [[res, batch], ...]`` optionally sets the per-rank batch size per resolution: a resolution uses
 the entry of the smallest listed resolution >= it (memory-safe for resolutions in between), and ``None`` (the
@@ -18,13 +21,18 @@ The learning rate (:class:`LRScheduleConfig`) is DeiT's: linear warmup from ``wa
 fractional epochs (``epoch + step / steps_in_epoch``), so it stays on the same curve when the batch size, and so
 the number of steps per epoch, changes with resolution; only the peak follows the current global batch (linear
 scaling rule). :class:`LRScheduler` applies it to an optimizer and exposes ``state_dict`` for checkpoints.
+
+Augmentation strength (``aug.strength_ramp``, :func:`aug_strength`): a fraction of the recipe's augmentation per
+epoch, rising over the resolution schedule's stages or the epochs; :func:`ramped_magnitude` turns it into the
+RandAugment magnitude of the epoch. A pure function of the epoch, so a resumed epoch gets the same values.
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional
 
-from pipeline.config import LRScheduleConfig, ResolutionScheduleConfig
+from pipeline.config import LRScheduleConfig, ResolutionScheduleConfig, TrainConfig
 
 
 # ----------------------------------------------------------------------------------------- resolution
@@ -55,6 +63,104 @@ class ResolutionSchedule:
     def table(self) -> list[tuple[int, int, Optional[int]]]:
         """``[(epoch, res, batch), ...]`` for every epoch of the run (for logging)."""
         return [(e, *self.at(e)) for e in range(self.total_epochs)]
+
+
+def step_layout(cfg: TrainConfig, epoch: int) -> tuple[int, int, int]:
+    """``(resolution, per-rank micro-batch, accumulation steps)`` of ``epoch`` in a config with per-rank values.
+    A budgeted schedule keeps the samples per optimizer step (``data.batch_size x optim.grad_accum`` per rank)
+    and accumulates ``that / micro``; the other kinds keep ``optim.grad_accum`` (a per-resolution batch there
+    changes the global batch)."""
+    res, batch = ResolutionSchedule(cfg.schedule.resolution, cfg.run.epochs).at(epoch)
+    micro = batch or cfg.data.batch_size
+    if cfg.schedule.resolution.kind == "budgeted":
+        return res, micro, cfg.data.batch_size * cfg.optim.grad_accum // micro
+    return res, micro, cfg.optim.grad_accum
+
+
+# ----------------------------------------------------------------------------------------- augmentation strength
+def aug_strength(cfg: TrainConfig, epoch: int) -> float:
+    """The fraction of the recipe's augmentation strength at ``epoch`` (``aug.strength_ramp``): 1 for ``none``;
+    ``epochs``: ``epoch / (epochs - 1)``; ``stages``: ``k / (n - 1)`` in the k-th of n stages (budgeted: its
+    equal-cost segments; otherwise the runs of equal resolution)."""
+    ramp, total = cfg.aug.strength_ramp, cfg.run.epochs
+    if ramp == "none":
+        return 1.0
+    epoch = min(max(int(epoch), 0), total - 1)
+    if ramp == "epochs":
+        return 1.0 if total == 1 else epoch / (total - 1)
+    res_cfg = cfg.schedule.resolution
+    if res_cfg.kind == "budgeted":
+        plan = res_cfg.stage_plan()
+        k, n = plan.segment_at(epoch), plan.num_segments
+    else:
+        res = [res_cfg.resolution_at(e, total) for e in range(total)]
+        starts = [e for e in range(total) if e == 0 or res[e] != res[e - 1]]
+        k, n = sum(1 for e in starts if e <= epoch) - 1, len(starts)
+    return 1.0 if n == 1 else k / (n - 1)
+
+
+_MAGNITUDE = re.compile(r"-m(\d+)(?=-|$)")
+DEFAULT_RAND_MAGNITUDE = 10   # timm's RandAugment magnitude when the spec names none
+
+
+def ramped_magnitude(spec: str | None, strength: float) -> int | None:
+    """The RandAugment magnitude at ``strength``: ``round(strength x m)`` of the spec's ``m`` (timm's default 10
+    without one), the spec's own at strength 1; None when ``spec`` is not a RandAugment spec."""
+    if not spec or not spec.startswith("rand"):
+        return None
+    m = _MAGNITUDE.search(spec)
+    return int(round(min(max(strength, 0.0), 1.0) * (int(m.group(1)) if m else DEFAULT_RAND_MAGNITUDE)))
+
+
+def with_magnitude(spec: str, magnitude: int) -> str:
+    """The RandAugment spec ``spec`` with magnitude ``magnitude`` (its ``m`` section replaced or added)."""
+    if _MAGNITUDE.search(spec):
+        return _MAGNITUDE.sub(f"-m{int(magnitude)}", spec, count=1)
+    return f"{spec}-m{int(magnitude)}"
+
+
+# ----------------------------------------------------------------------------------------- the resolved plan
+def plan_rows(cfg: TrainConfig, world_size: int) -> list[dict[str, Any]]:
+    """A budgeted schedule's stages as resolved for ``world_size`` (``cfg`` with per-rank values): resolution,
+    epochs, per-rank batch, accumulation, global batch, tokens per optimizer step (patch tokens over all ranks),
+    the RandAugment magnitudes its epochs train at, its cost in epochs at the final resolution and its share of
+    the plan's cost."""
+    res_cfg = cfg.schedule.resolution
+    plan = res_cfg.stage_plan()
+    patch, rows = res_cfg.patch_size, []
+    for i, st in enumerate(plan.stages):
+        res, micro, accum = step_layout(cfg, st.first_epoch)
+        g = micro * accum * world_size
+        mags = sorted({ramped_magnitude(cfg.aug.auto_augment, aug_strength(cfg, e))
+                       for e in range(st.first_epoch, st.first_epoch + st.epochs)} - {None})
+        rows.append({"stage": i + 1, "resolution": res, "first_epoch": st.first_epoch, "epochs": st.epochs,
+                     "segments": st.segments, "per_rank_batch": micro, "accumulation": accum, "global_batch": g,
+                     "tokens_per_step": g * (res // patch) ** 2, "magnitudes": mags,
+                     "cost_epochs": round(st.cost, 4), "share_of_plan": round(st.cost / plan.cost, 4)})
+    return rows
+
+
+def plan_lines(cfg: TrainConfig, world_size: int) -> list[str]:
+    """A budgeted schedule's resolved plan as text (printed before training and by the launcher's ``--dry-run``);
+    nothing for the other kinds."""
+    res_cfg = cfg.schedule.resolution
+    if res_cfg.kind != "budgeted":
+        return []
+    plan = res_cfg.stage_plan()
+    lines = [f"budgeted schedule: {len(plan.stages)} stages, {plan.total_epochs} epochs, {plan.share:.3f} of the "
+             f"compute of {plan.reference_epochs} epochs at {plan.resolution} px (budget {plan.budget:g}; "
+             f"cost = tokens per image, (res/{res_cfg.patch_size})^2)",
+             f"  {'stage':>5} {'res':>4} {'epochs':>13} {'per-rank':>8} {'accum':>5} {'global':>6} "
+             f"{'tokens/step':>11} {'RandAug m':>9} {'share':>6}"]
+    for r in plan_rows(cfg, world_size):
+        last = r["first_epoch"] + r["epochs"] - 1
+        mags = r["magnitudes"]
+        m = "-" if not mags else (f"{mags[0]}" if len(mags) == 1 else f"{mags[0]}-{mags[-1]}")
+        epochs = f"{r['first_epoch']}-{last} ({r['epochs']})"
+        lines.append(f"  {r['stage']:>5} {r['resolution']:>4} {epochs:>13} {r['per_rank_batch']:>8} "
+                     f"{r['accumulation']:>5} {r['global_batch']:>6} "
+                     f"{r['tokens_per_step']:>11} {m:>9} {r['share_of_plan']:>6.1%}")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- learning rate
@@ -120,4 +226,5 @@ class LRScheduler:
         self.last_lr = float(state["last_lr"])   # (checkpoints before this also hold progress/samples_seen)
 
 
-__all__ = ["LRSchedule", "LRScheduler", "ResolutionSchedule", "epoch_progress"]
+__all__ = ["DEFAULT_RAND_MAGNITUDE", "LRSchedule", "LRScheduler", "ResolutionSchedule", "aug_strength",
+           "epoch_progress", "plan_lines", "plan_rows", "ramped_magnitude", "step_layout", "with_magnitude"]

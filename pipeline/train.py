@@ -64,7 +64,8 @@ from pipeline.preemption import StopAgreement, install_stop_handlers  # noqa: E4
 from pipeline.redaction import is_redacted, redact  # noqa: E402
 from pipeline.resume import ResumePlan, Resumer, layout_meta, plan_resume  # noqa: E402
 from pipeline.rng import seed_everything  # noqa: E402
-from pipeline.schedules import LRSchedule, LRScheduler, ResolutionSchedule  # noqa: E402
+from pipeline.schedules import (LRSchedule, LRScheduler, ResolutionSchedule, aug_strength, plan_lines,  # noqa: E402
+                                 plan_rows, step_layout)
 
 EXIT_PREEMPTED = 75   # checkpoint saved after SIGUSR1/SIGTERM; requeue me (EX_TEMPFAIL)
 EXIT_NONFINITE = 65   # too many non-finite losses in a row
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data, workers_line = fit_num_workers(cfg.data, task_cpus())   # before ffcv/numba are imported
     cfg.data = data
     if env.rank == 0:
-        for line in [*cmd.lines(cfg), workers_line, f"batch: {batch_plan(cfg, env.world_size).line()}"]:
+        for line in [*cmd.lines(cfg), workers_line, f"batch: {batch_plan(cfg, env.world_size).line()}",
+                     *plan_lines(cfg, env.world_size)]:
             if line:
                 print(redact(f"config: {line}"), flush=True)
     return run(cfg, ds_config)
@@ -275,6 +277,12 @@ def start_tracking(cfg: TrainConfig, state: TrainState, *, resumed: bool, rank: 
                             "num_params": num_params, "num_classes": num_classes, "deepspeed": ds_config})
         tracker.log_text(cfg.to_yaml(), "config/train_config.yaml")
         tracker.log_dict(ds_config, "config/deepspeed_config.json")
+        if cfg.schedule.resolution.kind == "budgeted":   # the resolved plan: a table and its headline numbers
+            plan = cfg.schedule.resolution.stage_plan()
+            tracker.log_dict(plan_rows(cfg, world_size), "config/progressive_plan.json")
+            tracker.log_text("\n".join(plan_lines(cfg, world_size)) + "\n", "config/progressive_plan.txt")
+            tracker.log_params({"plan.budget_share": round(plan.share, 4), "plan.epochs": plan.total_epochs,
+                                "plan.stages": " ".join(f"{s.resolution}x{s.epochs}" for s in plan.stages)})
     return tracker
 
 
@@ -339,12 +347,15 @@ class Trainer:
         return reason, time.perf_counter() - t_start
 
     def start_epoch(self, index: int) -> Epoch:
-        """Point the loader at epoch ``index`` (resolution, batch, the resume position); log what it trains."""
-        accum = self.cfg.optim.grad_accum
-        res, batch = self.res_schedule.at(index)
-        batch = batch or self.cfg.data.batch_size
+        """Point the loader and the engine at epoch ``index`` (resolution, per-rank batch, accumulation, augmentation
+        strength, the resume position); log what it trains."""
+        res, batch, accum = step_layout(self.cfg, index)
+        if (batch, accum) != (self.engine.train_micro_batch_size_per_gpu(), self.engine.gradient_accumulation_steps()):
+            # DeepSpeed scales each micro-batch's loss by 1/accumulation: its batch settings follow the schedule
+            self.engine.set_train_micro_batch_size(batch)
+            self.engine.set_train_batch_size(batch * accum * self.world)
         self.loader.set_epoch(index, res, batch_size=batch, skip_batches=self.state.step_in_epoch * accum,
-                              accum=accum)
+                              accum=accum, aug_strength=aug_strength(self.cfg, index))
         epoch = Epoch(index, res, len(self.loader) // accum, batch * accum * self.world,
                       StepBatches(self.loader, accum))
         self.last_resolution = res
@@ -408,7 +419,11 @@ class Trainer:
         """Forward/backward over ``accum`` micro-batches and one optimizer step; no host synchronisation except
         the one DeepSpeed makes for its overflow check, and one more only when a step was skipped."""
         self.losses.start_step()
-        for images, targets in micro_batches:
+        last = len(micro_batches) - 1
+        for i, (images, targets) in enumerate(micro_batches):
+            # the step's last micro-batch is the boundary, whatever DeepSpeed's own micro-step count says (it is
+            # not a multiple of a new stage's accumulation, and a resumed engine counts from 0)
+            self.engine.set_gradient_accumulation_boundary(i == last)
             images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             loss = self.criterion(self.engine(images).float(), targets)

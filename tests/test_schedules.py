@@ -85,7 +85,7 @@ def test_batch_size_per_resolution():
     (dict(kind="fixed", resolution=100), r"^resolution: 100 must be a multiple of 16"),
     (dict(kind="linear", start_epoch=5, end_epoch=2), r"^end_epoch: 2 must be >= start_epoch \(5\)"),
     (dict(kind="linear", start_res=0), r"^start_res: 0 must be > 0"),
-    (dict(kind="cosine"), r"^kind: 'cosine' is not one of \['fixed', 'linear', 'steps', 'low_then_full'\]"),
+    (dict(kind="cosine"), r"^kind: 'cosine' is not one of \['fixed', 'linear', 'steps', 'low_then_full', 'budgeted'\]"),
     (dict(batch_sizes=[[224, 0]]), r"^batch_sizes\[0\]: 0 must be > 0"),
     (dict(batch_sizes=[[224, 64], [224, 32]]), r"^batch_sizes\[1\]: resolution 224 is listed twice"),
     (dict(patch_size=0), r"^patch_size: 0 must be > 0"),

@@ -7,6 +7,7 @@ global batch, the DeepSpeed JSON and the site file.
 * :mod:`~pipeline.config.loading`: YAML recipes with ``_base_``, dotted CLI overrides, :func:`load_train_config`
 * :mod:`~pipeline.config.recipes`: where recipes are found; ``--model X`` means ``recipes/X.yaml``
 * :mod:`~pipeline.config.batch`: global batch -> per-rank micro-batch and accumulation
+* :mod:`~pipeline.config.budget`: a budgeted resolution schedule's equal-cost stages and their epochs
 * :mod:`~pipeline.config.deepspeed`: the DeepSpeed JSON resolved against the recipe
 * :mod:`~pipeline.config.site`: the site file (cluster defaults below the recipe and the command line)
 * :mod:`~pipeline.config.extras`: whether the optional extra FFCV is installed (``data.format: ffcv`` needs it)

@@ -2,6 +2,10 @@
 and a per-GPU memory cap (``data.max_batch_per_gpu``); :func:`derive_batch` turns them into the per-rank
 micro-batch and the accumulation steps, so the same recipe trains with the same global batch, LR schedule and
 samples per step on 1, 8 or 32 ranks. A world size that cannot form the global batch is refused with the numbers.
+
+A budgeted resolution schedule keeps the global batch in every stage (EfficientTrain++): :func:`stage_batches`
+gives each lower resolution the fewest accumulation steps whose micro-batch fits the per-GPU cap scaled by the
+token count, so low resolutions run bigger micro-batches and accumulate less.
 """
 from __future__ import annotations
 
@@ -17,19 +21,27 @@ from pipeline.config.sections import validate
 @dataclass(frozen=True)
 class BatchPlan:
     """How a global batch is formed on ``world`` ranks: ``global_batch = micro x accum x world``, and per listed
-    resolution ``(resolution, global batch, micro-batch)`` with the same accumulation."""
+    resolution ``(resolution, global batch, micro-batch)`` with the same accumulation, or with ``accums[i]``
+    steps where given (a budgeted schedule's constant global batch)."""
     world: int
     global_batch: int
     micro: int
     accum: int
     per_resolution: tuple[tuple[int, int, int], ...] = ()
+    accums: tuple[int, ...] = ()
 
     def line(self) -> str:
         text = (f"global batch {self.global_batch} = per-rank batch {self.micro} x accumulation {self.accum} x "
                 f"{self.world} ranks")
-        for res, g, m in self.per_resolution:
-            text += f"; at {res} px {g} = {m} x {self.accum} x {self.world}"
+        for i, (res, g, m) in enumerate(self.per_resolution):
+            text += f"; at {res} px {g} = {m} x {self.accums[i] if self.accums else self.accum} x {self.world}"
         return text
+
+
+def token_cap(max_micro: int, res: int, top: int) -> int:
+    """The per-rank micro-batch cap at ``res`` when ``max_micro`` holds at ``top``: the same tokens per micro-batch
+    (``max_micro x (top / res)^2``), never below ``max_micro``."""
+    return max_micro if res >= top else max(max_micro, int(max_micro * (top / res) ** 2))
 
 
 def derive_batch(global_batch: int, world: int, *, min_accum: int = 1, max_micro: int | None = None,
@@ -48,7 +60,7 @@ def derive_batch(global_batch: int, world: int, *, min_accum: int = 1, max_micro
     def cap(res: int | None) -> int | None:
         if max_micro is None:
             return None
-        return max_micro if res is None or res >= top else max(max_micro, int(max_micro * (top / res) ** 2))
+        return max_micro if res is None else token_cap(max_micro, res, top)
 
     for field_name, _, g in wanted:
         if g % world:
@@ -75,11 +87,32 @@ def derive_batch(global_batch: int, world: int, *, min_accum: int = 1, max_micro
                       f"size or data.max_batch_per_gpu")
 
 
+def stage_batches(per_rank: int, resolutions: Sequence[int], top: int, *, max_micro: int | None,
+                  even: bool = False) -> tuple[tuple[int, int, int], ...]:
+    """``(resolution, micro, accum)`` for each resolution below ``top`` at a constant ``per_rank`` samples per
+    optimizer step (``micro x accum = per_rank``): the fewest accumulation steps whose micro-batch is at most
+    :func:`token_cap` (no cap: ``max_micro`` None) and even when ``even``. ``per_rank`` itself must be formable at
+    ``top`` (:func:`derive_batch` checked it), so every lower resolution has a solution."""
+    out = []
+    for res in sorted({int(r) for r in resolutions if r < top}):
+        cap = None if max_micro is None else token_cap(max_micro, res, top)
+        accum = next(a for a in range(1, per_rank + 1)
+                     if per_rank % a == 0 and (cap is None or per_rank // a <= cap)
+                     and not (even and (per_rank // a) % 2))
+        out.append((res, per_rank // accum, accum))
+    return tuple(out)
+
+
 def batch_plan(cfg: TrainConfig, world_size: int) -> BatchPlan:
     """The batch arithmetic of a config that already holds per-rank values (what load_train_config returned)."""
     micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    res_cfg = cfg.schedule.resolution
+    if res_cfg.kind == "budgeted":   # one global batch, accumulation per resolution
+        g = micro * accum * world_size
+        return BatchPlan(world_size, g, micro, accum, tuple((r, g, b) for r, b in res_cfg.batch_sizes),
+                         tuple(micro * accum // b for _, b in res_cfg.batch_sizes))
     return BatchPlan(world_size, micro * accum * world_size, micro, accum,
-                     tuple((r, b * accum * world_size, b) for r, b in cfg.schedule.resolution.batch_sizes))
+                     tuple((r, b * accum * world_size, b) for r, b in res_cfg.batch_sizes))
 
 
 def apply_global_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, BatchPlan]:
@@ -90,13 +123,24 @@ def apply_global_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, 
     if cfg.data.global_batch_size is None:
         return cfg, batch_plan(cfg, world_size)
     top = max(res_cfg.resolution_at(epoch, cfg.run.epochs) for epoch in range(cfg.run.epochs))
+    budgeted = res_cfg.kind == "budgeted"
+    if budgeted and res_cfg.batch_sizes:
+        raise ConfigError(f"schedule.resolution.batch_sizes: {res_cfg.batch_sizes} cannot be given with a budgeted "
+                          f"schedule and data.global_batch_size: every stage keeps the global batch, and the "
+                          f"per-rank batches follow from data.max_batch_per_gpu; remove batch_sizes")
     plan = derive_batch(cfg.data.global_batch_size, world_size, min_accum=cfg.optim.grad_accum,
                         max_micro=cfg.data.max_batch_per_gpu, even=cfg.aug.mixup_active,
                         resolution_batches=res_cfg.batch_sizes, top_resolution=top)
+    batch_sizes = [(r, m) for r, _, m in plan.per_resolution]
+    if budgeted:
+        stages = stage_batches(plan.micro * plan.accum, res_cfg.resolutions, top,
+                               max_micro=cfg.data.max_batch_per_gpu, even=cfg.aug.mixup_active)
+        batch_sizes = [(r, m) for r, m, _ in stages]
+        plan = dataclasses.replace(plan, per_resolution=tuple((r, plan.global_batch, m) for r, m, _ in stages),
+                                   accums=tuple(a for _, _, a in stages))
     out = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, batch_size=plan.micro),
         optim=dataclasses.replace(cfg.optim, grad_accum=plan.accum),
-        schedule=dataclasses.replace(cfg.schedule, resolution=dataclasses.replace(
-            res_cfg, batch_sizes=[(r, m) for r, _, m in plan.per_resolution])))
+        schedule=dataclasses.replace(cfg.schedule, resolution=dataclasses.replace(res_cfg, batch_sizes=batch_sizes)))
     validate(out)
     return out, plan

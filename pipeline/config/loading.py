@@ -4,7 +4,8 @@ validated (:mod:`pipeline.config.sections`).
 
 A recipe may inherit: a top-level ``_base_: other.yaml`` key (path relative to the recipe) is loaded first and
 the recipe's keys are merged over it. :func:`load_train_config` is the training job's whole configuration step:
-the recipe found by name, the global batch turned into per-rank values and the DeepSpeed JSON resolved.
+the recipe found by name, a budgeted resolution schedule's length made ``run.epochs``, the global batch turned into
+per-rank values and the DeepSpeed JSON resolved.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pipeline.config.batch import apply_global_batch
 from pipeline.config.deepspeed import resolve_deepspeed_config
 from pipeline.config.errors import ConfigError
 from pipeline.config.recipes import find_recipe
-from pipeline.config.schema import TrainConfig
+from pipeline.config.schema import ResolutionScheduleConfig, TrainConfig
 from pipeline.config.sections import from_dict
 
 T = TypeVar("T")
@@ -102,6 +103,21 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
     return from_dict(cls, merge_sources(recipe, overrides, defaults))
 
 
+def derive_budgeted_epochs(data: Mapping[str, Any], override_keys: set[str] = frozenset()) -> dict[str, Any]:
+    """``data`` with ``run.epochs`` set to the plan's total when ``schedule.resolution.kind`` is ``budgeted`` (the
+    budget decides the run's length; the recipe's own ``run.epochs`` is replaced). A ``run.epochs`` asked for on
+    the command line that disagrees is refused: the budget is what to change."""
+    res = (data.get("schedule") or {}).get("resolution") if isinstance(data.get("schedule"), Mapping) else None
+    if not isinstance(res, Mapping) or res.get("kind") != "budgeted":
+        return dict(data)
+    total = from_dict(ResolutionScheduleConfig, res, prefix="schedule.resolution.").stage_plan().total_epochs
+    run = data.get("run") if isinstance(data.get("run"), Mapping) else {}
+    if "run.epochs" in override_keys and str(run.get("epochs")) != str(total):
+        raise ConfigError(f"run.epochs: {run.get('epochs')!r} cannot be set with a budgeted resolution schedule, "
+                          f"which trains {total} epochs; change schedule.resolution.budget or reference_epochs")
+    return deep_merge(data, {"run": {"epochs": total}})
+
+
 def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = (), world_size: int = 1,
                       defaults: Mapping[str, Any] | None = None, recipe_dirs: Sequence[str | Path] = ()
                       ) -> tuple[TrainConfig, dict[str, Any]]:
@@ -122,6 +138,6 @@ def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = (), 
                               f"(data.global_batch_size={section['global_batch_size']}); with a per-rank "
                               f"data.batch_size give per-rank schedule.resolution.batch_sizes too")
         data = deep_merge(data, {"data": {"global_batch_size": None}})
-    cfg = from_dict(TrainConfig, data)
+    cfg = from_dict(TrainConfig, derive_budgeted_epochs(data, keys))
     cfg, _ = apply_global_batch(cfg, world_size)
     return cfg, resolve_deepspeed_config(cfg, world_size)

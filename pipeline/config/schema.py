@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from pipeline.config.budget import StagePlan, plan_stages
 from pipeline.config.errors import ConfigError, check_multiple, check_positive, check_range
 from pipeline.config.extras import FFCV_MISSING, ffcv_installed
 from pipeline.config.sections import to_dict
@@ -165,6 +166,13 @@ class AugConfig:
     aspect_multiple: int = 16           # aspect buckets: both sides are multiples of this
     train_interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"   # RandomResizedCrop resize filter
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"   # timm spec; null/"" disables
+    # augmentation strength that follows training progress (pipeline.schedules.aug_strength), a fraction s in
+    # [0, 1] of the recipe's: RandAugment's magnitude becomes round(s x m) of auto_augment's m. none: s = 1;
+    # stages: rises from 0 to 1 over the resolution schedule's stages (budgeted: over its equal-cost segments,
+    # EfficientTrain++'s m = 0, 1, ..., 9 for ten); epochs: rises linearly from 0 at the first epoch to 1 at the
+    # last. A function of the epoch alone, so a resumed run sees the same values
+    strength_ramp: Literal["none", "stages", "epochs"] = "none"
+    ramp_mixup: bool = False            # the ramp also scales mixup_prob (Mixup/CutMix applied s x mixup_prob)
     color_jitter: float = 0.3                              # only used when auto_augment is off (timm rule)
     # on the batch, after normalisation:
     reprob: float = 0.25                # random erasing probability
@@ -218,6 +226,14 @@ class AugConfig:
             raise ConfigError(f"std: {list(self.std)!r} must be > 0")
         if self.auto_augment:
             check_auto_augment("auto_augment", self.auto_augment)
+        if self.strength_ramp != "none":
+            if self.auto_augment and not self.auto_augment.startswith("rand"):
+                raise ConfigError(f"strength_ramp: {self.strength_ramp!r} ramps RandAugment's magnitude; "
+                                  f"auto_augment {self.auto_augment!r} is not a RandAugment spec (rand-m9-...); "
+                                  f"use one or set strength_ramp: none")
+            if not self.auto_augment and not (self.ramp_mixup and self.mixup_active):
+                raise ConfigError(f"strength_ramp: {self.strength_ramp!r} has nothing to ramp: auto_augment is "
+                                  f"off and ramp_mixup is false (or Mixup/CutMix off); set strength_ramp: none")
 
 
 def check_auto_augment(field_name: str, spec: str) -> None:
@@ -273,8 +289,9 @@ def check_data_aug(data: DataConfig, aug: AugConfig, batch_size: int | None = No
 # ----------------------------------------------------------------------------------------- schedules
 @dataclass
 class ResolutionScheduleConfig:
-    kind: Literal["fixed", "linear", "steps", "low_then_full"] = "fixed"   # how the resolution follows the epoch
-    resolution: int = 224                 # fixed, and the final resolution of low_then_full
+    # how the resolution follows the epoch
+    kind: Literal["fixed", "linear", "steps", "low_then_full", "budgeted"] = "fixed"
+    resolution: int = 224                 # fixed, the final resolution of low_then_full and budgeted
     start_res: int = 160                  # linear
     end_res: int = 192                    # linear
     start_epoch: int = 0                  # linear: last epoch at start_res
@@ -284,6 +301,21 @@ class ResolutionScheduleConfig:
     full_res_epochs: int = 0              # low_then_full: the last N epochs run at `resolution`
     patch_size: int = 16                  # every resolution is a multiple of this
     batch_sizes: list[tuple[int, int]] = field(default_factory=list)  # [[res, per-rank batch], ...]
+    # budgeted (pipeline.config.budget, EfficientTrain++): one resolution per equal-cost segment, low to high, the
+    # last one `resolution` (list one several times to give it more segments). The run spends `budget` x the
+    # compute of `reference_epochs` epochs at `resolution` (the fixed-resolution recipe), and its epochs are
+    # derived: run.epochs is set to the plan's total (pipeline.config.loading). The global batch is the same in
+    # every stage: a low resolution takes a bigger per-rank batch and fewer accumulation steps
+    # (pipeline.config.batch; batch_sizes, if given, are per-rank batches at that global batch)
+    resolutions: list[int] = field(default_factory=list)
+    budget: float = 1.0                   # budgeted: share of the reference run's compute (0.5: half)
+    reference_epochs: int = 0             # budgeted: the fixed-resolution run's epochs (DeiT: 300)
+
+    def stage_plan(self) -> StagePlan:
+        """budgeted: the stages and their epochs."""
+        if self.kind != "budgeted":
+            raise ValueError(f"stage_plan() is for kind 'budgeted', not {self.kind!r}")
+        return plan_stages(self.resolutions, self.resolution, self.reference_epochs, self.budget)
 
     def check_epochs(self, total_epochs: int) -> None:
         """The rules that need the run's length."""
@@ -291,11 +323,16 @@ class ResolutionScheduleConfig:
             raise ConfigError(f"epochs: {total_epochs!r} must be > 0")
         if self.kind == "low_then_full" and self.full_res_epochs > total_epochs:
             raise ConfigError(f"full_res_epochs: {self.full_res_epochs} must be <= epochs ({total_epochs})")
+        if self.kind == "budgeted" and total_epochs != (want := self.stage_plan().total_epochs):
+            raise ConfigError(f"resolution: the budgeted schedule trains {want} epochs, run.epochs is "
+                              f"{total_epochs}; set run.epochs: {want} (load_train_config derives it)")
 
     def resolution_at(self, epoch: int, total_epochs: int) -> int:
         """The training resolution of ``epoch`` (0-based) in a run of ``total_epochs``."""
         if self.kind == "fixed":
             return self.resolution
+        if self.kind == "budgeted":
+            return self.stage_plan().stage_at(epoch).resolution
         if self.kind == "linear":
             if epoch >= self.end_epoch:
                 return self.end_res
@@ -339,6 +376,22 @@ class ResolutionScheduleConfig:
                 raise ConfigError(f"steps: epochs {epochs} must be strictly increasing")
             for i, (_, r) in enumerate(self.steps):
                 res_ok(f"steps[{i}]", r)
+        elif self.kind == "budgeted":
+            res_ok("resolution", self.resolution)
+            if not self.resolutions:
+                raise ConfigError(f"resolutions: must list one resolution per equal-cost segment for kind "
+                                  f"'budgeted', low to high, ending at resolution ({self.resolution}), e.g. "
+                                  f"[96, 96, 160, 160, 160, 160, 192, 192, 224, 224]")
+            for i, r in enumerate(self.resolutions):
+                res_ok(f"resolutions[{i}]", r)
+            if any(b < a for a, b in zip(self.resolutions, self.resolutions[1:])):
+                raise ConfigError(f"resolutions: {list(self.resolutions)} must not decrease")
+            if self.resolutions[-1] != self.resolution:
+                raise ConfigError(f"resolutions: the last entry {self.resolutions[-1]} must be the final "
+                                  f"resolution ({self.resolution}), the reference run's")
+            if not self.budget > 0:
+                raise ConfigError(f"budget: {self.budget!r} must be > 0 (a share of the reference run's compute)")
+            check_positive("reference_epochs", self.reference_epochs)
         else:  # low_then_full
             res_ok("low_res", self.low_res)
             res_ok("resolution", self.resolution)
@@ -516,6 +569,13 @@ class TrainConfig:
         check_data_aug(self.data, self.aug)
         for _, bs in res_cfg.batch_sizes:
             check_data_aug(self.data, self.aug, batch_size=bs, data_prefix="schedule.resolution.batch_sizes.")
+        if res_cfg.kind == "budgeted":   # one global batch: each stage's accumulation is per_step / its batch
+            per_step = self.data.batch_size * self.optim.grad_accum
+            for i, (r, bs) in enumerate(res_cfg.batch_sizes):
+                if per_step % bs:
+                    raise ConfigError(f"schedule.resolution.batch_sizes[{i}]: per-rank batch {bs} at {r} px must "
+                                      f"divide data.batch_size x optim.grad_accum = {per_step} (a budgeted schedule "
+                                      f"keeps the global batch; accumulation = {per_step} / batch)")
         patch = self.model.patch_size
         if res_cfg.patch_size != patch:
             raise ConfigError(f"schedule.resolution.patch_size: {res_cfg.patch_size} must equal the model's patch "

@@ -10,6 +10,9 @@
     anyway; None from a back end that cannot name its samples). With ``aug.aspect_buckets`` (WebDataset) the
     images of each optimizer step (``accum`` micro-batches, ``set_epoch(..., accum=)``) are ``(B, 3, H, W)`` in
     that step's bucket (:mod:`pipeline.data.aspect_buckets`), the same on every rank.
+    ``set_epoch(..., aug_strength=s)``: the epoch's fraction of the recipe's augmentation
+    (:func:`pipeline.schedules.aug_strength`) sets its RandAugment magnitude (:attr:`TrainLoader.magnitude`, None: the
+    recipe's spec unchanged) and, with ``aug.ramp_mixup``, scales the Mixup/CutMix probability.
 
     Global positions: the epoch is one global sequence of samples and rank ``r`` of ``R`` takes positions
     ``r, r + R, r + 2R, ...`` in batches of ``batch_size``, so ``k`` global steps of ``G = batch_size x
@@ -41,12 +44,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import AugConfig, ConfigError, DataConfig, check_data_aug, check_positive
+from pipeline.config import AugConfig, ConfigError, DataConfig, check_data_aug, check_positive, check_range
 from pipeline.data.aspect_buckets import (DEFAULT_MAX_ASPECT, NativeBatch, check_native, native_shape,
                                          plan_native_batches)
 from pipeline.data.mixup import BatchAugment
 from pipeline.data.transforms import BatchNormalizer, native_eval_transform
 from pipeline.rng import make_seed
+from pipeline.schedules import ramped_magnitude
 
 PAD_LABEL = -1
 
@@ -70,6 +74,7 @@ class TrainLoader:
         self.batch_size = data.batch_size
         self.skip_batches = 0
         self.accum = 1
+        self.magnitude: int | None = None   # the epoch's RandAugment magnitude; None: aug.auto_augment as it is
 
     # ------------------------------------------------------------------ contract
     @property
@@ -84,8 +89,9 @@ class TrainLoader:
         return self.num_samples // self.global_batch_size
 
     def set_epoch(self, epoch: int, resolution: int, batch_size: int | None = None, skip_batches: int = 0,
-                  accum: int = 1) -> None:
-        """``accum``: micro-batches per optimizer step (aspect-bucketed training gives a whole step one shape)."""
+                  accum: int = 1, aug_strength: float = 1.0) -> None:
+        """``accum``: micro-batches per optimizer step (aspect-bucketed training gives a whole step one shape);
+        ``aug_strength``: the epoch's fraction in [0, 1] of the recipe's augmentation strength."""
         bs = self.data.batch_size if batch_size is None else int(batch_size)
         check_data_aug(self.data, self.aug, batch_size=bs)
         if epoch < 0:
@@ -99,8 +105,12 @@ class TrainLoader:
         if not (0 <= skip_batches <= n):
             raise ValueError(f"skip_batches must be in [0, {n}], got {skip_batches}")
         check_positive("accum", accum)
+        check_range("aug_strength", aug_strength, 0.0, 1.0)
         self.epoch, self.resolution, self.batch_size, self.skip_batches = epoch, int(resolution), bs, skip_batches
         self.accum = int(accum)
+        strength = float(aug_strength)
+        self.magnitude = ramped_magnitude(self.aug.auto_augment, strength) if strength < 1.0 else None
+        self.batch_augment.set_mixup_prob(self.aug.mixup_prob * (strength if self.aug.ramp_mixup else 1.0))
         self._configure()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

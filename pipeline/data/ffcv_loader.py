@@ -42,7 +42,8 @@ from pipeline.config import AugConfig, ConfigError, DataConfig
 from pipeline.data.aspect_buckets import check_native
 from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
 from pipeline.rng import make_seed
-from pipeline.data.ffcv_pipelines import ffcv_eval_image_pipeline, ffcv_label_pipeline, ffcv_train_image_pipeline
+from pipeline.data.ffcv_pipelines import (TimmAugment, ffcv_eval_image_pipeline, ffcv_label_pipeline,
+                                          ffcv_train_image_pipeline)
 from pipeline.data.transforms import decode_image
 from pipeline.ffcv_compat import keep_torch_threads
 
@@ -114,6 +115,7 @@ class FfcvTrainLoader(TrainLoader):
         # (not after the non-JIT RandAugment op: FFCV's stage grouping never terminates on jit->python->jit)
         in_pipeline = (device is None or torch.device(device).type == "cpu") and not aug.auto_augment
         self.decoder, image_ops = ffcv_train_image_pipeline(aug, 224, normalize=in_pipeline)
+        self.augment = next((op for op in image_ops if isinstance(op, TimmAugment)), None)
         order = OrderOption.QUASI_RANDOM if data.ffcv_order == "quasi_random" else OrderOption.RANDOM
         self.loader = Loader(path, batch_size=data.batch_size, num_workers=_ffcv_threads(data.num_workers),
                              os_cache=data.os_cache, order=order, distributed=world_size > 1, seed=seed,
@@ -132,6 +134,8 @@ class FfcvTrainLoader(TrainLoader):
         res, bs = self.resolution, self.batch_size
         self.decoder.output_size = (res, res)
         self.loader.batch_size = bs
+        if self.augment is not None:
+            self.augment.magnitude = self.magnitude
         self.order.take = len(self) * bs
         self.order.skip = self.skip_batches * bs
         self.loader.next_epoch = self.epoch

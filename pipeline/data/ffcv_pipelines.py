@@ -17,6 +17,7 @@ from timm.data.transforms import str_to_pil_interp
 from pipeline.config import AugConfig
 from pipeline.data.transforms import timm_auto_augment
 from pipeline.ffcv_compat import keep_torch_threads
+from pipeline.schedules import with_magnitude
 
 with keep_torch_threads():   # importing ffcv sets torch's intra-op thread count to 1: put it back
     from ffcv.fields.basics import IntDecoder
@@ -26,43 +27,51 @@ with keep_torch_threads():   # importing ffcv sets torch's intra-op thread count
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
 
-def ffcv_timm_augment_op(aug: AugConfig) -> Any:
+class TimmAugment(Operation):
     """An FFCV Operation applying timm's auto-augment (RandAugment) to each uint8 HWC image of the batch.
 
     FFCV has no RandAugment; this runs timm's PIL implementation outside numba (FFCV allows non-JIT stages).
     The op is resolution-agnostic: timm's translate constant is derived from the image size it receives, so
-    changing the decoder's output size between epochs needs no rebuild.
+    changing the decoder's output size between epochs needs no rebuild. :attr:`magnitude` (set by the loader
+    per epoch; None: the recipe's spec) is RandAugment's magnitude, read when a batch is augmented (FFCV runs the
+    op in this process's threads).
     """
-    spec = aug.auto_augment
-    mean = tuple(min(255, round(255 * m)) for m in aug.mean)
 
-    class _TimmAugment(Operation):
-        def __init__(self):
-            super().__init__()
-            self._by_size: dict[int, Callable] = {}
+    def __init__(self, aug: AugConfig):
+        super().__init__()
+        self.aug = aug
+        self.mean = tuple(min(255, round(255 * m)) for m in aug.mean)
+        self.magnitude: int | None = None
+        self._by_size: dict[tuple[int, int | None], Callable] = {}
 
-        def transform_for(self, size: int) -> Callable:
-            if size not in self._by_size:
-                hp: dict[str, Any] = {"translate_const": int(size * 0.45), "img_mean": mean}
-                if aug.train_interpolation != "random":
-                    hp["interpolation"] = str_to_pil_interp(aug.train_interpolation)
-                self._by_size[size] = timm_auto_augment(spec, hp)
-            return self._by_size[size]
+    def transform_for(self, size: int) -> Callable:
+        key = (size, self.magnitude)
+        if key not in self._by_size:
+            hp: dict[str, Any] = {"translate_const": int(size * 0.45), "img_mean": self.mean}
+            if self.aug.train_interpolation != "random":
+                hp["interpolation"] = str_to_pil_interp(self.aug.train_interpolation)
+            spec = self.aug.auto_augment
+            self._by_size[key] = timm_auto_augment(spec if self.magnitude is None
+                                                   else with_magnitude(spec, self.magnitude), hp)
+        return self._by_size[key]
 
-        def generate_code(self) -> Callable:
-            def apply(images, dst):
-                tf = self.transform_for(min(images.shape[1], images.shape[2]))
-                for i in range(images.shape[0]):
-                    dst[i] = np.asarray(tf(Image.fromarray(images[i])))
-                return dst[: images.shape[0]]
+    def generate_code(self) -> Callable:
+        def apply(images, dst):
+            tf = self.transform_for(min(images.shape[1], images.shape[2]))
+            for i in range(images.shape[0]):
+                dst[i] = np.asarray(tf(Image.fromarray(images[i])))
+            return dst[: images.shape[0]]
 
-            return apply
+        return apply
 
-        def declare_state_and_memory(self, previous_state):
-            return (replace(previous_state, jit_mode=False),
-                    AllocationQuery(previous_state.shape, previous_state.dtype))
+    def declare_state_and_memory(self, previous_state):
+        return (replace(previous_state, jit_mode=False),
+                AllocationQuery(previous_state.shape, previous_state.dtype))
 
-    return _TimmAugment()
+
+def ffcv_timm_augment_op(aug: AugConfig) -> TimmAugment:
+    """The :class:`TimmAugment` op for ``aug.auto_augment``."""
+    return TimmAugment(aug)
 
 
 def ffcv_train_image_pipeline(aug: AugConfig, resolution: int, normalize: bool = False) -> tuple[Any, list]:
@@ -95,4 +104,5 @@ def ffcv_label_pipeline() -> list:
     return [IntDecoder(), ToTensor(), Squeeze()]
 
 
-__all__ = ["ffcv_eval_image_pipeline", "ffcv_label_pipeline", "ffcv_timm_augment_op", "ffcv_train_image_pipeline"]
+__all__ = ["TimmAugment", "ffcv_eval_image_pipeline", "ffcv_label_pipeline", "ffcv_timm_augment_op",
+           "ffcv_train_image_pipeline"]

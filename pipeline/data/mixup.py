@@ -44,6 +44,12 @@ class BatchAugment:
     def soft_targets(self) -> bool:
         return self.mixup is not None
 
+    def set_mixup_prob(self, prob: float) -> None:
+        """The probability that a batch is mixed (Mixup/CutMix), e.g. ramped with training progress; the draws
+        made per batch stay the same, so the seeded stream does not shift."""
+        if self.mixup is not None:
+            self.mixup.mix_prob = float(prob)
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.erasing is None and self.mixup is None:
             return images, labels

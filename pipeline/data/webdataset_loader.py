@@ -55,6 +55,7 @@ resized on the loader's device (:mod:`pipeline.data.device_decode`). Same order,
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
@@ -74,6 +75,7 @@ from pipeline.data.aspect_buckets import check_native, train_bucket, train_bucke
 from pipeline.data.base import EvalLoader, NativeEvalLoader, TrainLoader
 from pipeline.data.device_decode import CropDrawer, EncodedBatch, decode_resized_crops
 from pipeline.rng import make_seed, seeded
+from pipeline.schedules import with_magnitude
 from pipeline.data.shard_index import SplitIndex
 from pipeline.data.tar_samples import KEY_EXT, META_NAME, TarFormatError, tar_samples
 from pipeline.data.transforms import decode_image, eval_scale_size, eval_transform, train_transform_from_bytes
@@ -184,19 +186,23 @@ class _TrainStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.streams_per_rank = data.canonical_streams // world_size
         self.blocks = worker_blocks(self.streams_per_rank, num_parts)
-        # epoch, resolution, batch size, batches in the epoch, batches to skip, batches per optimizer step
-        self.settings = torch.tensor([0, 224, 1, 0, 0, 1], dtype=torch.int64).share_memory_()
+        # epoch, resolution, batch size, batches in the epoch, batches to skip, batches per optimizer step,
+        # RandAugment magnitude (-1: aug.auto_augment as it is)
+        self.settings = torch.tensor([0, 224, 1, 0, 0, 1, -1], dtype=torch.int64).share_memory_()
 
     def configure(self, *, epoch: int, resolution: int, batch_size: int, num_batches: int, skip: int,
-                  accum: int = 1) -> None:
-        self.settings.copy_(torch.tensor([epoch, resolution, batch_size, num_batches, skip, accum],
-                                         dtype=torch.int64))
+                  accum: int = 1, magnitude: int | None = None) -> None:
+        self.settings.copy_(torch.tensor([epoch, resolution, batch_size, num_batches, skip, accum,
+                                          -1 if magnitude is None else magnitude], dtype=torch.int64))
 
-    def batch_tools(self, epoch: int, resolution: int, accum: int):
+    def batch_tools(self, epoch: int, resolution: int, accum: int, magnitude: int = -1):
         """``tools(b)`` -> (per-sample transform, collate) of batch index ``b``: on the CPU path the transform of the
-        batch's shape (one aspect bucket per optimizer step, or the square), built once per shape."""
+        batch's shape (one aspect bucket per optimizer step, or the square), built once per shape, with the epoch's
+        RandAugment ``magnitude`` (-1: the recipe's spec)."""
+        aug = self.aug if magnitude < 0 else dataclasses.replace(
+            self.aug, auto_augment=with_magnitude(self.aug.auto_augment, magnitude))
         if self.data.decode == "device":   # same draws, bytes shipped: decoded on the trainer's device
-            drawer = CropDrawer(self.aug, resolution, draft=self.data.jpeg_draft)
+            drawer = CropDrawer(aug, resolution, draft=self.data.jpeg_draft)
             device_tools = (drawer, lambda drawn, labels, keys: (
                 _pack(drawer, drawn, resolution), torch.tensor(labels, dtype=torch.int64), keys))
             return lambda b: device_tools
@@ -207,7 +213,7 @@ class _TrainStream(IterableDataset):
         def tools(b: int):
             shape = train_bucket(shapes, seed=self.seed, epoch=epoch, step=b // accum) if shapes else square
             if shape not in built:   # when the bucket first comes up
-                built[shape] = (train_transform_from_bytes(self.aug, resolution, draft=self.data.jpeg_draft,
+                built[shape] = (train_transform_from_bytes(aug, resolution, draft=self.data.jpeg_draft,
                                                            shape=None if shape == square else shape),
                                 functools.partial(_collate, shape=shape))
             return built[shape]
@@ -220,14 +226,14 @@ class _TrainStream(IterableDataset):
 
     def __iter__(self):
         worker, _ = _worker()
-        epoch, res, bs, num_batches, skip, accum = self.settings.tolist()
+        epoch, res, bs, num_batches, skip, accum, magnitude = self.settings.tolist()
         S, R = self.streams_per_rank, self.world_size
         block = self.blocks[worker]
         streams = {}
         for j in block:   # skipped positions: read, never decoded
             raw = self.raw_samples(epoch, j)
             streams[j] = itertools.islice(raw, len(range(j, skip * bs, S)), None)
-        tools = self.batch_tools(epoch, res, accum)
+        tools = self.batch_tools(epoch, res, accum, magnitude)
         for b in range(skip, num_batches):
             transform, collate = tools(b)
             images, labels, keys = [], [], []
@@ -305,7 +311,8 @@ class WdsTrainLoader(TrainLoader):
 
     def _configure(self) -> None:
         self.dataset.configure(epoch=self.epoch, resolution=self.resolution, batch_size=self.batch_size,
-                               num_batches=len(self), skip=self.skip_batches, accum=self.accum)
+                               num_batches=len(self), skip=self.skip_batches, accum=self.accum,
+                               magnitude=self.magnitude)
 
     def _parts(self):
         """The workers' parts of each batch, merged: (images or EncodedBatch, labels, keys)."""
