@@ -293,7 +293,15 @@ class MLflowTracker(NullTracker):
         except Exception as e:  # noqa: BLE001 - metadata: the training itself must not stop for it
             print(redact(f"warning: dataset {root} not logged to MLflow ({type(e).__name__}: {e})"), file=sys.stderr)
             return
-        self.mlflow.log_input(dataset, context="training")
+        for attempt in (1, 2):
+            try:
+                self.mlflow.log_input(dataset, context="training")
+                return
+            except Exception as e:  # noqa: BLE001 - two runs logging one new dataset at once race on the store's
+                # unique key (experiment, name, digest); the second try finds the row the other run wrote
+                if attempt == 2:
+                    print(redact(f"warning: dataset {root} not logged to MLflow ({type(e).__name__}: {e})"),
+                          file=sys.stderr)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if v is not None}

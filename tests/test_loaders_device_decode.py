@@ -5,6 +5,7 @@ the same order, same crop boxes and flips, close pixels; exact resume; PNG/CMYK 
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tarfile
 
@@ -164,6 +165,10 @@ def _with_png_and_cmyk(root, tmp_path):
             info = tarfile.TarInfo(m.name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+    index = out / "wds" / "_info.json"   # the rewritten shard's size, as an index written with it records
+    info_json = json.loads(index.read_text())
+    info_json["splits"]["train"]["shard_bytes"][0] = shard.stat().st_size
+    index.write_text(json.dumps(info_json))
     return out, kinds
 
 

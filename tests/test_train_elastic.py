@@ -110,7 +110,8 @@ def _kill_during_save(cmd: list[str], ckpt: Path, timeout: float = 600) -> None:
 
 
 def _replace_a_shard(data: Path, dest: Path) -> Path:
-    """A copy of ``data`` whose shard 2 was replaced by one with other sample keys (same count, same index)."""
+    """A copy of ``data`` whose shard 2 was replaced by one with other sample keys (same count; the index records
+    its new size)."""
     import webdataset as wds
 
     from pipeline.data.tar_samples import tar_samples
@@ -122,6 +123,11 @@ def _replace_a_shard(data: Path, dest: Path) -> Path:
     with wds.TarWriter(str(shard)) as w:
         for s in samples:
             w.write({"__key__": "replaced_" + s["__key__"], "jpg": s["jpg"], "cls": s["cls"]})
+    index = dest / "wds" / "_info.json"   # its size, as an index written with it records: only the keys differ
+    info = json.loads(index.read_text())
+    train = info["splits"]["train"]
+    train["shard_bytes"][train["filenames"].index(shard.name)] = shard.stat().st_size
+    index.write_text(json.dumps(info))
     return dest
 
 
