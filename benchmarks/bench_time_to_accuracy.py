@@ -12,9 +12,9 @@ Not part of CI (``--quick`` is its smoke mode, run by ``tests/test_benchmarks_ti
   schedule, ``pipeline.config.budget``) with ``reference_epochs`` = the reference's epochs and ``budget`` 0.5;
   ``--low-budget`` (default 0.33, EfficientTrain++'s 3x) for ``--low-budget-seeds`` seeds after the pairs.
 * **Runs.** Every run is a real ``torchrun pipeline/train.py`` (``--nproc`` ranks, one compute thread each, as
-  ``make demo`` trains), evaluated after every epoch at the final resolution (``eval.every_epochs=1``,
-  ``eval.resolutions=[64]``). One pair per seed, the order alternating per seed (fixed, progressive; progressive,
-  fixed; ...) so that drift from other load falls on both recipes.
+  ``make demo`` trains; one rank: ``python pipeline/train.py``), evaluated after every epoch at the final
+  resolution (``eval.every_epochs=1``, ``eval.resolutions=[64]``). One pair per seed, the order alternating per
+  seed (fixed, progressive; progressive, fixed; ...) so that drift from other load falls on both recipes.
 * **Time.** The *training time* of an epoch is the data wait + compute of its optimizer steps, from the run's
   MLflow metrics (``time/data_wait_ms``, ``time/compute_ms``; ``run.log_every`` = one epoch's steps, so each
   value is one epoch's mean). Evaluation and checkpoints are excluded from it and reported apart
@@ -120,8 +120,10 @@ def train_run(run_dir: Path, recipe: Path, overrides: list[str], *, data: Path, 
     """One training run (torchrun, ``nproc`` ranks); its final metrics, MLflow run id and process wall time."""
     argv = ["--recipe", str(recipe), "--data", str(data), "--run-dir", str(run_dir), *COMMON, *overrides,
             f"run.log_every={steps_per_epoch}", f"tracking.uri=sqlite:///{run_dir.resolve()}/mlflow.db"]
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "pipeline/train.py", *argv]
+    launch = ([sys.executable] if nproc == 1 else   # one rank: no torchrun start-up
+              [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(nproc), "--master_port",
+               str(free_port())])
+    cmd = [*launch, "pipeline/train.py", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
