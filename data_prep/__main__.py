@@ -140,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_resources(a: argparse.Namespace) -> None:
+    """The worker and SLURM resource flags of ``wds`` / ``ffcv``."""
+    if a.workers is not None:
+        check_positive("--workers", a.workers)
+    check_choice("--cluster", a.cluster, CLUSTERS)
+    if a.array_size is not None:
+        check_positive("--array-size", a.array_size)
+    check_positive("--timeout-min", a.timeout_min)
+    if a.cpus_per_task is not None:
+        check_positive("--cpus-per-task", a.cpus_per_task)
+    if a.mem_gb is not None:
+        check_positive("--mem-gb", a.mem_gb)
+
+
 def validate(a: argparse.Namespace) -> None:
     """Every argument check that needs no data (raises ConfigError with a one-line message)."""
     if a.cmd == "make_demo_dataset":
@@ -180,16 +194,7 @@ def validate(a: argparse.Namespace) -> None:
         if a.cluster != "pool" and a.log_folder is None:
             raise ConfigError(f"--log-folder: required with --cluster {a.cluster} and a URL --out "
                               f"(submitit keeps its files in a shared local folder)")
-    if a.workers is not None:
-        check_positive("--workers", a.workers)
-    check_choice("--cluster", a.cluster, CLUSTERS)
-    if a.array_size is not None:
-        check_positive("--array-size", a.array_size)
-    check_positive("--timeout-min", a.timeout_min)
-    if a.cpus_per_task is not None:
-        check_positive("--cpus-per-task", a.cpus_per_task)
-    if a.mem_gb is not None:
-        check_positive("--mem-gb", a.mem_gb)
+    _check_resources(a)
     if a.cmd == "wds":
         check_positive("--max-side", a.max_side)
         check_range("--quality", a.quality, 1, 100)
