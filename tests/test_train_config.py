@@ -277,22 +277,28 @@ ISSUE_BAD_INPUTS = [   # what a new user typed (issue 15); each must stop with o
 ]
 
 
+def _cli_stops_at_config(monkeypatch, capsys, argv: list[str]) -> str:
+    """``pipeline/train.py ARGV`` through the CLI entry point in this process, as rank 0 of 2 whose peer never
+    comes (reaching the process group would hang): it must exit 2; returns what it printed on stderr."""
+    from pipeline import train
+
+    monkeypatch.setenv("CPVT_SITE", "")
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "argv", ["pipeline/train.py", *argv])
+    assert train.cli() == train.EXIT_CONFIG
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, needle", ISSUE_BAD_INPUTS)
 def test_issue_bad_inputs_stop_before_the_process_group(tiny_data, tmp_path, monkeypatch, capsys, extra, needle):
     """``pipeline/train.py --recipe cpvt_ti --data D`` (FFCV, workers from the CPUs) plus one bad value, through the
     CLI entry point in this process: one line, exit 2, no process group, nothing written."""
     import torch.distributed as dist
 
-    from pipeline import train
-
-    monkeypatch.setenv("CPVT_SITE", "")
-    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "1"}.items():
-        monkeypatch.setenv(k, v)   # a peer that never comes: reaching the process group would hang
-    monkeypatch.setattr(sys, "argv", ["pipeline/train.py", "--recipe", "cpvt_ti", "--data", str(tiny_data),
-                                      "--run-dir", str(tmp_path / "run"), "data.num_workers=64", *extra])
-    assert train.cli() == train.EXIT_CONFIG
-    err = capsys.readouterr().err
+    err = _cli_stops_at_config(monkeypatch, capsys, ["--recipe", "cpvt_ti", "--data", str(tiny_data), "--run-dir",
+                                                     str(tmp_path / "run"), "data.num_workers=64", *extra])
     assert err.startswith(f"config error: {needle}") and err.count("\n") == 1, err
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
 
@@ -302,19 +308,11 @@ def test_a_damaged_wds_index_stops_before_the_process_group(tiny_data, tmp_path,
     one line naming the file, exit 2, no process group, nothing written."""
     import torch.distributed as dist
 
-    from pipeline import train
-
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("ffcv"))
     (data / "wds" / "_info.json").write_text('{"splits": {"train": ')   # cut off mid-write
-    monkeypatch.setenv("CPVT_SITE", "")
-    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "1"}.items():
-        monkeypatch.setenv(k, v)   # a peer that never comes: reaching the process group would hang
-    monkeypatch.setattr(sys, "argv", ["pipeline/train.py", "--recipe", "cpvt_ti", "--data", str(data),
-                                      "--run-dir", str(tmp_path / "run"), "data.format=wds"])
-    assert train.cli() == train.EXIT_CONFIG
-    err = capsys.readouterr().err
+    err = _cli_stops_at_config(monkeypatch, capsys, ["--recipe", "cpvt_ti", "--data", str(data), "--run-dir",
+                                                     str(tmp_path / "run"), "data.format=wds"])
     assert err.startswith(f"config error: data.root: {data}/wds/_info.json is not valid JSON") and \
         err.count("\n") == 1, err
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
@@ -326,8 +324,6 @@ def test_a_damaged_shard_stops_before_the_process_group(tiny_data, tmp_path, mon
     or a missing val shard: the shard sizes are checked against ``_info.json`` with the config, one line naming
     the shard and ``python -m data_prep verify``, exit 2, no process group, nothing written."""
     import torch.distributed as dist
-
-    from pipeline import train
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("ffcv"))
@@ -341,14 +337,8 @@ def test_a_damaged_shard_stops_before_the_process_group(tiny_data, tmp_path, mon
     else:
         shard.unlink()
         what = f"{shard} (missing)"
-    monkeypatch.setenv("CPVT_SITE", "")
-    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "1"}.items():
-        monkeypatch.setenv(k, v)   # a peer that never comes: reaching the process group would hang
-    monkeypatch.setattr(sys, "argv", ["pipeline/train.py", "--recipe", "cpvt_ti", "--data", str(data),
-                                      "--run-dir", str(tmp_path / "run"), "data.format=wds"])
-    assert train.cli() == train.EXIT_CONFIG
-    err = capsys.readouterr().err
+    err = _cli_stops_at_config(monkeypatch, capsys, ["--recipe", "cpvt_ti", "--data", str(data), "--run-dir",
+                                                     str(tmp_path / "run"), "data.format=wds"])
     assert err == (f"config error: data.root: 1 of {n} {split} shards do not match _info.json: {what}; check "
                    f"them with `python -m data_prep verify {data}` and rewrite them with `python -m data_prep "
                    f"wds`\n"), err
